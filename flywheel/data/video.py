@@ -1,0 +1,97 @@
+"""Video files in and out, with PyAV: decode a time range to uint8 frames, encode frames to mp4.
+
+Errors name the file and say what is wrong; writes go through a temp file and a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class VideoError(ValueError):
+    """A video file is missing, undecodable, truncated, or not what the caller asked for."""
+
+
+def probe(path: str | os.PathLike) -> dict:
+    """fps, frame count (estimated from duration when the container has none), width, height, codec."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: video file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            duration = float(stream.duration * stream.time_base) if stream.duration else (
+                container.duration / av.time_base if container.duration else 0.0
+            )
+            frames = stream.frames or int(round(duration * fps))
+            return dict(fps=fps, num_frames=frames, width=stream.codec_context.width,
+                        height=stream.codec_context.height, codec=stream.codec_context.name, duration_s=duration)
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: cannot be decoded ({e}); re-encode it as H.264/AV1 mp4 or remove it") from e
+
+
+def read_frames(path: str | os.PathLike, start_s: float = 0.0, end_s: float | None = None) -> np.ndarray:
+    """Decode frames whose timestamps lie in [start_s, end_s) as uint8 RGB, shape [T, H, W, 3]."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: video file not found")
+    frames: list[np.ndarray] = []
+    # Half a frame of slack so timestamps that were rounded on write still land in their window.
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 30)
+            eps = 0.5 / fps
+            if start_s > eps:
+                container.seek(int(max(start_s - 1.0, 0) / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                t = float(frame.pts * stream.time_base) if frame.pts is not None else float(frame.time or 0)
+                if t < start_s - eps:
+                    continue
+                if end_s is not None and t >= end_s - eps:
+                    break
+                frames.append(frame.to_ndarray(format="rgb24"))
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: cannot be decoded ({e}); the file may be truncated or corrupt") from e
+    if not frames:
+        raise VideoError(f"{path}: no frames decoded between {start_s:.3f}s and {end_s}s; the file may be truncated")
+    return np.stack(frames)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, *, codec: str = "libx264", crf: int = 18) -> Path:
+    """Encode uint8 RGB frames [T, H, W, 3] to an mp4 (yuv420p), atomically."""
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video({path}): expected uint8 [T,H,W,3] frames, got {frames.dtype} {frames.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    height, width = frames.shape[1:3]
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream(codec, rate=Fraction(int(fps), 1))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            if codec == "libx264":
+                # Deterministic output: single-threaded x264 gives the same bytes for the same frames.
+                stream.codec_context.thread_count = 1
+                stream.options["threads"] = "1"
+            for array in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

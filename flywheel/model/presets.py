@@ -1,0 +1,292 @@
+"""Model presets: which Cosmos Predict 2.5 pipeline a run uses.
+
+- `tiny`: the exact Cosmos Predict 2.5 classes at toy sizes, built in code from a seed (no network).
+- `cosmos-predict2.5-2b`: the released weights (`nvidia/Cosmos-Predict2.5-2B`, revision
+  `diffusers/base/post-trained`), or any local directory in diffusers layout.
+- `cosmos-predict2.5-2b-random`: the real 2B / 7B / Wan shapes with random weights, for GPU benchmarks.
+
+Configs are data: each preset is a `ModelPreset` whose fields say what gets built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flywheel.model.safety import SafetyChoice, resolve_safety_checker
+from flywheel.model.tiny_tokenizer import TOKENIZER_DIR
+
+COSMOS_2B_REPO = "nvidia/Cosmos-Predict2.5-2B"
+COSMOS_2B_REVISION = "diffusers/base/post-trained"
+
+# Cosmos Predict 2.5's sampler: UniPC on flow sigmas with a Karras spacing between 200 and 0.01.
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    use_karras_sigmas=True,
+    use_flow_sigmas=True,
+    prediction_type="flow_prediction",
+    sigma_max=200.0,
+    sigma_min=0.01,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """What a run's base model is. `model_id` + `revision` identify it in lineage and cache keys."""
+
+    name: str
+    model_id: str
+    revision: str | None
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    dtype: str  # "float32" | "bfloat16"
+    max_sequence_length: int
+    random_weights: bool  # True: built in code from a seed, no download
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(
+        name="tiny",
+        model_id="flywheel/tiny-cosmos-predict2.5",
+        revision="seed-0",
+        height=64,
+        width=64,
+        num_frames=17,
+        fps=16,
+        num_inference_steps=4,
+        guidance_scale=7.0,
+        dtype="float32",
+        max_sequence_length=64,
+        random_weights=True,
+    ),
+    "cosmos-predict2.5-2b": ModelPreset(
+        name="cosmos-predict2.5-2b",
+        model_id=COSMOS_2B_REPO,
+        revision=COSMOS_2B_REVISION,
+        height=432,
+        width=768,
+        num_frames=93,
+        fps=16,
+        num_inference_steps=36,
+        guidance_scale=7.0,
+        dtype="bfloat16",
+        max_sequence_length=512,
+        random_weights=False,
+    ),
+    "cosmos-predict2.5-2b-random": ModelPreset(
+        name="cosmos-predict2.5-2b-random",
+        model_id="flywheel/cosmos-predict2.5-2b-random",
+        revision="seed-0",
+        height=432,
+        width=768,
+        num_frames=93,
+        fps=16,
+        num_inference_steps=36,
+        guidance_scale=7.0,
+        dtype="bfloat16",
+        max_sequence_length=512,
+        random_weights=True,
+    ),
+}
+
+
+def get_preset(name_or_path: str) -> ModelPreset:
+    """A preset by name, or a local diffusers directory treated as the 2B preset with that path as id."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return dataclasses.replace(PRESETS["cosmos-predict2.5-2b"], name="local", model_id=str(path.resolve()), revision=None)
+    raise ValueError(
+        f"unknown model preset {name_or_path!r}: use one of {sorted(PRESETS)} "
+        "or a local directory in diffusers layout (with model_index.json)"
+    )
+
+
+# --- component shapes -------------------------------------------------------------------------
+
+# Tiny: 2-layer DiT, small Wan VAE (same 4x temporal / 8x spatial compression as the real one),
+# 2-layer Qwen2.5-VL whose two hidden states are concatenated (2 x 32 = 64 channels) as in 2.5.
+TINY_TEXT_HIDDEN = 32
+TINY_TEXT_LAYERS = 2
+
+TINY_TRANSFORMER = dict(
+    in_channels=16 + 1,
+    out_channels=16,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=2,
+    mlp_ratio=2.0,
+    text_embed_dim=32,
+    adaln_lora_dim=4,
+    max_size=(32, 32, 32),
+    patch_size=(1, 2, 2),
+    rope_scale=(1.0, 3.0, 3.0),
+    concat_padding_mask=True,
+    extra_pos_embed_type=None,
+    use_crossattn_projection=True,
+    crossattn_proj_in_channels=TINY_TEXT_HIDDEN * TINY_TEXT_LAYERS,
+    encoder_hidden_states_channels=32,
+)
+
+TINY_VAE = dict(
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+)
+
+TINY_TEXT_ENCODER = dict(
+    text_config=dict(
+        vocab_size=512,
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=TINY_TEXT_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    ),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TINY_TEXT_HIDDEN),
+    vocab_size=512,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# The released 2B: 28-layer DiT, Qwen2.5-VL-7B (28 layers x 3584 concatenated = 100352), Wan2.1 VAE.
+FULL_TRANSFORMER = dict(
+    in_channels=16 + 1,
+    out_channels=16,
+    num_attention_heads=16,
+    attention_head_dim=128,
+    num_layers=28,
+    mlp_ratio=4.0,
+    text_embed_dim=1024,
+    adaln_lora_dim=256,
+    max_size=(128, 240, 240),
+    patch_size=(1, 2, 2),
+    rope_scale=(1.0, 3.0, 3.0),
+    concat_padding_mask=True,
+    extra_pos_embed_type=None,
+    use_crossattn_projection=True,
+    crossattn_proj_in_channels=100352,
+    encoder_hidden_states_channels=1024,
+)
+
+FULL_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    latents_mean=[
+        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    ],
+    latents_std=[
+        2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    ],
+)
+
+FULL_TEXT_ENCODER = dict(
+    text_config=dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=128000,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+    vocab_size=152064,
+)
+
+
+def _build_random_components(preset: ModelPreset, seed: int, device: torch.device | str | None) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, UniPCMultistepScheduler
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tiny = preset.name == "tiny"
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device(device):
+        torch.manual_seed(seed)
+        transformer = CosmosTransformer3DModel(**(TINY_TRANSFORMER if tiny else FULL_TRANSFORMER))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLWan(**(TINY_VAE if tiny else FULL_VAE))
+        torch.manual_seed(seed + 2)
+        text_config = Qwen2_5_VLConfig(**(TINY_TEXT_ENCODER if tiny else FULL_TEXT_ENCODER))
+        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR) if tiny else _full_tokenizer_stand_in()
+    dtype = preset.torch_dtype
+    transformer.to(dtype=dtype)
+    text_encoder.to(dtype=dtype)
+    vae.to(dtype=torch.float32 if tiny else dtype)
+    for module in (transformer, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+def _full_tokenizer_stand_in():
+    # No hub: the random 2B preset measures compute, so the tiny tokenizer (padded to the real
+    # sequence length) stands in for Qwen2.5-VL's; token ids stay below the real vocabulary size.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def load_pipeline(
+    preset: ModelPreset | str,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    safety: SafetyChoice = "auto",
+):
+    """Build or load the `Cosmos2_5_PredictBasePipeline` of a preset.
+
+    Returns the pipeline; `pipe.flywheel_safety` records which safety checker is in use (it goes
+    into run metadata, so an opt-out is never silent).
+    """
+    from diffusers import Cosmos2_5_PredictBasePipeline
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    checker, safety_record = resolve_safety_checker(preset, safety)
+    if preset.random_weights:
+        components = _build_random_components(preset, seed, device)
+        pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
+    else:
+        kwargs: dict[str, Any] = dict(torch_dtype=preset.torch_dtype, safety_checker=checker)
+        if preset.revision:
+            kwargs["revision"] = preset.revision
+        pipe = Cosmos2_5_PredictBasePipeline.from_pretrained(preset.model_id, **kwargs)
+        if device is not None:
+            pipe.to(device)
+    pipe.flywheel_preset = preset
+    pipe.flywheel_safety = safety_record
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

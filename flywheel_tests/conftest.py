@@ -1,0 +1,41 @@
+"""Shared fixtures: real files only. No network: the Hugging Face Hub is switched off for every test."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(os.environ.get("FLYWHEEL_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The read-only real robot data (../shared/datasets). Copy before anything writes to it."""
+    if not (SHARED_DATASETS / "g1_pick_bottle").is_dir():
+        pytest.fail(f"real robot data not found at {SHARED_DATASETS}; set FLYWHEEL_SHARED_DATASETS")
+    return SHARED_DATASETS
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty flywheel home for one test."""
+    from flywheel.store import ArtifactStore
+
+    return ArtifactStore(tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The tiny preset pipeline, built once per session (real Cosmos 2.5 classes, toy size)."""
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from flywheel.model.presets import load_pipeline
+
+    return load_pipeline("tiny")
