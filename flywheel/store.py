@@ -78,7 +78,8 @@ class ArtifactStore:
         """Yield a temp dir to fill; on success it is renamed to `<home>/<kind>/<key>`.
 
         If the artifact already exists the caller should not have asked; use `exists` first or
-        `get_or_create`. On any exception the temp dir is removed and nothing is left behind.
+        `get_or_create`. `meta` is written as the artifact's metadata on completion, so a caller may
+        fill the dict inside the block (metrics known only after the work). On any exception the temp dir is removed and nothing is left behind.
         """
         final = self.path(kind, key)
         if self.exists(kind, key):

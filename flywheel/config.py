@@ -1,0 +1,93 @@
+"""The flywheel run configuration: one YAML file, validated before any work starts.
+
+Each stage owns its config model (in its own package); this module composes them. Unknown keys and
+bad values fail with the field's path, e.g. `train.rank: Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flywheel.data.clips import ClipConfig
+from flywheel.data.ingest import IngestConfig
+from flywheel.generate.config import GenerateConfig
+from flywheel.train.config import TrainConfig
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("tiny", description="tiny | cosmos-predict2.5-2b | cosmos-predict2.5-2b-random | a local diffusers dir")
+    safety: Literal["auto", "guardrail", "opt-out"] = "auto"
+    seed: int = Field(0, ge=0, description="seed of the random-weight presets")
+    device: str | None = Field(None, description="torch device; None = cuda if available else cpu")
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    split: Literal["val", "test", "train"] = "val"
+    max_clips: int = Field(4, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    min_psnr_gain_db: float = Field(0.0, description="adapter must beat the base model's PSNR by at least this")
+
+
+class FlywheelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    home: str | None = Field(None, description="flywheel home; default $FLYWHEEL_HOME or ./.flywheel")
+    domain: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig
+    clips: ClipConfig = Field(default_factory=ClipConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and every bad field."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `flywheel config --show-defaults` lists the keys)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> FlywheelConfig:
+    """Read and validate a YAML config (or only `overrides` when no file is given)."""
+    data: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, ingest, clips, train, ...)")
+    data = deep_merge(data, overrides or {})
+    try:
+        return FlywheelConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,133 @@
+"""What a generation run does: sampler settings, seeds, prompt variations. Configs are data.
+
+Fields left as None take the model preset's value (`resolved(preset)`), so the same config works
+for the tiny pipeline in tests and the 2B model on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from flywheel.model.presets import ModelPreset
+
+# Extra phrasings of a clip's prompt: more varied synthetic rollouts from the same first frame.
+# Variant 0 is always the clip's own prompt; variant k uses PROMPT_VARIATIONS[k - 1].
+PROMPT_VARIATIONS: list[str] = [
+    "{prompt} The robot moves slowly and carefully.",
+    "{prompt} The robot completes the task smoothly in a single attempt.",
+    "{prompt} The scene is brightly lit and the camera is static.",
+]
+
+
+class GenerateConfig(BaseModel):
+    """Image-to-world generation settings. None means: the model preset's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None  # None: the pipeline's default negative prompt
+    max_videos: int | None = None  # cap on the requests built from a clip table
+    prompts_per_first_frame: int = 1  # 1: the clip's prompt only; k: plus k-1 of prompt_variations
+    prompt_variations: list[str] = Field(default_factory=lambda: list(PROMPT_VARIATIONS))
+    conditional_frame_timestep: float = 1e-4
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("seeds must list at least one seed, e.g. [0]")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"seeds must be >= 0 (torch.Generator.manual_seed), got {seeds}")
+        return seeds
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"num_inference_steps must be > 0, got {v}")
+        return v
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, v: float | None) -> float | None:
+        if v is not None and v < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 turns classifier-free guidance off), got {v}")
+        return v
+
+    @field_validator("num_frames")
+    @classmethod
+    def _num_frames(cls, v: int | None) -> int | None:
+        # The Wan VAE compresses time 4x after the first frame: only 4k+1 frames map to whole latents.
+        if v is not None and (v < 1 or (v - 1) % 4 != 0):
+            raise ValueError(f"num_frames must be 4k+1 (e.g. 17, 93), got {v}")
+        return v
+
+    @field_validator("fps", "max_videos")
+    @classmethod
+    def _positive(cls, v: int | None, info) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int | None, info) -> int | None:
+        # 8x VAE downsampling then 2x2 transformer patches.
+        if v is not None and (v <= 0 or v % 16 != 0):
+            raise ValueError(f"{info.field_name} must be a positive multiple of 16, got {v}")
+        return v
+
+    @field_validator("conditional_frame_timestep")
+    @classmethod
+    def _cond_timestep(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"conditional_frame_timestep must be >= 0, got {v}")
+        return v
+
+    @field_validator("prompt_variations")
+    @classmethod
+    def _variations(cls, v: list[str]) -> list[str]:
+        missing = [t for t in v if "{prompt}" not in t]
+        if missing:
+            raise ValueError(f"every prompt_variations template must contain '{{prompt}}'; these do not: {missing}")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_variations(self) -> "GenerateConfig":
+        if self.prompts_per_first_frame < 1:
+            raise ValueError(f"prompts_per_first_frame must be >= 1, got {self.prompts_per_first_frame}")
+        if self.prompts_per_first_frame > 1 + len(self.prompt_variations):
+            raise ValueError(
+                f"prompts_per_first_frame={self.prompts_per_first_frame} needs "
+                f"{self.prompts_per_first_frame - 1} prompt_variations, only {len(self.prompt_variations)} given; "
+                "add templates to prompt_variations or lower prompts_per_first_frame"
+            )
+        return self
+
+    def resolved(self, preset: "ModelPreset") -> "GenerateConfig":
+        """A copy with every None sampler setting filled from the preset (what actually runs)."""
+        return self.model_copy(
+            update=dict(
+                num_inference_steps=self.num_inference_steps or preset.num_inference_steps,
+                guidance_scale=self.guidance_scale if self.guidance_scale is not None else preset.guidance_scale,
+                num_frames=self.num_frames or preset.num_frames,
+                fps=self.fps or preset.fps,
+                height=self.height or preset.height,
+                width=self.width or preset.width,
+            )
+        )
+
+    def prompt_variant(self, prompt: str, variant: int) -> str:
+        """Variant 0 is the prompt itself; variant k its k-th extra phrasing."""
+        return prompt if variant == 0 else self.prompt_variations[variant - 1].replace("{prompt}", prompt)
