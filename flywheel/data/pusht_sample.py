@@ -14,9 +14,9 @@ Per frame (LeRobot features):
   plus LeRobot's own timestamp / frame_index / episode_index / index / task_index; one task string.
 
 Per episode, `meta/pusht_sample.json` (next to LeRobot's own meta files) records the generator config
-and, for every episode, `reset_seed` and `initial_state` (float64, angle unwrapped) so a simulator can be
-put back to the episode's start: `env.reset(seed=reset_seed)` or
-`env.reset(options={"reset_to_state": initial_state})`, then replay `action`.
+and, for every episode, `reset_seed` and `initial_state` ([agent x, y, block x, y, angle], float64), the
+exact argument the episode was reset with: `env.reset(options={"reset_to_state": initial_state})`, then
+stepping the recorded `action`s, reproduces `observation.environment_state` frame by frame.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ class PushTSampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     episodes: int = Field(20, ge=1, le=1000, description="number of episodes")
-    seed: int = Field(0, ge=0, lt=2**32, description="master seed; episode i resets with episode_reset_seed(seed, i)")
+    seed: int = Field(0, ge=0, lt=2**32, description="master seed; episode i starts from episode_reset_seed(seed, i)")
     variant: Literal["default", "recolored"] = "default"
-    max_steps: int = Field(160, ge=2, le=300, description="frames per episode at most (an episode ends early on success)")
+    max_steps: int = Field(200, ge=2, le=300, description="frames per episode at most (an episode ends early on success)")
     image_size: int = Field(96, ge=32, le=512, description="square render size of observation.image")
 
     @property
@@ -153,6 +153,12 @@ def clip_norm(v: np.ndarray, max_norm: float) -> np.ndarray:
     return v if n <= max_norm else v * (max_norm / n)
 
 
+def pose_error(block_xy: np.ndarray, angle: float, rot: np.ndarray) -> tuple[np.ndarray, float]:
+    """How far the block's centre of gravity is from the goal's (px, as a vector) and how far it must turn (rad)."""
+    goal_cog = GOAL_POSE[:2] + rotation(GOAL_POSE[2]) @ T_COG
+    return goal_cog - (block_xy + rot @ T_COG), wrap_angle(GOAL_POSE[2] - angle)
+
+
 def segment_hits_block(a: np.ndarray, b: np.ndarray, block_xy: np.ndarray, rot: np.ndarray, margin: float) -> bool:
     """Whether a disc of radius `margin` moving from a to b would touch the T (sampled along the path)."""
     for t in np.linspace(0.0, 1.0, 12):
@@ -169,10 +175,10 @@ class ScriptedPusher:
     behind it, push through it; repeat. Actions are PD targets a bounded distance from the agent, so
     the motion is smooth, like a slow teleoperator's."""
 
-    travel_lead = 30.0  # px between agent and target while travelling (~15 px per step)
-    push_lead = 20.0  # px the target leads the agent while pushing
+    travel_lead = 60.0  # px between agent and target while travelling (~30 px per step)
+    push_lead = 30.0  # px the target leads the agent while pushing
     orbit_radius = 110.0  # px from the block's centre: clears the T (max extent 77) plus the agent
-    switch_margin = 0.25  # a new contact must score this much better to abandon the current one
+    switch_margin = 0.4  # a new contact must score this much better to abandon the current one
 
     def __init__(self) -> None:
         self.contact: int | None = None
@@ -182,7 +188,8 @@ class ScriptedPusher:
         agent_xy = np.asarray(agent_xy, np.float64)
         block_xy, angle = np.asarray(block_pose[:2], np.float64), float(block_pose[2])
         rot = rotation(angle)
-        scores = self._scores(block_xy, angle, rot)
+        err, d_angle = pose_error(block_xy, angle, rot)
+        scores = self._scores(block_xy, rot, err, d_angle)
         best = int(np.argmax(scores))
         if self.contact is None or scores[best] > scores[self.contact] + self.switch_margin or scores[self.contact] < 0.05:
             if best != self.contact:
@@ -191,38 +198,42 @@ class ScriptedPusher:
 
         point = block_xy + rot @ PUSH_CANDIDATES[self.contact, :2]
         push_dir = rot @ PUSH_CANDIDATES[self.contact, 2:]
-        standoff = point - push_dir * (AGENT_RADIUS + 8.0)
+        touching = point - push_dir * AGENT_RADIUS  # agent centre when it just touches the contact
+        standoff = touching - push_dir * 8.0
         if self.pushing:
             # Lost the contact (block slid or turned away): walk back to behind it.
-            behind = float(np.dot(point - agent_xy, push_dir))
-            lateral = abs(cross2(push_dir, point - agent_xy))
-            if behind > AGENT_RADIUS + 25.0 or lateral > 14.0 or behind < 0.0:
+            behind = float(np.dot(touching - agent_xy, push_dir))
+            lateral = abs(cross2(push_dir, touching - agent_xy))
+            if behind > 25.0 or behind < -10.0 or lateral > 14.0:
                 self.pushing = False
         if not self.pushing and np.linalg.norm(standoff - agent_xy) < 6.0:
             self.pushing = True
 
         if self.pushing:
-            target = agent_xy + clip_norm(point + push_dir * 25.0 - agent_xy, self.push_lead)
+            # Push exactly as far as the block still has to go: the block stops when the agent does
+            # (the space is fully damped), so a proportional push settles instead of overshooting.
+            torque_arm = cross2(point - (block_xy + rot @ T_COG), push_dir)
+            turn_needed = abs(d_angle) * abs(torque_arm) if torque_arm * d_angle > 0 else 0.0
+            needed = max(float(np.dot(err, push_dir)), turn_needed, 0.0)
+            goal = touching + push_dir * min(needed, 30.0)
+            target = agent_xy + clip_norm(goal - agent_xy, self.push_lead)
         else:
             target = agent_xy + clip_norm(self._waypoint(agent_xy, standoff, block_xy, rot) - agent_xy, self.travel_lead)
         return np.clip(target, ACTION_LOW + 1.0, ACTION_HIGH - 1.0).astype(np.float32)
 
-    def _scores(self, block_xy: np.ndarray, angle: float, rot: np.ndarray) -> np.ndarray:
+    def _scores(self, block_xy: np.ndarray, rot: np.ndarray, err: np.ndarray, d_angle: float) -> np.ndarray:
         cog = block_xy + rot @ T_COG
-        goal_cog = GOAL_POSE[:2] + rotation(GOAL_POSE[2]) @ T_COG
-        err = goal_cog - cog
         dist = float(np.linalg.norm(err))
         err_dir = err / dist if dist > 1e-6 else np.zeros(2)
-        d_angle = wrap_angle(GOAL_POSE[2] - angle)
-        # Turning first matters more when far off in angle; translating when far off in position.
-        w_turn = min(abs(d_angle) / (math.pi / 8), 1.0) * 1.2
-        w_move = min(dist / 40.0, 1.0)
+        # Relative weight of turning vs translating (40 px ~ 22 degrees of error), scaled so the larger is 1.
+        w_move, w_turn = dist / 40.0, abs(d_angle) / math.radians(22.5)
+        scale = max(w_move, w_turn, 1e-6)
+        w_move, w_turn = w_move / scale, w_turn / scale
         scores = np.empty(len(PUSH_CANDIDATES))
         for i, (px, py, dx, dy) in enumerate(PUSH_CANDIDATES):
             point = block_xy + rot @ np.array([px, py])
             push_dir = rot @ np.array([dx, dy])
-            lever = point - cog
-            torque = cross2(lever, push_dir) / 75.0  # in [-1, 1]: 75 px is the T's reach
+            torque = cross2(point - cog, push_dir) / 75.0  # in [-1, 1]: 75 px is the T's reach
             scores[i] = w_move * float(np.dot(push_dir, err_dir)) + w_turn * torque * math.copysign(1.0, d_angle)
             standoff = point - push_dir * (AGENT_RADIUS + 8.0)
             if np.any(standoff < 20.0) or np.any(standoff > 492.0):
@@ -239,3 +250,203 @@ class ScriptedPusher:
         a_next = a_from + math.copysign(min(abs(step), math.radians(50)), step)
         radius = max(self.orbit_radius, float(np.linalg.norm(standoff - cog)))
         return np.clip(cog + radius * np.array([math.cos(a_next), math.sin(a_next)]), 20.0, 492.0)
+
+
+# ── Rollouts ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def make_env(image_size: int = 96):
+    """A PushT env that renders `image_size` x `image_size` RGB observations (gym_pusht registers the id)."""
+    import gymnasium as gym
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pygame's pkg_resources deprecation notice
+        import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+
+        return gym.make(ENV_ID, obs_type="pixels_agent_pos", observation_width=image_size,
+                        observation_height=image_size)
+
+
+@dataclass
+class Episode:
+    """One scripted rollout: T frames, each the observation before the action of the same index."""
+
+    reset_seed: int
+    initial_state: list[float]  # agent x, y, block x, y, angle: the reset_to_state argument it started from
+    images: list[np.ndarray]
+    states: np.ndarray  # float32 [T, 2]
+    actions: np.ndarray  # float32 [T, 2]
+    environment_states: np.ndarray  # float32 [T, 5]
+    success: bool
+    final_coverage: float
+    max_coverage: float
+
+
+def environment_state(info: dict) -> np.ndarray:
+    block = info["block_pose"]
+    return np.array([*info["pos_agent"], block[0], block[1], block[2] % (2 * math.pi)], np.float32)
+
+
+def sample_initial_state(reset_seed: int) -> list[float]:
+    """An episode's start, drawn like PushTEnv.reset draws it (same ranges), from our own generator.
+
+    We pass it to the env as `reset_to_state` rather than letting the env draw it, so the recorded
+    value is exactly the argument that reproduces the episode. (PushTEnv sets the block's angle after
+    its position, turning it about its centre of gravity: the block pose the env then reports is not
+    a valid `reset_to_state` argument for the same scene.)"""
+    rng = np.random.default_rng(reset_seed)
+    agent, block = rng.integers(50, 450, size=2), rng.integers(100, 400, size=2)
+    return [float(agent[0]), float(agent[1]), float(block[0]), float(block[1]), float(rng.uniform(-math.pi, math.pi))]
+
+
+def rollout_episode(env, reset_seed: int, max_steps: int, variant: Variant) -> Episode:
+    initial_state = sample_initial_state(reset_seed)
+    obs, info = env.reset(seed=reset_seed, options={"reset_to_state": initial_state})
+    pusher = ScriptedPusher()
+    images, states, actions, env_states = [], [], [], []
+    coverage, max_coverage, success = 0.0, 0.0, False
+    for _ in range(max_steps):
+        action = pusher.act(info["pos_agent"], info["block_pose"])
+        images.append(variant.colour(obs["pixels"]))
+        states.append(np.asarray(obs["agent_pos"], np.float32))
+        actions.append(action)
+        env_states.append(environment_state(info))
+        obs, _, terminated, truncated, info = env.step(action)
+        coverage = float(info["coverage"])
+        max_coverage = max(max_coverage, coverage)
+        if terminated or truncated:
+            success = bool(info["is_success"])
+            break
+    return Episode(reset_seed, initial_state, images, np.stack(states), np.stack(actions), np.stack(env_states),
+                   success, coverage, max_coverage)
+
+
+# ── Dataset ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def pusht_features(image_size: int) -> dict:
+    return {
+        "observation.image": {"dtype": "video", "shape": (image_size, image_size, 3),
+                              "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": (2,), "names": ["agent_x", "agent_y"]},
+        "action": {"dtype": "float32", "shape": (2,), "names": ["target_x", "target_y"]},
+        "observation.environment_state": {"dtype": "float32", "shape": (5,),
+                                          "names": ["agent_x", "agent_y", "block_x", "block_y", "block_angle"]},
+    }
+
+
+def write_pusht_dataset(
+    out: str | os.PathLike,
+    config: PushTSampleConfig | None = None,
+    *,
+    force: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> Path:
+    """Generate the dataset into a temp dir next to `out`, then rename it into place. Returns `out`."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    config = config or PushTSampleConfig()
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    variant = VARIANTS[config.variant]
+    env = make_env(config.image_size)
+    bar = None
+    if progress is None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.episodes, desc=f"pusht {config.variant}", unit="episode")
+    try:
+        dataset = LeRobotDataset.create(repo_id=config.repo_id, fps=FPS, features=pusht_features(config.image_size),
+                                        root=tmp, robot_type="pusht", use_videos=True)
+        records = []
+        for index in range(config.episodes):
+            episode = rollout_episode(env, episode_reset_seed(config.seed, index), config.max_steps, variant)
+            for t in range(len(episode.actions)):
+                dataset.add_frame({
+                    "observation.image": episode.images[t],
+                    "observation.state": episode.states[t],
+                    "action": episode.actions[t],
+                    "observation.environment_state": episode.environment_states[t],
+                    "task": variant.task,
+                })
+            dataset.save_episode()
+            records.append(dict(episode_index=index, reset_seed=episode.reset_seed,
+                                initial_state=episode.initial_state, num_frames=len(episode.actions),
+                                success=episode.success, final_coverage=round(episode.final_coverage, 4),
+                                max_coverage=round(episode.max_coverage, 4)))
+            event = dict(stage="pusht_sample", episode=index + 1, episodes=config.episodes,
+                         frames=len(episode.actions), success=episode.success)
+            progress(event) if progress else bar.update(1)
+        dataset.finalize()
+        info = dict(generator="flywheel.data.pusht_sample", env_id=ENV_ID, config=config.model_dump(),
+                    repo_id=config.repo_id, task=variant.task, episodes=records)
+        (tmp / INIT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(tmp / "images", ignore_errors=True)  # LeRobot's per-frame PNG staging, if left over
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # LeRobot's temp files come out owner-only
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        env.close()
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` is moved aside first and removed only after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(new, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def read_sample_info(root: str | os.PathLike) -> dict:
+    """The generator config and per-episode reset seeds / initial states of a dataset written here."""
+    path = Path(root) / INIT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {root} a dataset made by flywheel.data.pusht_sample? "
+                                "Regenerate it with `python -m flywheel.data.pusht_sample --out ...`")
+    return json.loads(path.read_text())
+
+
+# ── CLI ──────────────────────────────────────────────────────────────────────────────────────────
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = PushTSampleConfig()
+    parser = argparse.ArgumentParser(prog="python -m flywheel.data.pusht_sample", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
+    parser.add_argument("--episodes", type=int, default=defaults.episodes)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default=defaults.variant)
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole config per episode otherwise
+    config = PushTSampleConfig(episodes=args.episodes, seed=args.seed, variant=args.variant,
+                               max_steps=args.max_steps, image_size=args.image_size)
+    try:
+        out = write_pusht_dataset(args.out, config, force=args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    episodes = read_sample_info(out)["episodes"]
+    frames = sum(e["num_frames"] for e in episodes)
+    successes = sum(e["success"] for e in episodes)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {len(episodes)} episodes, {frames} frames, {successes} solved, {size / 1e6:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -277,6 +277,8 @@ def load_pipeline(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     checker, safety_record = resolve_safety_checker(preset, safety)
     if preset.random_weights:
+        # The seed is the identity of random weights: it goes into the revision (lineage, cache keys).
+        preset = dataclasses.replace(preset, revision=f"seed-{seed}")
         components = _build_random_components(preset, seed, device)
         pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
     else:

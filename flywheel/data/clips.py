@@ -1,0 +1,339 @@
+"""Training clips: demonstration episodes -> fixed-size video clips the world model trains on.
+
+    clip_set = prepare_clips(manifest.frame, manifest.key, store, ClipConfig(), get_preset("tiny"))
+
+Per episode (a row of the episode manifest): decode its time range from its video, resample to the
+target fps by picking the nearest source frame for each output timestamp, resize to height x width
+("stretch" like the diffusers recipe's VideoProcessor, bilinear; or "center-crop" to keep the aspect
+ratio), and cut windows of num_frames every `stride` output frames. Episodes shorter than one window
+are skipped and listed in the summary. The prompt of a clip is `prompt_prefix + task`.
+
+Artifact `<home>/clips/<key>/`, key = hash of the episodes' content hashes, splits and tasks + the
+config + the resolved resolution/frames/fps (so the same inputs give the same key and the same bytes):
+
+    clips.parquet        one row per clip, CLIP_COLUMNS
+    videos/<clip_id>.mp4          H.264 (write_video: deterministic), num_frames at fps, height x width
+    first_frames/<clip_id>.png    the clip's first frame (the image-to-world conditioning image)
+    clipset.json         summary: counts, per-split clips, skipped episodes and why, resolved spec, config
+    preview.png          contact sheet of a few clips
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from flywheel.data.video import VideoError, read_frames, write_video
+from flywheel.store import ArtifactStore, hash_file, hash_json
+
+if TYPE_CHECKING:
+    from flywheel.model.presets import ModelPreset
+
+# Bump when the clip-making algorithm changes, so old artifacts are not mistaken for new ones.
+CLIPS_FORMAT = 1
+CLIPS_FILE = "clips.parquet"
+SUMMARY_FILE = "clipset.json"
+PREVIEW_FILE = "preview.png"
+PREVIEW_CLIPS = 4
+# Episodes are decoded this many source frames at a time, so a long 480p episode never sits in memory whole.
+DECODE_CHUNK_FRAMES = 150
+# Wan VAE: 4x temporal compression with a causal first frame; 8x spatial, then the DiT's 2x2 patches.
+FRAMES_MULTIPLE, FRAMES_REMAINDER = 4, 1
+PIXELS_MULTIPLE = 16
+
+MANIFEST_FIELDS = ("episode_id", "episode_index", "task", "fps", "video_path", "from_timestamp",
+                   "to_timestamp", "content_hash", "split")
+
+CLIP_COLUMNS = (
+    "clip_id", "episode_id", "episode_index", "split", "prompt", "task",
+    "start_frame",  # in resampled (output-fps) frames from the episode start
+    "start_s",      # the same, in seconds from the episode start
+    "num_frames", "fps", "height", "width",
+    "video",        # relative path of the mp4 inside the clip set
+    "first_frame",  # relative path of the PNG inside the clip set
+    "sha256",       # of the mp4
+)
+
+
+class ClipConfig(BaseModel):
+    """How episodes become clips. None means: the model preset's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_prefix: str = "The robot arm is performing a task. "
+    fps: int | None = Field(None, gt=0, description="clip frame rate; None = the model preset's (16 for Cosmos)")
+    height: int | None = Field(None, gt=0, description="None = the model preset's")
+    width: int | None = Field(None, gt=0, description="None = the model preset's")
+    num_frames: int | None = Field(None, gt=0, description="frames per clip, 4k+1; None = the model preset's")
+    stride: int | None = Field(None, gt=0, description="window step in output frames; None = num_frames (no overlap)")
+    max_clips_per_episode: int | None = Field(None, gt=0, description="None = every window; else spread evenly")
+    resize: Literal["stretch", "center-crop"] = "stretch"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """A ClipConfig with the preset's values filled in: what the clips actually are."""
+
+    fps: int
+    height: int
+    width: int
+    num_frames: int
+    stride: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def resolve_spec(config: ClipConfig, preset: ModelPreset) -> ClipSpec:
+    """Fill config Nones from the preset and check the sizes fit the Cosmos VAE and DiT."""
+    num_frames = config.num_frames or preset.num_frames
+    spec = ClipSpec(
+        fps=config.fps or preset.fps,
+        height=config.height or preset.height,
+        width=config.width or preset.width,
+        num_frames=num_frames,
+        stride=config.stride or num_frames,
+    )
+    if spec.num_frames % FRAMES_MULTIPLE != FRAMES_REMAINDER:
+        raise ValueError(f"clips.num_frames={spec.num_frames}: the Cosmos VAE needs 4k+1 frames "
+                         f"(e.g. 17, 33, 93); set clips.num_frames accordingly")
+    for name in ("height", "width"):
+        value = getattr(spec, name)
+        if value % PIXELS_MULTIPLE:
+            raise ValueError(f"clips.{name}={value}: must be a multiple of {PIXELS_MULTIPLE} "
+                             f"(VAE 8x downsampling, then 2x2 patches)")
+    return spec
+
+
+@dataclasses.dataclass
+class ClipSet:
+    path: Path               # the artifact directory <home>/clips/<key>
+    key: str
+    frame: pd.DataFrame      # CLIP_COLUMNS
+    summary: dict[str, Any]
+    reused: bool = False     # True when the artifact already existed and nothing was computed
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+
+def load_clip_set(path: str | Path) -> ClipSet:
+    path = Path(path)
+    if not (path / CLIPS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a clip set (no {CLIPS_FILE}); run the clips stage first")
+    summary = json.loads((path / SUMMARY_FILE).read_text())
+    return ClipSet(path=path, key=path.name, frame=pd.read_parquet(path / CLIPS_FILE), summary=summary)
+
+
+# --- frames -------------------------------------------------------------------------------------
+
+
+def resample_indices(num_source_frames: int, source_fps: float, target_fps: float) -> np.ndarray:
+    """For each output frame, the source frame nearest its timestamp (round half up), within the episode."""
+    if num_source_frames <= 0:
+        return np.zeros(0, dtype=np.int64)
+    duration_s = num_source_frames / source_fps
+    count = math.ceil(duration_s * target_fps + 1e-9)
+    indices = np.floor(np.arange(count) * (source_fps / target_fps) + 0.5).astype(np.int64)
+    return indices[indices < num_source_frames]
+
+
+def resize_frame(frame: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    """uint8 [H, W, 3] -> [height, width, 3], bilinear; "center-crop" first crops to the target aspect ratio."""
+    image = Image.fromarray(frame)
+    if mode == "center-crop":
+        src_w, src_h = image.size
+        scale = max(width / src_w, height / src_h)
+        crop_w, crop_h = width / scale, height / scale
+        left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+        image = image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    elif image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def episode_frames(row: pd.Series, spec: ClipSpec, resize: str) -> tuple[np.ndarray, int]:
+    """The episode resampled to spec.fps and resized: (uint8 [T, H, W, 3], number of source frames decoded).
+
+    Decoded in chunks whose boundaries fall on source frame times, so every source frame lands in
+    exactly one chunk (read_frames keeps half a frame of slack on both ends).
+    """
+    source_fps = float(row["fps"])
+    start_s, end_s = float(row["from_timestamp"]), float(row["to_timestamp"])
+    if not (math.isfinite(start_s) and math.isfinite(end_s) and end_s > start_s and source_fps > 0):
+        raise ValueError(f"episode {row['episode_id']}: bad manifest time range {start_s}..{end_s} s "
+                         f"at {source_fps} fps in {row['video_path']}; re-run ingest")
+    expected = round((end_s - start_s) * source_fps)
+    wanted = resample_indices(expected, source_fps, spec.fps)
+    picked: list[np.ndarray] = []
+    decoded = 0
+    for chunk_start in range(0, expected, DECODE_CHUNK_FRAMES):
+        chunk_end = min(chunk_start + DECODE_CHUNK_FRAMES, expected)
+        frames = read_frames(row["video_path"], start_s + chunk_start / source_fps,
+                             end_s if chunk_end == expected else start_s + chunk_end / source_fps)
+        in_chunk = wanted[(wanted >= decoded) & (wanted < decoded + len(frames))] - decoded
+        picked.extend(resize_frame(frames[i], spec.height, spec.width, resize) for i in in_chunk)
+        decoded += len(frames)
+    if not picked:
+        return np.zeros((0, spec.height, spec.width, 3), dtype=np.uint8), decoded
+    return np.stack(picked), decoded
+
+
+def window_starts(num_frames_available: int, spec: ClipSpec, max_clips: int | None) -> list[int]:
+    """Start frames of the windows; with a cap, windows spread evenly over the episode (first and last kept)."""
+    starts = list(range(0, num_frames_available - spec.num_frames + 1, spec.stride))
+    if max_clips is not None and len(starts) > max_clips:
+        picks = np.linspace(0, len(starts) - 1, max_clips).round().astype(int)
+        starts = [starts[i] for i in sorted(set(picks.tolist()))]
+    return starts
+
+
+# --- the artifact -------------------------------------------------------------------------------
+
+
+def check_manifest(manifest: pd.DataFrame, manifest_key: str) -> None:
+    missing = [c for c in MANIFEST_FIELDS if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"episode manifest {manifest_key}: missing column(s) {missing}; "
+                         "it must come from the ingest stage (flywheel.data.ingest)")
+    if manifest.empty:
+        raise ValueError(f"episode manifest {manifest_key}: has no episodes; ingest a dataset with episodes first")
+    duplicated = manifest["episode_id"][manifest["episode_id"].duplicated()].tolist()
+    if duplicated:
+        raise ValueError(f"episode manifest {manifest_key}: duplicate episode_id(s) {duplicated[:5]}")
+
+
+def clip_set_key(manifest: pd.DataFrame, config: ClipConfig, spec: ClipSpec) -> str:
+    episodes = sorted(manifest[["episode_id", "content_hash", "split", "task"]].astype(str).values.tolist())
+    return hash_json({"format": CLIPS_FORMAT, "episodes": episodes, "config": config.model_dump(mode="json"),
+                      "spec": spec.as_dict()})[:24]
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of an id ("g1/000003" -> "g1-000003")."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "episode"
+
+
+def _reporter(progress: Callable[[dict], None] | None, total: int):
+    bar = None if progress else tqdm(total=total, desc="clips", unit="episode", leave=False)
+
+    def report(done: int, clips: int, item: str) -> None:
+        if progress:
+            progress({"stage": "clips", "step": "episodes", "done": done, "total": total, "clips": clips,
+                      "item": item})
+        else:
+            bar.update(1)
+            bar.set_postfix(clips=clips)
+
+    return report, (bar.close if bar else (lambda: None))
+
+
+def write_clips(tmp: Path, manifest: pd.DataFrame, config: ClipConfig, spec: ClipSpec,
+                progress: Callable[[dict], None] | None) -> dict[str, Any]:
+    """Fill the artifact temp dir; returns the summary parts that depend on the episodes."""
+    (tmp / "videos").mkdir()
+    (tmp / "first_frames").mkdir()
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    frame_count_mismatch: list[dict] = []
+    episodes = manifest.sort_values(["episode_index", "episode_id"], kind="stable")
+    report, close = _reporter(progress, len(episodes))
+    try:
+        for done, (_, episode) in enumerate(episodes.iterrows(), start=1):
+            try:
+                frames, decoded = episode_frames(episode, spec, config.resize)
+            except VideoError as e:
+                raise VideoError(f"episode {episode['episode_id']}: {e}") from e
+            if "num_frames" in episode and abs(decoded - int(episode["num_frames"])) > 1:
+                frame_count_mismatch.append(dict(episode_id=episode["episode_id"], manifest=int(episode["num_frames"]),
+                                                 decoded=decoded))
+            starts = window_starts(len(frames), spec, config.max_clips_per_episode)
+            if not starts:
+                skipped.append(dict(episode_id=str(episode["episode_id"]), frames_at_fps=int(len(frames)),
+                                    reason=f"shorter than one clip ({len(frames)} < {spec.num_frames} frames "
+                                           f"at {spec.fps} fps)"))
+            for start in starts:
+                rows.append(write_clip(tmp, episode, frames[start:start + spec.num_frames], start, config, spec))
+            report(done, len(rows), str(episode["episode_id"]))
+    finally:
+        close()
+    if not rows:
+        raise ValueError(f"no clips: all {len(manifest)} episodes are shorter than {spec.num_frames} frames at "
+                         f"{spec.fps} fps; lower clips.num_frames or clips.fps, or ingest longer episodes")
+    clips = pd.DataFrame(rows, columns=list(CLIP_COLUMNS))
+    clips.to_parquet(tmp / CLIPS_FILE, index=False)
+    write_preview(tmp, clips)
+    return dict(
+        episodes=int(len(manifest)),
+        episodes_used=int(len(manifest) - len(skipped)),
+        episodes_skipped=len(skipped),
+        skipped=skipped,
+        frame_count_mismatch=frame_count_mismatch,
+        clips=int(len(clips)),
+        clips_per_split={k: int(v) for k, v in clips["split"].value_counts().sort_index().items()},
+        prompts=int(clips["prompt"].nunique()),
+    )
+
+
+def write_clip(tmp: Path, episode: pd.Series, frames: np.ndarray, start: int, config: ClipConfig,
+               spec: ClipSpec) -> dict:
+    clip_id = f"{safe_name(str(episode['episode_id']))}-f{start:05d}"
+    video = f"videos/{clip_id}.mp4"
+    first_frame = f"first_frames/{clip_id}.png"
+    if (tmp / video).exists():
+        raise ValueError(f"episode {episode['episode_id']}: clip id {clip_id} collides with another episode's; "
+                         "episode ids must differ after replacing characters other than letters, digits, _ and .")
+    write_video(tmp / video, frames, spec.fps)
+    Image.fromarray(frames[0]).save(tmp / first_frame, format="PNG")
+    return dict(
+        clip_id=clip_id, episode_id=str(episode["episode_id"]), episode_index=int(episode["episode_index"]),
+        split=str(episode["split"]), prompt=config.prompt_prefix + str(episode["task"]), task=str(episode["task"]),
+        start_frame=int(start), start_s=start / spec.fps, num_frames=int(len(frames)), fps=spec.fps,
+        height=spec.height, width=spec.width, video=video, first_frame=first_frame, sha256=hash_file(tmp / video),
+    )
+
+
+def write_preview(root: Path, clips: pd.DataFrame) -> Path:
+    """Contact sheet of up to PREVIEW_CLIPS clips spread over the set, decoded back from their mp4s."""
+    from flywheel.generate.preview import contact_sheet
+
+    picks = sorted(set(np.linspace(0, len(clips) - 1, min(PREVIEW_CLIPS, len(clips))).round().astype(int).tolist()))
+    chosen = clips.iloc[picks]
+    videos = [read_frames(root / v) for v in chosen["video"]]
+    labels = [f"{c} [{s}]" for c, s in zip(chosen["clip_id"], chosen["split"])]
+    return contact_sheet(videos, labels, root / PREVIEW_FILE)
+
+
+def prepare_clips(
+    manifest: pd.DataFrame,
+    manifest_key: str,
+    store: ArtifactStore,
+    config: ClipConfig,
+    preset: ModelPreset,
+    progress: Callable[[dict], None] | None = None,
+) -> ClipSet:
+    """Episodes -> clips artifact (or the existing one when the same inputs were prepared before)."""
+    check_manifest(manifest, manifest_key)
+    spec = resolve_spec(config, preset)
+    key = clip_set_key(manifest, config, spec)
+    if store.exists("clips", key):
+        return dataclasses.replace(load_clip_set(store.path("clips", key)), reused=True)
+    summary: dict[str, Any] = {"key": key, "manifest_key": manifest_key, "preset": preset.name, **spec.as_dict(),
+                               "resize": config.resize, "config": config.model_dump(mode="json")}
+    meta: dict[str, Any] = {}
+    with store.write("clips", key, meta) as tmp:
+        summary.update(write_clips(tmp, manifest, config, spec, progress))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        meta.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    return load_clip_set(store.path("clips", key))

@@ -1,0 +1,137 @@
+"""Domains: a robot cell, a camera view or a task family, each with its own data and adapter line.
+
+A domain is a partition key of every asset. Where its demonstrations come from, in this order:
+the `source` set in the Launchpad for `demonstrations`; the domain's registration
+(`<home>/domains/<domain>.json`, written by `add_domain`); the inbox folder `<inbox>/<domain>`.
+The inbox sensor registers every LeRobot dataset dropped into the inbox as a domain of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+from flywheel.store import atomic_write_bytes, resolve_home
+
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# The embedded sample: registered on first start so a fresh UI has something to materialize.
+SAMPLE_DOMAIN = "pusht"
+SAMPLE_DATASET = Path(__file__).resolve().parents[2] / "datasets" / "pusht"
+
+
+def check_domain_name(name: str) -> str:
+    if not DOMAIN_NAME.match(name or ""):
+        raise ValueError(f"domain {name!r}: use lower-case letters, digits, '-' and '_' (starting with a letter "
+                         "or digit, at most 63 characters), e.g. 'cell-3' or 'wrist_cam'")
+    return name
+
+
+def registration_path(home: str | Path, domain: str) -> Path:
+    return resolve_home(home) / "domains" / f"{check_domain_name(domain)}.json"
+
+
+def register_domain(home: str | Path, domain: str, source: str | Path | None = None, **ingest: object) -> Path:
+    """Record where a domain's demonstrations are (plus ingest settings such as camera_key)."""
+    entry: dict[str, object] = {"domain": check_domain_name(domain), "registered_at": time.time()}
+    if source is not None:
+        source = Path(source).expanduser()
+        if not source.exists():
+            raise FileNotFoundError(f"domain {domain!r}: source {source} does not exist; give a LeRobot dataset root "
+                                    "or a raw video folder")
+        entry["source"] = str(source.resolve())
+    entry.update({k: v for k, v in ingest.items() if v is not None})
+    path = registration_path(home, domain)
+    return atomic_write_bytes(path, (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode())
+
+
+def registration(home: str | Path, domain: str) -> dict:
+    path = registration_path(home, domain)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete it and register the domain again") from None
+
+
+def resolve_source(home: str | Path, inbox: str | Path, domain: str, configured: str | None) -> str:
+    """Where the domain's demonstrations are: the configured source, the registration, or the inbox."""
+    if configured:
+        return configured
+    registered = registration(home, domain).get("source")
+    if registered:
+        return str(registered)
+    in_inbox = Path(inbox) / domain
+    if in_inbox.exists():
+        return str(in_inbox)
+    raise FileNotFoundError(
+        f"domain {domain!r} has no demonstrations: set `source` in the demonstrations config, register it "
+        f"(flywheel.defs.domains.add_domain / the CLI), or put a LeRobot dataset at {in_inbox}")
+
+
+def add_domain(domain: str, source: str | Path | None = None, home: str | Path | None = None, instance=None,
+               **ingest: object) -> str:
+    """Add a domain partition (and register its source): what the CLI calls.
+
+    `instance` defaults to the Dagster instance of the flywheel home (<home>/dagster).
+    """
+    from flywheel.defs.instance import flywheel_instance
+    from flywheel.defs.partitions import DOMAIN_PARTITIONS_NAME
+
+    check_domain_name(domain)
+    home = resolve_home(home)
+    if source is not None or ingest:
+        register_domain(home, domain, source, **ingest)
+    instance = instance or flywheel_instance(home)
+    if not instance.has_dynamic_partition(DOMAIN_PARTITIONS_NAME, domain):
+        instance.add_dynamic_partitions(DOMAIN_PARTITIONS_NAME, [domain])
+    return domain
+
+
+# ------------------------------------------------------------------------------------------ the inbox
+
+
+@dataclasses.dataclass(frozen=True)
+class InboxDataset:
+    domain: str
+    path: Path
+    fingerprint: str     # changes when the dataset's metadata or any file size changes
+    last_change: float   # newest mtime of any file (a copy still in progress is recent)
+
+
+def scan_inbox(inbox: str | Path) -> tuple[list[InboxDataset], list[str]]:
+    """LeRobot datasets in the inbox (folders with meta/info.json), and problems worth a log line."""
+    inbox = Path(inbox)
+    found: list[InboxDataset] = []
+    problems: list[str] = []
+    if not inbox.is_dir():
+        return found, problems
+    for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / "meta" / "info.json").is_file():
+            problems.append(f"{folder}: no meta/info.json, not a LeRobot dataset (yet); skipped")
+            continue
+        if not DOMAIN_NAME.match(folder.name):
+            problems.append(f"{folder}: {folder.name!r} is not a valid domain name (lower-case letters, digits, '-', "
+                            "'_'); rename the folder")
+            continue
+        fingerprint, last_change = fingerprint_dataset(folder)
+        found.append(InboxDataset(folder.name, folder.resolve(), fingerprint, last_change))
+    return found, problems
+
+
+def fingerprint_dataset(root: Path) -> tuple[str, float]:
+    """Hash of the metadata files' contents and every file's path and size; and the newest mtime."""
+    h = hashlib.sha256()
+    newest = 0.0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        newest = max(newest, stat.st_mtime)
+        rel = path.relative_to(root).as_posix()
+        h.update(f"{rel}\0{stat.st_size}\0".encode())
+        if rel.startswith("meta/") and stat.st_size < (8 << 20):
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16], newest

@@ -1,0 +1,205 @@
+"""GPU steps run outside the Dagster process, through Dagster Pipes.
+
+`GpuLauncher.run_workload(context, "train", args, flywheel)` starts `python -m flywheel.workloads.train`:
+  subprocess  on this machine (PipesSubprocessClient): one GPU per step (CUDA_VISIBLE_DEVICES from a
+              lock per device), logs and progress stream into the run, cancelling the run stops the
+              process group (SIGINT, then SIGKILL)
+  k8s         as a Kubernetes pod (PipesK8sClient) requesting `nvidia.com/gpu`, the flywheel home mounted
+              from a PersistentVolumeClaim at the same path
+  in_process  in the step's own process (debugging, CPU-only tests): no isolation, no device choice
+
+How it ended decides what happens next: a transient GPU failure (exit code 75: out of memory, ECC, launch
+failure) raises `TransientGpuError`, which the step's retry policy retries; anything else (a config error,
+bad input, a bug) is a `Failure` that is not retried, because it would fail the same way again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError
+from pydantic import Field
+
+from flywheel.defs.gpus import gpu_slot
+from flywheel.defs.resources import FlywheelResource
+from flywheel.workloads import WORKLOADS
+from flywheel.workloads.entrypoint import ProgressReporter, result_metadata
+from flywheel.workloads.gpu import EXIT_TRANSIENT_GPU, describe_exit, exit_code_for, is_transient_gpu_error
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TransientGpuError(Exception):
+    """A GPU failure a retry can get past (out of memory, ECC, launch failure): the retry policy retries it."""
+
+
+# Retries only what is worth retrying: everything else is raised as Failure(allow_retries=False).
+GPU_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+@contextlib.contextmanager
+def only_transient_gpu_errors_retry() -> Iterator[None]:
+    """Turn every error but TransientGpuError into a non-retryable Failure (config errors fail fast)."""
+    try:
+        yield
+    except (TransientGpuError, dg.Failure):
+        raise
+    except Exception as e:
+        if is_transient_gpu_error(f"{type(e).__name__}: {e}"):
+            raise TransientGpuError(f"{type(e).__name__}: {e}") from e
+        raise dg.Failure(description=f"{type(e).__name__}: {e}", allow_retries=False) from e
+
+
+class WorkloadExit(Exception):
+    def __init__(self, workload: str, code: int, error: str | None):
+        self.workload, self.code, self.error = workload, code, error
+        super().__init__(f"{workload} workload exited with code {code} ({describe_exit(code)})"
+                         + (f": {error}" if error else ""))
+
+
+class GpuPipesSubprocessClient(dg.PipesSubprocessClient):
+    """PipesSubprocessClient that runs the workload in its own process group and reports its exit code.
+
+    A cancelled run stops the whole group (the workload and any data-loader workers): SIGINT first so
+    it can finish a checkpoint, SIGKILL after `termination_timeout_seconds`.
+    """
+
+    def run(self, *, context, extras=None, command: str | Sequence[str], env: Mapping[str, str] | None = None,
+            cwd: str | None = None) -> dg.PipesClientCompletedInvocation:
+        with dg.open_pipes_session(context=context, context_injector=self.context_injector,
+                                   message_reader=self.message_reader, extras=extras) as session:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd or self.cwd,
+                env={**os.environ, **self.env, **(env or {}), **session.get_bootstrap_env_vars()},
+                start_new_session=True,
+            )
+            try:
+                process.wait()
+            except (DagsterExecutionInterruptedError, KeyboardInterrupt):
+                context.log.info(f"[pipes] run interrupted: stopping workload process group {process.pid}")
+                stop_process_group(process, self.termination_timeout_seconds)
+                raise
+        invocation = dg.PipesClientCompletedInvocation(session)
+        if process.returncode != 0:
+            errors = [m.get("error") for m in session.get_custom_messages() if isinstance(m, dict) and m.get("error")]
+            raise WorkloadExit((extras or {}).get("workload", "workload"), process.returncode,
+                               errors[-1] if errors else None)
+        return invocation
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def k8s_pod_spec(home: str, gpus_per_pod: int, volume_claim: str, service_account: str = "") -> dict[str, Any]:
+    """The pod spec of a GPU workload: GPU limits, and the flywheel home mounted at the same path."""
+    container: dict[str, Any] = {"resources": {"limits": {"nvidia.com/gpu": gpus_per_pod}} if gpus_per_pod else {}}
+    spec: dict[str, Any] = {"containers": [container], "restart_policy": "Never"}
+    if volume_claim:
+        container["volume_mounts"] = [{"name": "flywheel-home", "mount_path": home}]
+        spec["volumes"] = [{"name": "flywheel-home", "persistent_volume_claim": {"claim_name": volume_claim}}]
+    if service_account:
+        spec["service_account_name"] = service_account
+    return spec
+
+
+def workload_command(python: str, workload: str, home: str, args: dict) -> list[str]:
+    return [python, "-m", f"flywheel.workloads.{workload}", "--home", home,
+            "--config-json", json.dumps(args, sort_keys=True, default=str)]
+
+
+def _raw(value: Any) -> Any:
+    return value.value if isinstance(value, dg.MetadataValue) else value
+
+
+class GpuLauncher(dg.ConfigurableResource):
+    """Where GPU workloads run: a local subprocess (default), a Kubernetes pod, or in the step process."""
+
+    backend: Literal["subprocess", "k8s", "in_process"] = Field(
+        "subprocess", description="subprocess: this machine; k8s: a pod per step; in_process: no isolation (debugging)")
+    python: str = Field("", description="python of the workload subprocess; '' = the one running Dagster")
+    termination_timeout_s: float = Field(20.0, gt=0, description="SIGINT -> SIGKILL grace period on cancel")
+    k8s_image: str = Field("", description="image with flywheel installed (k8s backend)")
+    k8s_namespace: str = Field("", description="'' = the current namespace (or 'default')")
+    k8s_gpus_per_pod: int = Field(1, ge=0, description="nvidia.com/gpu limit of each workload pod")
+    k8s_volume_claim: str = Field("", description="PersistentVolumeClaim holding the flywheel home; mounted at the home path")
+    k8s_service_account: str = Field("", description="service account of the workload pods")
+
+    def run_workload(self, context: dg.AssetExecutionContext, workload: str, args: dict,
+                     flywheel: FlywheelResource) -> dict[str, Any]:
+        """Run a workload and return its result metadata (raw values: path, key, counts, ...)."""
+        if workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {workload!r}; workloads: {', '.join(WORKLOADS)}")
+        home = str(flywheel.home_path)
+        try:
+            if self.backend == "in_process":
+                return self._run_in_process(context, workload, home, args)
+            if self.backend == "k8s":
+                invocation = self._run_k8s(context, workload, home, args)
+            else:
+                invocation = self._run_subprocess(context, workload, home, args, flywheel.gpus)
+        except WorkloadExit as e:
+            if e.code == EXIT_TRANSIENT_GPU:
+                raise TransientGpuError(str(e)) from e
+            raise dg.Failure(description=str(e), allow_retries=False,
+                             metadata={"exit_code": e.code, "outcome": describe_exit(e.code)}) from e
+        result = invocation.get_materialize_result()
+        return {k: _raw(v) for k, v in (result.metadata or {}).items()}
+
+    def _run_subprocess(self, context, workload: str, home: str, args: dict, gpus: int):
+        client = GpuPipesSubprocessClient(forward_termination=True, termination_timeout_seconds=self.termination_timeout_s)
+        command = workload_command(self.python or sys.executable, workload, home, args)
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        with gpu_slot(Path(home) / "dagster" / "gpu-locks", gpus, log=context.log.info) as device:
+            context.log.info(f"running {workload} workload on {'GPU ' + device if device else 'CPU'}: "
+                             f"python -m flywheel.workloads.{workload}")
+            env = {"CUDA_VISIBLE_DEVICES": device, "FLYWHEEL_HOME": home, "PYTHONPATH": pythonpath}
+            return client.run(context=context, command=command, env=env, extras={"workload": workload})
+
+    def _run_k8s(self, context, workload: str, home: str, args: dict):
+        from dagster_k8s import PipesK8sClient
+
+        if not self.k8s_image:
+            raise ValueError("gpu launcher backend 'k8s' needs k8s_image (an image with flywheel installed)")
+        client = PipesK8sClient()
+        try:
+            return client.run(
+                context=context,
+                image=self.k8s_image,
+                command=workload_command("python", workload, home, args),
+                namespace=self.k8s_namespace or None,
+                env={"FLYWHEEL_HOME": home},
+                base_pod_spec=k8s_pod_spec(home, self.k8s_gpus_per_pod, self.k8s_volume_claim, self.k8s_service_account),
+                extras={"workload": workload},
+            )
+        except dg.DagsterError as e:
+            code = EXIT_TRANSIENT_GPU if is_transient_gpu_error(str(e)) else 1
+            raise WorkloadExit(workload, code, str(e)) from e
+
+    def _run_in_process(self, context, workload: str, home: str, args: dict) -> dict[str, Any]:
+        run = importlib.import_module(f"flywheel.workloads.{workload}").run
+        progress = ProgressReporter(context.log.info)
+        try:
+            result = run(Path(home), args, progress)
+        except Exception as e:
+            code = exit_code_for(e)
+            raise WorkloadExit(workload, code, f"{type(e).__name__}: {e}") from e
+        return result_metadata(result)

@@ -1,0 +1,111 @@
+"""Stage results <-> Dagster events: what an asset reports, and how the next asset finds it.
+
+Large data never goes through IO managers. An asset writes its artifact to the flywheel home and reports
+its path, key (content hash, also the asset's data version) and the numbers an operator wants; the next
+asset reads the latest materialization of its upstream for the same domain. Re-materializing one asset
+(e.g. `synthetic_videos` with more seeds) so reuses every upstream result instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from flywheel.workloads.entrypoint import PATH_KEYS
+
+PREVIEW_MAX_WIDTH = 1024
+PREVIEW_MAX_BYTES = 450_000  # metadata lives in the event log: keep the embedded image small
+
+
+def dagster_metadata(meta: dict[str, Any]) -> dict[str, dg.MetadataValue]:
+    out: dict[str, dg.MetadataValue] = {}
+    for k, v in meta.items():
+        if k in PATH_KEYS and isinstance(v, str):
+            out[k] = dg.MetadataValue.path(v)
+        elif isinstance(v, bool):
+            out[k] = dg.MetadataValue.bool(v)
+        elif isinstance(v, int):
+            out[k] = dg.MetadataValue.int(v)
+        elif isinstance(v, float):
+            out[k] = dg.MetadataValue.float(v) if math.isfinite(v) else dg.MetadataValue.text(str(v))
+        elif isinstance(v, (dict, list, tuple)):
+            out[k] = dg.MetadataValue.json(v if not isinstance(v, tuple) else list(v))
+        elif v is None:
+            out[k] = dg.MetadataValue.null()
+        else:
+            out[k] = dg.MetadataValue.text(str(v))
+    return out
+
+
+def preview_markdown(image: str | Path | None, title: str = "preview") -> dg.MetadataValue | None:
+    """An image (contact sheet, loss curve) embedded as markdown, so the asset page shows it."""
+    if not image or not Path(image).is_file():
+        return None
+    from PIL import Image
+
+    with Image.open(image) as im:
+        im = im.convert("RGB")
+        if im.width > PREVIEW_MAX_WIDTH:
+            im = im.resize((PREVIEW_MAX_WIDTH, round(im.height * PREVIEW_MAX_WIDTH / im.width)), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+        mime = "png"
+        if buf.tell() > PREVIEW_MAX_BYTES:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80)
+            mime = "jpeg"
+    data = base64.b64encode(buf.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/{mime};base64,{data})\n\n`{image}`")
+
+
+def materialize(meta: dict[str, Any], inputs: dict[str, str] | None = None,
+                check_results: Iterable[dg.AssetCheckResult] = (), preview_title: str = "preview") -> dg.MaterializeResult:
+    """The MaterializeResult of a stage: its metadata, an embedded preview, the upstream keys it used."""
+    metadata = dagster_metadata(meta)
+    preview = preview_markdown(meta.get("preview"), preview_title)
+    if preview is not None:
+        metadata["preview_image"] = preview
+    if inputs:
+        metadata["inputs"] = dg.MetadataValue.json(inputs)
+    key = meta.get("key")
+    return dg.MaterializeResult(
+        metadata=metadata,
+        data_version=dg.DataVersion(str(key)) if key else None,
+        check_results=list(check_results),
+    )
+
+
+def upstream(context: dg.AssetExecutionContext, asset: str) -> dict[str, Any]:
+    """Raw metadata of the latest materialization of `asset` for this run's domain."""
+    domain = partition_of(context)
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[domain]), limit=1)
+    if not records.records:
+        raise dg.Failure(description=f"`{asset}` has not been materialized for domain {domain!r}; "
+                                     f"materialize it (or the whole flywheel_iteration job) first", allow_retries=False)
+    materialization = records.records[0].asset_materialization
+    meta = {k: (v.value if isinstance(v, dg.MetadataValue) else v) for k, v in materialization.metadata.items()}
+    path = meta.get("path")
+    if not path or not Path(path).exists():
+        raise dg.Failure(description=f"`{asset}` for domain {domain!r} points at {path!r}, which no longer exists; "
+                                     f"materialize `{asset}` again", allow_retries=False)
+    return meta
+
+
+def partition_of(context) -> str:
+    """The domain a step runs for (asset and asset-check contexts alike)."""
+    key = getattr(context, "partition_key", None) if not isinstance(context, dg.AssetCheckExecutionContext) else None
+    if key is None:
+        key = context.op_execution_context.partition_key
+    return key
+
+
+def input_keys(**upstreams: dict[str, Any]) -> dict[str, str]:
+    """{"training_clips": "<key>", ...}: which upstream versions a result was made from."""
+    return {name: str(meta.get("key", "")) for name, meta in upstreams.items()}

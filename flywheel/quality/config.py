@@ -1,0 +1,28 @@
+"""Config of the quality filter stack. Bump FILTER_VERSION whenever a statistic's definition changes:
+thresholds and validation reports are stored with it, and thresholds of another version are refused."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FILTER_VERSION = "1"
+
+
+class FilterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    analysis_size: int = Field(64, ge=16, le=512, description="every clip is resized to this square before scoring")
+    min_frames: int = Field(8, ge=2, description="decode filter: fewer frames than this is a failed generation")
+    expected_hw: tuple[int, int] | None = Field(None, description="decode filter: required (height, width), if any")
+    static_eps: float = Field(0.5, gt=0, description="a step whose mean |frame diff| (gray levels) is below this is frozen")
+    percentile_lo: float = Field(1.0, ge=0, le=50, description="'at least' thresholds start at this real percentile")
+    percentile_hi: float = Field(99.0, ge=50, le=100, description="'at most' thresholds start at this real percentile")
+    slack: float = Field(0.5, ge=0, description="widen each threshold by slack x (percentile - median) of the real data")
+    min_fraction_of_low: float = Field(0.5, ge=0, le=1, description="'at least' thresholds are at least this x the real low percentile")
+    floors: dict[str, float] = Field(
+        default_factory=lambda: {"static_fraction": 0.34, "action_range": 2.0},
+        description="'at most' thresholds never go below these (stats that are ~0 on every real clip)",
+    )
+    overrides: dict[str, float] = Field(default_factory=dict, description="stat -> threshold, replaces the calibrated one")
+    duplicate_max_hamming: int = Field(8, ge=0, le=128, description="perceptual-hash distance (of 128 bits) at or below which two clips of one group are duplicates")
+    disabled: list[str] = Field(default_factory=list, description="filters to skip, by name")

@@ -1,0 +1,25 @@
+"""Config of the dataset refresh and of the usefulness report."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.label.config import IdmConfig
+
+
+class RefreshConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str = Field("flywheel/refreshed", description="repo_id written into the new dataset (never pushed)")
+    camera_key: str | None = Field(None, description="camera the synthetic frames are for; default: the only one")
+    state_from_actions: bool = Field(
+        True, description="fill observation.state of synthetic frames with the previous pseudo-action when the "
+                          "clip brings no state (action = commanded next state for position-controlled robots)")
+
+
+class UsefulnessConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    idm: IdmConfig = Field(default_factory=IdmConfig, description="the model trained in both arms, same budget")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    tolerance: float = Field(0.05, ge=0, description="gate fails when real+synthetic error > real-only x (1 + tolerance)")

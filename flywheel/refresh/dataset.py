@@ -1,0 +1,227 @@
+"""Fold accepted synthetic episodes into a new, immutable version of a LeRobot v3.0 dataset.
+
+New version = the base dataset's episodes (untouched bytes: data rewritten with one more column, videos
+copied) + the synthetic episodes, with the same features plus a per-frame `is_synthetic`, and a provenance
+file. Built only with LeRobot's own API: `add_features` (flag the real episodes), `LeRobotDataset.create`
++ `add_frame`/`save_episode`/`finalize` (the synthetic episodes), `aggregate_datasets` (merge, one video
+file per source file, so codecs never have to match). Written inside an ArtifactStore temp dir and renamed
+into `<home>/datasets/<version id>` when complete: a crash leaves no version behind.
+
+Version id = content hash of the inputs: the base dataset's files, every synthetic episode's frames,
+actions, fps and provenance, and the config. The same inputs give the same version (written once).
+
+Synthetic clips are brought to the dataset's frame rate (nearest frame per dataset timestamp; actions
+linearly interpolated) and frame size (bilinear resize) before they are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flywheel.label.episodes import dataset_info
+from flywheel.label.labeling import nearest_indices, resample_actions
+from flywheel.refresh.config import RefreshConfig
+from flywheel.refresh.provenance import provenance_table, read_provenance, write_provenance
+from flywheel.store import ArtifactStore, atomic_write_bytes, hash_bytes, hash_json, hash_tree, short
+
+KIND = "datasets"
+SYNTHETIC_FLAG = "is_synthetic"
+FLAG_FEATURE = {"dtype": "bool", "shape": (1,), "names": None}
+DEFAULT_FEATURES = {"timestamp", "frame_index", "episode_index", "index", "task_index"}
+
+
+@dataclass
+class SyntheticEpisode:
+    """An accepted generated clip: frames uint8 [T,H,W,3] and pseudo-actions [T,D] at `fps`."""
+
+    frames: np.ndarray
+    actions: np.ndarray
+    fps: float
+    provenance: dict                       # clip_id, adapter_version, seed, prompt, source_episode, filter_scores
+    task: str | None = None                # default: the base dataset's first task
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # other per-frame features, [T, ...] at fps
+
+    def content_hash(self) -> str:
+        parts = [hash_bytes(np.ascontiguousarray(self.frames).tobytes()), hash_bytes(np.ascontiguousarray(
+            self.actions, dtype=np.float32).tobytes()), str(self.fps), hash_json(self.provenance), str(self.task),
+            *[f"{k}:{hash_bytes(np.ascontiguousarray(v).tobytes())}" for k, v in sorted(self.features.items())]]
+        return hash_json(parts)
+
+
+def version_id(base_root: str | Path, episodes: list[SyntheticEpisode], config: RefreshConfig) -> str:
+    return short(hash_json({"base": hash_tree(base_root), "episodes": [e.content_hash() for e in episodes],
+                            "config": config.model_dump()}), 16)
+
+
+def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], store: ArtifactStore,
+                    config: RefreshConfig | None = None,
+                    progress: Callable[[dict], None] | None = None) -> tuple[str, Path]:
+    """Write (or find) the new dataset version; returns (version id, dataset root)."""
+    config = config or RefreshConfig()
+    base_root = Path(base_root)
+    info = dataset_info(base_root)
+    camera = _camera(info, config, base_root)
+    for i, ep in enumerate(episodes):
+        _check_episode(i, ep, info, camera, config)
+    vid = version_id(base_root, episodes, config)
+    if store.exists(KIND, vid):
+        return vid, store.path(KIND, vid)
+    meta = {"base_root": str(base_root), "num_synthetic": len(episodes), "config": config.model_dump()}
+    with store.write(KIND, vid, meta) as tmp:
+        build = tmp / "_build"
+        real = _flagged_base(base_root, info, build / "real", config)
+        synth = _write_synthetic(base_root, info, camera, episodes, build / "synthetic", config, progress)
+        if synth is not None:
+            _match_feature_info(synth, json.loads((real / "meta" / "info.json").read_text()))
+        out = build / "out"
+        _aggregate([real, synth] if synth is not None else [real], out, config)
+        for child in out.iterdir():
+            shutil.move(str(child), str(tmp / child.name))
+        shutil.rmtree(build)
+        num_real = json.loads((real / "meta" / "info.json").read_text())["total_episodes"]
+        table = provenance_table(num_real, [e.provenance for e in episodes], read_provenance(base_root))
+        write_provenance(tmp, table, {"version_id": vid, "base_root": str(base_root),
+                                      "base_tree_hash": hash_tree(base_root), "num_real_episodes": num_real,
+                                      "num_synthetic_episodes": len(episodes), "config": config.model_dump()})
+    return vid, store.path(KIND, vid)
+
+
+def _camera(info: dict, config: RefreshConfig, root: Path) -> str:
+    cams = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    if config.camera_key is not None:
+        if config.camera_key not in cams:
+            raise ValueError(f"{root}: camera_key {config.camera_key!r} is not a video feature; one of {cams}")
+        return config.camera_key
+    if len(cams) != 1:
+        raise ValueError(f"{root}: dataset has cameras {cams}; synthetic clips carry one view, and refresh can only "
+                         "fold them into a single-camera dataset (set camera_key and provide the others as features)")
+    return cams[0]
+
+
+def _numeric_features(info: dict, camera: str) -> dict[str, dict]:
+    return {k: f for k, f in info["features"].items()
+            if k not in DEFAULT_FEATURES and k != camera and k != SYNTHETIC_FLAG and f.get("dtype") != "video"}
+
+
+def _check_episode(i: int, ep: SyntheticEpisode, info: dict, camera: str, config: RefreshConfig) -> None:
+    where = f"synthetic episode {i} ({ep.provenance.get('clip_id', '?')})"
+    frames = np.asarray(ep.frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{where}: frames must be uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
+    action_shape = tuple(info["features"]["action"]["shape"])
+    if np.asarray(ep.actions).shape != (len(frames), *action_shape):
+        raise ValueError(f"{where}: actions shape {np.asarray(ep.actions).shape} != ({len(frames)}, *{action_shape}); "
+                         "one action per frame, as label_video returns")
+    if not np.isfinite(ep.actions).all():
+        raise ValueError(f"{where}: actions contain NaN/inf; reject the clip or fix the labels")
+    for key, feat in _numeric_features(info, camera).items():
+        if key == "action" or key in ep.features:
+            continue
+        if key == "observation.state" and config.state_from_actions and tuple(feat["shape"]) == action_shape:
+            continue
+        raise ValueError(f"{where}: the dataset has feature {key!r} {feat['shape']} and the clip has no value for it; "
+                         f"pass it in SyntheticEpisode.features (e.g. from a simulator replay)")
+
+
+def _flagged_base(base_root: Path, info: dict, dst: Path, config: RefreshConfig) -> Path:
+    """The base dataset with `is_synthetic` = False on every frame (or as it is, if it has the flag)."""
+    from lerobot.datasets.dataset_tools import add_features
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    if SYNTHETIC_FLAG in info["features"]:
+        return base_root
+    base = LeRobotDataset(config.repo_id + "_base", root=base_root, video_backend="pyav")
+    flags = np.zeros((info["total_frames"], 1), dtype=bool)
+    add_features(base, {SYNTHETIC_FLAG: (flags, dict(FLAG_FEATURE))}, output_dir=dst, repo_id=config.repo_id + "_real")
+    return dst
+
+
+def _frames_for_dataset(ep: SyntheticEpisode, fps: int, hw: tuple[int, int]):
+    from flywheel.label.episodes import resize_frames  # noqa: F401  (square only; here we keep H != W)
+    from PIL import Image
+
+    idx = nearest_indices(len(ep.frames), ep.fps, fps)
+    frames = np.asarray(ep.frames)[idx]
+    if frames.shape[1:3] != hw:
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((hw[1], hw[0]), Image.BILINEAR)) for f in frames])
+    actions = resample_actions(ep.actions, ep.fps, fps, len(idx))
+    extras = {k: resample_actions(v, ep.fps, fps, len(idx)) for k, v in ep.features.items()}
+    return frames, actions, extras
+
+
+def _write_synthetic(base_root: Path, info: dict, camera: str, episodes: list[SyntheticEpisode], dst: Path,
+                     config: RefreshConfig, progress) -> Path | None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    import pandas as pd
+
+    if not episodes:
+        return None
+    features = {k: dict(f, shape=tuple(f["shape"])) for k, f in info["features"].items() if k not in DEFAULT_FEATURES}
+    features[SYNTHETIC_FLAG] = dict(FLAG_FEATURE)
+    tasks = pd.read_parquet(base_root / "meta" / "tasks.parquet")
+    default_task = str(tasks.index[0]) if "task_index" in tasks.columns else str(tasks.iloc[0, 0])
+    hw = tuple(info["features"][camera]["shape"][:2])
+    ds = LeRobotDataset.create(config.repo_id + "_synthetic", fps=int(info["fps"]), features=features, root=dst,
+                               robot_type=info.get("robot_type"), use_videos=True, video_backend="pyav")
+    numeric = _numeric_features(info, camera)
+    for i, ep in enumerate(episodes):
+        frames, actions, extras = _frames_for_dataset(ep, int(info["fps"]), hw)
+        if "observation.state" in numeric and "observation.state" not in extras:
+            # Pseudo-state: where the previous command sent the robot (documented in RefreshConfig).
+            extras["observation.state"] = np.concatenate([actions[:1], actions[:-1]])
+        for t in range(len(frames)):
+            frame = {camera: frames[t], "action": actions[t].astype(np.float32), "task": ep.task or default_task,
+                     SYNTHETIC_FLAG: np.array([True])}
+            for key in numeric:
+                if key != "action":
+                    frame[key] = np.asarray(extras[key][t], dtype=np.float32)
+            ds.add_frame(frame)
+        ds.save_episode()
+        if progress is not None:
+            progress(dict(stage="refresh", episode=i + 1, total=len(episodes)))
+    ds.finalize()
+    return dst
+
+
+def _match_feature_info(root: Path, base_info: dict) -> None:
+    """LeRobot's writer describes features slightly differently from older files (renamed legacy camera
+    keys such as video.is_depth_map, an `fps` on default features), which aggregate then refuses as
+    different features. The base dataset's description is the contract: keep it, with this part's own
+    encoder settings (which aggregate ignores and merges)."""
+    from lerobot.configs import VIDEO_ENCODER_INFO_KEYS
+
+    path = root / "meta" / "info.json"
+    info = json.loads(path.read_text())
+    for key, feat in info["features"].items():
+        base = base_info["features"].get(key)
+        if base is None:
+            continue
+        if feat.get("dtype") == "video":
+            encoder = {k: v for k, v in (feat.get("info") or {}).items() if k in VIDEO_ENCODER_INFO_KEYS}
+            info["features"][key] = {**base, "info": {**(base.get("info") or {}), **encoder}}
+        else:
+            info["features"][key] = base
+    atomic_write_bytes(path, json.dumps(info, indent=4).encode())
+
+
+def _aggregate(roots: list[Path], out: Path, config: RefreshConfig) -> None:
+    from lerobot.datasets.aggregate import aggregate_datasets
+
+    # LeRobot logs a warning per differing encoder setting; they are expected (real AV1 + synthetic encodes).
+    logging.getLogger("lerobot.datasets.aggregate").setLevel(logging.ERROR)
+    aggregate_datasets(repo_ids=[f"{config.repo_id}_part{i}" for i in range(len(roots))], aggr_repo_id=config.repo_id,
+                       roots=roots, aggr_root=out, concatenate_videos=False)
+
+
+def load_refreshed(root: str | Path, repo_id: str = "flywheel/refreshed"):
+    """The refreshed dataset through LeRobot, offline, decoding with PyAV."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    return LeRobotDataset(repo_id, root=root, video_backend="pyav")

@@ -1,0 +1,103 @@
+"""What an adapter training run does. Configs are data: this model is the whole recipe.
+
+Defaults follow the public diffusers Cosmos Predict 2.5 LoRA recipe
+(examples/cosmos/train_cosmos_predict25_lora.py + optimizer_utils.py): r=32, alpha=32, the attention and
+MLP projections of every DiT block, AdamW at 2**-14.5 with weight decay 1e-3, a linear warm-up / linear
+decay LR multiplier (1e-6 -> 0.5 -> 0.2), gradient clipping at 1.0, 20% text dropout for CFG, and
+1 or 2 clean conditioning latent frames with equal probability.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+class TrainConfig(BaseModel):
+    """LoRA / DoRA adapter training settings (one adapter on a frozen Cosmos transformer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora", "dora"] = "lora"
+    rank: int = Field(32, gt=0, description="LoRA rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+
+    steps: int = Field(1000, gt=0, description="optimizer steps")
+    batch_size: int = Field(1, gt=0, description="clips per step (stacked; latents must share a shape)")
+    learning_rate: float = Field(2**-14.5, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, description="None: min(2000, steps // 10)")
+    cycle_length: int | None = Field(None, gt=0, description="steps of the warm-up + decay cycle; None: steps")
+    f_start: float = Field(1e-6, ge=0, description="LR multiplier at step 0")
+    f_max: float = Field(0.5, gt=0, description="LR multiplier at the end of warm-up")
+    f_min: float = Field(0.2, ge=0, description="LR multiplier at the end of the cycle")
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    cfg_dropout: float = Field(0.2, description="probability of zeroing a sample's text embedding (for CFG)")
+    conditional_frames_probs: dict[int, float] = Field(default_factory=lambda: {1: 0.5, 2: 0.5})
+    conditional_frame_timestep: float = Field(1e-4, description="timestep given to clean conditioning frames; < 0 disables")
+    time_shift: float = Field(5.0, gt=0, description="sigma = shift*t / (1 + (shift-1)*t), t = sigmoid(randn)")
+
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, gt=0, description="write a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints to keep")
+    seed: int = Field(0, ge=0)
+    init_adapter: Path | None = Field(None, description="adapter dir of a parent adapter to continue from")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if any(not name.strip() for name in v):
+            raise ValueError(f"target_modules must be non-empty module names, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"target_modules has duplicates: {v}")
+        return v
+
+    @field_validator("cfg_dropout")
+    @classmethod
+    def _cfg_dropout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("conditional_frames_probs")
+    @classmethod
+    def _cond_probs(cls, v: dict[int, float]) -> dict[int, float]:
+        if not v:
+            raise ValueError("conditional_frames_probs must not be empty, e.g. {1: 0.5, 2: 0.5}")
+        if not set(v) <= {1, 2}:
+            raise ValueError(f"conditional_frames_probs keys must be 1 or 2 latent frames, got {sorted(v)}")
+        if any(p < 0 for p in v.values()):
+            raise ValueError(f"conditional_frames_probs must be >= 0, got {v}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"conditional_frames_probs must sum to 1, got {sum(v.values())} ({v})")
+        return dict(sorted(v.items()))
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainConfig:
+        if self.f_min > self.f_max or self.f_start > self.f_max:
+            raise ValueError(f"need f_start <= f_max and f_min <= f_max, got f_start={self.f_start}, "
+                             f"f_max={self.f_max}, f_min={self.f_min}")
+        if self.warmup_steps is not None and self.warmup_steps >= self.resolved_cycle_length:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < cycle_length "
+                             f"({self.resolved_cycle_length}); lower warmup_steps or raise steps")
+        return self
+
+    @property
+    def use_dora(self) -> bool:
+        return self.method == "dora"
+
+    @property
+    def resolved_cycle_length(self) -> int:
+        return self.cycle_length if self.cycle_length is not None else self.steps
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(2000, self.steps // 10)

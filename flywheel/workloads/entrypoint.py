@@ -1,0 +1,160 @@
+"""The harness every workload runs in: parse arguments, run the stage, report the result.
+
+Under Dagster Pipes (the orchestrator set DAGSTER_PIPES_CONTEXT) progress goes to the Dagster run log
+and the result becomes the asset's materialization; standalone, progress is printed and the result is
+written to stdout as JSON. Either way the exit code says whether a retry can help (flywheel.workloads.gpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flywheel.workloads.gpu import EXIT_OK, describe_exit, exit_code_for
+
+# Metadata keys whose values are paths on the flywheel home (rendered as paths in the Dagster UI).
+PATH_KEYS = ("path", "preview", "latent_cache", "manifest", "clip_set", "adapter", "dataset_root")
+
+StageRun = Callable[[Path, dict, Callable[[dict], None]], Any]
+
+
+def parse_args(workload: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m flywheel.workloads.{workload}",
+                                     description=f"Run the flywheel `{workload}` stage (standalone or under Dagster Pipes).")
+    parser.add_argument("--home", required=True, help="flywheel home (artifact store root)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-json", help="the stage's inputs and config as a JSON object")
+    source.add_argument("--config-file", help="a file holding that JSON object")
+    return parser.parse_args(argv)
+
+
+def load_args(ns: argparse.Namespace) -> dict:
+    text = Path(ns.config_file).read_text() if ns.config_file else ns.config_json
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = ns.config_file or "--config-json"
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise ValueError("the workload config must be a JSON object of inputs and stage config")
+    return args
+
+
+def result_metadata(result) -> dict[str, Any]:
+    """A StageResult as flat, JSON-able materialization metadata (nested values stay JSON)."""
+    meta: dict[str, Any] = {}
+    for k, v in result.metadata.items():
+        meta[k] = _jsonable(v)
+    meta.update(stage=result.stage, key=result.key, path=str(result.path), reused=bool(result.reused))
+    if result.preview:
+        meta["preview"] = str(result.preview)
+    return meta
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep it readable ("nan") rather than dropping it
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def pipes_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """Typed Pipes metadata: paths as paths, nested values as JSON, the rest inferred."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if k in PATH_KEYS and isinstance(v, str):
+            out[k] = {"raw_value": v, "type": "path"}
+        elif isinstance(v, (dict, list)):
+            out[k] = {"raw_value": v, "type": "json"}
+        elif v is None:
+            out[k] = {"raw_value": None, "type": "null"}
+        else:
+            out[k] = v
+    return out
+
+
+class ProgressReporter:
+    """Turns stage progress dicts into log lines, at most one every `interval` seconds (plus the last)."""
+
+    def __init__(self, emit: Callable[[str], None], interval: float = 2.0, custom: Callable[[dict], None] | None = None):
+        self.emit, self.interval, self.custom = emit, interval, custom
+        self.last = 0.0
+
+    def __call__(self, event: dict) -> None:
+        now = time.monotonic()
+        finished = event.get("total") is not None and event.get("done") == event.get("total")
+        if not finished and now - self.last < self.interval:
+            return
+        self.last = now
+        self.emit(format_progress(event))
+        if self.custom is not None:
+            self.custom({"progress": _jsonable(event)})
+
+
+def format_progress(event: dict) -> str:
+    parts = []
+    if "done" in event and "total" in event:
+        parts.append(f"{event['done']}/{event['total']}")
+    for k, v in event.items():
+        if k in ("done", "total"):
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def main(workload: str, run: StageRun, argv: list[str] | None = None) -> int:
+    """Run `run(home, args, progress)` as a process; returns the exit code."""
+    ns = parse_args(workload, argv)
+    from dagster_pipes import PipesEnvVarParamsLoader
+
+    if PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        return _main_under_pipes(workload, run, ns)
+    return _main_standalone(workload, run, ns)
+
+
+def _main_standalone(workload: str, run: StageRun, ns: argparse.Namespace) -> int:
+    progress = ProgressReporter(lambda line: print(f"[{workload}] {line}", file=sys.stderr, flush=True))
+    try:
+        result = run(Path(ns.home), load_args(ns), progress)
+    except Exception as e:
+        code = exit_code_for(e)
+        traceback.print_exc()
+        print(f"[{workload}] {type(e).__name__}: {e}\n[{workload}] {describe_exit(code)}", file=sys.stderr)
+        return code
+    print(json.dumps(result_metadata(result), indent=2, default=str))
+    return EXIT_OK
+
+
+def _main_under_pipes(workload: str, run: StageRun, ns: argparse.Namespace) -> int:
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        progress = ProgressReporter(pipes.log.info, custom=pipes.report_custom_message)
+        pipes.log.info(f"{workload} workload started (pid {os.getpid()})")
+        try:
+            result = run(Path(ns.home), load_args(ns), progress)
+        except Exception as e:
+            code = exit_code_for(e)
+            pipes.log.error(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            pipes.report_custom_message({"error": f"{type(e).__name__}: {e}", "exit_code": code,
+                                         "outcome": describe_exit(code)})
+            return code
+        meta = result_metadata(result)
+        pipes.report_asset_materialization(metadata=pipes_metadata(meta), data_version=result.key)
+        pipes.log.info(f"{workload} done: {result.path}{' (reused)' if result.reused else ''}")
+    return EXIT_OK
