@@ -4,7 +4,7 @@
 
 The `gym_pusht/PushT-v0` simulator (pymunk physics, 10 Hz control, no network) is driven by a scripted
 pusher that walks around the T block and pushes it toward the target pose. Everything is a function of
-the config: the same config gives the same parquet data, byte for byte.
+the config: the same config gives the same frame data (parquet) on every run.
 
 Per frame (LeRobot features):
   observation.image              video, [S, S, 3] RGB render (S = image_size), as the variant colours it
@@ -17,11 +17,13 @@ Per episode, `meta/pusht_sample.json` (next to LeRobot's own meta files) records
 and, for every episode, `reset_seed` and `initial_state` ([agent x, y, block x, y, angle], float64), the
 exact argument the episode was reset with: `env.reset(options={"reset_to_state": initial_state})`, then
 stepping the recorded `action`s, reproduces `observation.environment_state` frame by frame.
+`meta/preview.png` is a contact sheet of the first episodes, to look at.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,18 +32,19 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_ID = "gym_pusht/PushT-v0"
 FPS = 10  # PushTEnv.metadata["render_fps"]: one action per 0.1 s
 ACTION_LOW, ACTION_HIGH = 0.0, 512.0  # PushTEnv.action_space bounds
 INIT_FILE = "meta/pusht_sample.json"
-CODEBASE_VERSION = "v3.0"
+PREVIEW_FILE = "meta/preview.png"  # the first PREVIEW_EPISODES episodes, PREVIEW_FRAMES frames each
+PREVIEW_EPISODES, PREVIEW_FRAMES = 4, 8
 
 
 # ── Variants: the same scenes, differently coloured ──────────────────────────────────────────────
@@ -59,15 +62,14 @@ class Variant:
     name: str
     task: str
     palette: tuple[tuple[int, int, int], ...] | None = None
-    _colour_map: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def colour(self, frame: np.ndarray) -> np.ndarray:
+        """uint8 [..., 3] frame as this variant shows it."""
         if self.palette is None:
             return frame
-        if self._colour_map is None:
-            object.__setattr__(self, "_colour_map", affine_colour_map(RENDER_PALETTE, self.palette))
-        rgb1 = np.concatenate([frame.astype(np.float32), np.ones((*frame.shape[:2], 1), np.float32)], axis=-1)
-        return np.clip(np.rint(rgb1 @ self._colour_map), 0, 255).astype(np.uint8)
+        colour_map = affine_colour_map(RENDER_PALETTE, self.palette)
+        rgb = frame.astype(np.float32) @ colour_map[:3] + colour_map[3]
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def affine_colour_map(src: tuple, dst: tuple) -> np.ndarray:
@@ -98,7 +100,7 @@ class PushTSampleConfig(BaseModel):
     episodes: int = Field(20, ge=1, le=1000, description="number of episodes")
     seed: int = Field(0, ge=0, lt=2**32, description="master seed; episode i starts from episode_reset_seed(seed, i)")
     variant: Literal["default", "recolored"] = "default"
-    max_steps: int = Field(200, ge=2, le=300, description="frames per episode at most (an episode ends early on success)")
+    max_steps: int = Field(200, ge=2, le=300, description="frames per episode at most (it ends early when solved)")
     image_size: int = Field(96, ge=32, le=512, description="square render size of observation.image")
 
     @property
@@ -173,7 +175,7 @@ def segment_hits_block(a: np.ndarray, b: np.ndarray, block_xy: np.ndarray, rot: 
 class ScriptedPusher:
     """Pick the contact on the T whose push best reduces the pose error, walk around the block to just
     behind it, push through it; repeat. Actions are PD targets a bounded distance from the agent, so
-    the motion is smooth, like a slow teleoperator's."""
+    the motion is smooth, like a teleoperator's."""
 
     travel_lead = 60.0  # px between agent and target while travelling (~30 px per step)
     push_lead = 30.0  # px the target leads the agent while pushing
@@ -191,10 +193,9 @@ class ScriptedPusher:
         err, d_angle = pose_error(block_xy, angle, rot)
         scores = self._scores(block_xy, rot, err, d_angle)
         best = int(np.argmax(scores))
-        if self.contact is None or scores[best] > scores[self.contact] + self.switch_margin or scores[self.contact] < 0.05:
-            if best != self.contact:
-                self.pushing = False
-            self.contact = best
+        current = scores[self.contact] if self.contact is not None else -np.inf
+        if best != self.contact and (scores[best] > current + self.switch_margin or current < 0.05):
+            self.contact, self.pushing = best, False
 
         point = block_xy + rot @ PUSH_CANDIDATES[self.contact, :2]
         push_dir = rot @ PUSH_CANDIDATES[self.contact, 2:]
@@ -218,7 +219,8 @@ class ScriptedPusher:
             goal = touching + push_dir * min(needed, 30.0)
             target = agent_xy + clip_norm(goal - agent_xy, self.push_lead)
         else:
-            target = agent_xy + clip_norm(self._waypoint(agent_xy, standoff, block_xy, rot) - agent_xy, self.travel_lead)
+            waypoint = self._waypoint(agent_xy, standoff, block_xy, rot)
+            target = agent_xy + clip_norm(waypoint - agent_xy, self.travel_lead)
         return np.clip(target, ACTION_LOW + 1.0, ACTION_HIGH - 1.0).astype(np.float32)
 
     def _scores(self, block_xy: np.ndarray, rot: np.ndarray, err: np.ndarray, d_angle: float) -> np.ndarray:
@@ -269,7 +271,8 @@ def make_env(image_size: int = 96):
 
 @dataclass
 class Episode:
-    """One scripted rollout: T frames, each the observation before the action of the same index."""
+    """One scripted rollout: T frames, each the observation before the action of the same index. It ends
+    after max_steps actions or at the action that solves it (the solved state itself is not a frame)."""
 
     reset_seed: int
     initial_state: list[float]  # agent x, y, block x, y, angle: the reset_to_state argument it started from
@@ -358,10 +361,11 @@ def write_pusht_dataset(
         from tqdm import tqdm
 
         bar = tqdm(total=config.episodes, desc=f"pusht {config.variant}", unit="episode")
+    dataset = None
     try:
         dataset = LeRobotDataset.create(repo_id=config.repo_id, fps=FPS, features=pusht_features(config.image_size),
                                         root=tmp, robot_type="pusht", use_videos=True)
-        records = []
+        records, preview_rows = [], []
         for index in range(config.episodes):
             episode = rollout_episode(env, episode_reset_seed(config.seed, index), config.max_steps, variant)
             for t in range(len(episode.actions)):
@@ -373,22 +377,33 @@ def write_pusht_dataset(
                     "task": variant.task,
                 })
             dataset.save_episode()
+            if index < PREVIEW_EPISODES:
+                picks = np.linspace(0, len(episode.images) - 1, PREVIEW_FRAMES).round().astype(int)
+                preview_rows.append([episode.images[t] for t in picks])
             records.append(dict(episode_index=index, reset_seed=episode.reset_seed,
                                 initial_state=episode.initial_state, num_frames=len(episode.actions),
                                 success=episode.success, final_coverage=round(episode.final_coverage, 4),
                                 max_coverage=round(episode.max_coverage, 4)))
             event = dict(stage="pusht_sample", episode=index + 1, episodes=config.episodes,
                          frames=len(episode.actions), success=episode.success)
-            progress(event) if progress else bar.update(1)
+            if progress is not None:
+                progress(event)
+            else:
+                bar.update(1)
         dataset.finalize()
         info = dict(generator="flywheel.data.pusht_sample", env_id=ENV_ID, config=config.model_dump(),
                     repo_id=config.repo_id, task=variant.task, episodes=records)
         (tmp / INIT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        contact_sheet(preview_rows).save(tmp / PREVIEW_FILE)
         shutil.rmtree(tmp / "images", ignore_errors=True)  # LeRobot's per-frame PNG staging, if left over
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)  # LeRobot's temp files come out owner-only
         _replace(tmp, out)
     except BaseException:
+        if dataset is not None:
+            # Close LeRobot's writers first: left to the garbage collector they would flush into `tmp` again.
+            with contextlib.suppress(Exception):
+                dataset.finalize()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
@@ -396,6 +411,18 @@ def write_pusht_dataset(
         if bar is not None:
             bar.close()
     return out
+
+
+def contact_sheet(rows: list[list[np.ndarray]], gap: int = 2):
+    """One row of evenly spaced frames per episode, as a PIL image: a look at the data without decoding it."""
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
+    sheet = Image.new("RGB", (len(rows[0]) * (w + gap) + gap, len(rows) * (h + gap) + gap), (0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, frame in enumerate(row):
+            sheet.paste(Image.fromarray(frame), (gap + c * (w + gap), gap + r * (h + gap)))
+    return sheet
 
 
 def _replace(new: Path, out: Path) -> None:
@@ -433,11 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole config per episode otherwise
-    config = PushTSampleConfig(episodes=args.episodes, seed=args.seed, variant=args.variant,
-                               max_steps=args.max_steps, image_size=args.image_size)
     try:
+        config = PushTSampleConfig(episodes=args.episodes, seed=args.seed, variant=args.variant,
+                                   max_steps=args.max_steps, image_size=args.image_size)
         out = write_pusht_dataset(args.out, config, force=args.force)
-    except FileExistsError as e:
+    except (FileExistsError, ValidationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     episodes = read_sample_info(out)["episodes"]

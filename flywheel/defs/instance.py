@@ -25,8 +25,8 @@ concurrency:
     granularity: op
     # Pools without their own limit; the only pool flywheel uses is `gpu` (set to FLYWHEEL_GPUS on start).
     default_limit: {gpus}
-run_queue:
-  max_concurrent_runs: {max_runs}
+  runs:
+    max_concurrent_runs: {max_runs}
 """
 
 

@@ -1,8 +1,6 @@
-"""One job: a whole flywheel iteration for one domain (every asset whose stage is in this build)."""
+"""One job: a whole flywheel iteration for one domain (every asset whose stage is in this build); its\npartitioning (by domain) comes from the assets."""
 
 import dagster as dg
-
-from flywheel.defs.partitions import domain_partitions
 
 STAGE_ASSETS = [
     "demonstrations",
@@ -28,7 +26,6 @@ def iteration_assets() -> list[str]:
 flywheel_iteration = dg.define_asset_job(
     name="flywheel_iteration",
     selection=dg.AssetSelection.assets(*iteration_assets()),
-    partitions_def=domain_partitions,
     description="A whole flywheel iteration for one domain: ingest, clips, train, evaluate (gate), generate, "
                 "label, curate (gate), refresh. Upstream results with unchanged inputs are reused.",
     tags={"flywheel/job": "iteration"},

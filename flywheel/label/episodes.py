@@ -143,3 +143,21 @@ def load_episodes(
             atomic_write_bytes(cached, buf.getvalue())
         out.append(episode)
     return out
+
+
+def load_actions(root: str | Path, episodes: list[int] | None = None, action_key: str = "action") -> list[Episode]:
+    """Episodes with their actions only (no video decoded; frames is empty): cheap real-data statistics."""
+    root = Path(root)
+    info = dataset_info(root)
+    if action_key not in info["features"]:
+        raise ValueError(f"{root}: feature {action_key!r} not in meta/info.json features {sorted(info['features'])}")
+    data = _data_table(root, ["index", "episode_index", action_key])
+    wanted = sorted(set(data["episode_index"])) if episodes is None else list(episodes)
+    out = []
+    for ep in wanted:
+        rows = data[data["episode_index"] == ep]
+        if rows.empty:
+            raise ValueError(f"{root}: episode {ep} has no data rows")
+        out.append(Episode(int(ep), np.zeros((0, 0, 0, 3), np.uint8), np.stack(rows[action_key].to_numpy()).astype(np.float32),
+                           float(info["fps"])))
+    return out

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flywheel.label.config import IdmConfig
-from flywheel.label.episodes import Episode, dataset_info, list_episodes, load_episodes
+from flywheel.label.episodes import Episode, dataset_info, list_episodes, load_episodes, resize_frames
 from flywheel.store import atomic_write_bytes
 
 MODEL_FILE = "idm.safetensors"
@@ -150,7 +150,7 @@ def fit_idm(train: list[Episode], config: IdmConfig, action_names: list[str] | N
     # Floor the std: a joint that never moves in training must not blow up the loss.
     model.action_std.copy_(torch.from_numpy(np.maximum(all_actions.std(0), 1e-3)))
     model.to(config.device).train()
-    frames = [torch.from_numpy(ep.frames) for ep in train]
+    frames = [torch.from_numpy(resize_frames(ep.frames, config.image_size)) for ep in train]
     actions = [model.normalise(torch.from_numpy(ep.actions).to(config.device)) for ep in train]
     windows = _window_index(train, k)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -204,12 +204,14 @@ def evaluate_idm(model: InverseDynamicsModel, val: list[Episode], train_mean: np
 
 
 def train_idm(dataset_root: str | Path, config: IdmConfig, out_dir: str | Path,
-              progress: Callable[[dict], None] | None = None, cache_dir: str | Path | None = None) -> IdmResult:
-    """Train an IDM on a LeRobot v3.0 dataset's real episodes; write model, metrics.json and a plot to out_dir."""
+              progress: Callable[[dict], None] | None = None, cache_dir: str | Path | None = None,
+              decode_size: int | None = None) -> IdmResult:
+    """Train an IDM on a LeRobot v3.0 dataset's real episodes; write model, metrics.json and a plot to out_dir.
+    `cache_dir`/`decode_size`: keep decoded episodes (at decode_size, default image_size) for reuse."""
     dataset_root, out_dir = Path(dataset_root), Path(out_dir)
     info = dataset_info(dataset_root)
     train_ids, val_ids = split_episodes(list_episodes(dataset_root), config)
-    load = dict(image_size=config.image_size, camera_key=config.camera_key, action_key=config.action_key,
+    load = dict(image_size=decode_size or config.image_size, camera_key=config.camera_key, action_key=config.action_key,
                 cache_dir=cache_dir)
     t0 = time.time()
     train = load_episodes(dataset_root, train_ids, **load)

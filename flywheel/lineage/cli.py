@@ -65,9 +65,11 @@ def add_adapters_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_adapters_command(args: argparse.Namespace) -> int:
     """Dispatch a parsed `adapters ...` command; errors print one line and return 1."""
+    from mlflow.exceptions import MlflowException  # e.g. "Model Version ... not found"
+
     try:
         args.adapters_handler(args)
-    except (LookupError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (LookupError, ValueError, FileNotFoundError, RuntimeError, MlflowException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -23,6 +23,7 @@ from flywheel.lineage.registry import (
     TAG_PARENT_VERSION,
     TAG_TRAINING_DATA,
     TAG_TRAINING_RUN,
+    model_id_of,
 )
 from flywheel.lineage.runs import (
     ADAPTER_MODEL_TAG,
@@ -100,7 +101,7 @@ def adapter_provenance(home, domain: str, version: str | int) -> dict[str, Any]:
     return {
         "registered_model": model_version.name,
         "version": str(model_version.version),
-        "model_id": model_version.model_id,
+        "model_id": model_id_of(model_version),
         "adapter_digest": tags.get(TAG_ADAPTER_DIGEST, ""),
         "base_model_id": tags.get(TAG_BASE_MODEL, ""),
         "base_revision": tags.get(TAG_BASE_REVISION, ""),

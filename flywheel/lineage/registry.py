@@ -44,6 +44,7 @@ TAG_BASE_REVISION = "flywheel.base_revision"
 TAG_TRAINING_DATA = "flywheel.training_dataset_digest"
 TAG_PARENT_VERSION = "flywheel.parent_version"
 TAG_TRAINING_RUN = "flywheel.training_run_id"
+TAG_MODEL_ID = "flywheel.model_id"
 TAG_EVAL = "flywheel.eval."
 TAG_BASE_EVAL = "flywheel.base_eval."
 TAG_GATE = "flywheel.gate"
@@ -185,7 +186,7 @@ def register_adapter(
         _ensure_registered_model(mlflow_client, name, domain)
         existing = _versions_with_tag(mlflow_client, name, TAG_ADAPTER_DIGEST, digest)
         if existing:
-            return existing[0].version
+            return str(existing[0].version)
         if parent_version is not None:
             mlflow_client.get_model_version(name, str(parent_version))  # fails clearly if it does not exist
         experiment_id = tracking.get_or_create_experiment(mlflow_client, home, domain)
@@ -194,12 +195,17 @@ def register_adapter(
             name,
             source=model.model_uri,
             run_id=run_id,
-            tags=tags,
+            tags=tags | {TAG_MODEL_ID: model.model_id},
             description=_describe(tags),
             model_id=model.model_id,
         )
         mlflow_client.set_registered_model_alias(name, CANDIDATE, version.version)
         return str(version.version)
+
+
+def model_id_of(model_version) -> str:
+    """The LoggedModel behind a model version (the sqlite registry leaves `model_id` empty)."""
+    return model_version.model_id or model_version.tags.get(TAG_MODEL_ID) or model_version.source.removeprefix("models:/")
 
 
 def _ensure_registered_model(mlflow_client, name: str, domain: str) -> None:
@@ -417,7 +423,7 @@ def resolve_adapter(home, domain: str, version: str | int | None = None) -> tupl
         if version is None:
             raise LookupError(f"{name} has no champion yet; promote a version (flywheel adapters promote) or pass a version")
     model_version = mlflow_client.get_model_version(name, str(version))
-    location = mlflow_client.get_logged_model(model_version.model_id).artifact_location
+    location = mlflow_client.get_logged_model(model_id_of(model_version)).artifact_location
     if location.startswith("file://"):
         from urllib.parse import unquote, urlparse
 
@@ -496,7 +502,7 @@ def show_adapter(home, domain: str, version: str | int | None = None) -> dict[st
     metrics, base_metrics = evaluation_of(home, domain, version)
     return _version_row(model_version, aliases) | {
         "registered_model": name,
-        "model_id": model_version.model_id,
+        "model_id": model_id_of(model_version),
         "training_run_id": model_version.run_id,
         "source": model_version.source,
         "tags": dict(model_version.tags),
@@ -528,6 +534,7 @@ __all__ = [
     "governance_history",
     "links_for_version",
     "list_adapters",
+    "model_id_of",
     "promote",
     "record_evaluation",
     "register_adapter",

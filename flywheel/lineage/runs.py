@@ -79,6 +79,10 @@ class StepRun:
     def url(self) -> str:
         return tracking.run_url(self.home, self.experiment_id, self.run_id)
 
+    def links(self) -> dict[str, str]:
+        """For Dagster asset metadata: where this materialization's MLflow run is."""
+        return {"mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id, "mlflow_run_url": self.url}
+
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
@@ -368,6 +372,8 @@ def log_synthetic_set(
     """
     from mlflow.entities import LoggedModelInput
 
+    from flywheel.lineage.registry import model_id_of
+
     missing = [i for i, e in enumerate(episodes) if not {"episode_id", "prompt", "seed"} <= set(e)]
     if missing:
         raise ValueError(f"synthetic set {digest[:16]}: episodes {missing[:5]} lack episode_id/prompt/seed")
@@ -376,9 +382,8 @@ def log_synthetic_set(
         name = tracking.registered_model_name(domain)
         version = run.client.get_model_version(name, str(adapter_version))
         tags |= {ADAPTER_MODEL_TAG: name, ADAPTER_VERSION_TAG: str(version.version)}
-        if version.model_id:
-            tags[ADAPTER_MODEL_ID_TAG] = version.model_id
-            run.client.log_inputs(run.run_id, models=[LoggedModelInput(version.model_id)])
+        tags[ADAPTER_MODEL_ID_TAG] = model_id_of(version)
+        run.client.log_inputs(run.run_id, models=[LoggedModelInput(tags[ADAPTER_MODEL_ID_TAG])])
     elif base_model_id:
         tags["flywheel.base_model_id"] = base_model_id
     run.set_tags(tags)

@@ -16,6 +16,7 @@ linearly interpolated) and frame size (bilinear resize) before they are written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -84,8 +85,8 @@ def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], sto
         _aggregate([real, synth] if synth is not None else [real], out, config)
         for child in out.iterdir():
             shutil.move(str(child), str(tmp / child.name))
-        shutil.rmtree(build)
         num_real = json.loads((real / "meta" / "info.json").read_text())["total_episodes"]
+        shutil.rmtree(build)
         table = provenance_table(num_real, [e.provenance for e in episodes], read_provenance(base_root))
         write_provenance(tmp, table, {"version_id": vid, "base_root": str(base_root),
                                       "base_tree_hash": hash_tree(base_root), "num_real_episodes": num_real,
@@ -171,6 +172,20 @@ def _write_synthetic(base_root: Path, info: dict, camera: str, episodes: list[Sy
     ds = LeRobotDataset.create(config.repo_id + "_synthetic", fps=int(info["fps"]), features=features, root=dst,
                                robot_type=info.get("robot_type"), use_videos=True, video_backend="pyav")
     numeric = _numeric_features(info, camera)
+    try:
+        _add_episodes(ds, camera, episodes, info, numeric, default_task, hw, progress)
+    except BaseException:
+        # Close LeRobot's writer now: left open, it flushes buffered metadata when garbage-collected,
+        # i.e. after the failed artifact's temp dir was removed, leaving a stray directory behind.
+        with contextlib.suppress(Exception):
+            ds.finalize()
+        raise
+    ds.finalize()
+    return dst
+
+
+def _add_episodes(ds, camera: str, episodes: list[SyntheticEpisode], info: dict, numeric: dict, default_task: str,
+                  hw: tuple[int, int], progress) -> None:
     for i, ep in enumerate(episodes):
         frames, actions, extras = _frames_for_dataset(ep, int(info["fps"]), hw)
         if "observation.state" in numeric and "observation.state" not in extras:
@@ -186,8 +201,6 @@ def _write_synthetic(base_root: Path, info: dict, camera: str, episodes: list[Sy
         ds.save_episode()
         if progress is not None:
             progress(dict(stage="refresh", episode=i + 1, total=len(episodes)))
-    ds.finalize()
-    return dst
 
 
 def _match_feature_info(root: Path, base_info: dict) -> None:

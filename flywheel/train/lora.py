@@ -280,19 +280,49 @@ def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: Tra
 # --- the run ------------------------------------------------------------------------------------
 
 
-def _rng_state(generator: torch.Generator, sampler: ClipSampler) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "noise_generator": generator.get_state(), "sampler": sampler.state_dict()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclasses.dataclass
+class RunState:
+    """Everything a resumed run needs besides the config: optimizer, schedule, randomness, history."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: ClipSampler
+    generator: torch.Generator  # noise, sigma, conditioning frames, text dropout
+    step: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+    lrs: list[float] = dataclasses.field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "noise_generator": self.generator.get_state(), "sampler": self.sampler.state_dict()}
+        if self.generator.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.generator.device)
+        return dict(optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(), rng=rng,
+                    losses=list(self.losses), lrs=list(self.lrs))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.generator.device)
+        self.generator.set_state(state["rng"]["noise_generator"])
+        self.sampler.load_state_dict(state["rng"]["sampler"])
+        self.losses, self.lrs = list(state["losses"]), list(state["lrs"])
+        self.step = int(state["step"])
 
 
-def _restore_rng_state(state: dict[str, Any], generator: torch.Generator, sampler: ClipSampler) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["noise_generator"])
-    sampler.load_state_dict(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def resume_latest(work_dir: Path, transformer: torch.nn.Module, run: RunState, config_json: dict) -> None:
+    """Load the newest complete checkpoint of `work_dir` (if any) into the adapter and `run`."""
+    latest = ckpt.latest_checkpoint(work_dir)
+    if latest is None:
+        return
+    weights, state, saved_config = ckpt.load_checkpoint(latest)
+    if saved_config != config_json:
+        changed = sorted(k for k in set(saved_config) | set(config_json) if saved_config.get(k) != config_json.get(k))
+        raise ValueError(f"{latest}: checkpoint was written under another config (fields {changed}); "
+                         "use a new work_dir or delete the old checkpoints")
+    set_training_adapter_weights(transformer, weights, latest)
+    run.load_state_dict(state)
 
 
 def base_model_record(cache: LatentCache, pipe) -> dict[str, Any]:
@@ -319,6 +349,30 @@ def training_data_record(cache: LatentCache, clip_ids: list[str]) -> dict[str, A
     }
 
 
+def adapter_card(config: TrainConfig, base_model: dict, training_data: dict, losses: list[float],
+                 num_params: int, parent_dir: Path | None) -> dict[str, Any]:
+    """What the adapter is. Deterministic given the inputs: no times, no resume history."""
+    tail = losses[-FINAL_LOSS_WINDOW:]
+    return {
+        "format": CARD_FORMAT,
+        "method": config.method,
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "scaling": config.alpha / config.rank,
+        "target_modules": list(config.target_modules),
+        "base_model": base_model,
+        "training_data": training_data,
+        "steps": config.steps,
+        "final_loss": sum(tail) / len(tail),
+        "last_step_loss": losses[-1],
+        "seed": config.seed,
+        "num_trainable_parameters": num_params,
+        "parent_adapter": None if parent_dir is None else {
+            "path": str(parent_dir), "weights_sha256": hash_file(Path(parent_dir) / ADAPTER_WEIGHTS)},
+        "config": config.model_dump(mode="json"),
+    }
+
+
 def _write_loss_csv(path: Path, losses: list[float], lrs: list[float]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -330,6 +384,20 @@ def _write_loss_csv(path: Path, losses: list[float], lrs: list[float]) -> None:
 def _read_loss_csv(path: Path) -> list[float]:
     with open(path, newline="") as f:
         return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: dict, losses: list[float], lrs: list[float]) -> None:
+    """The final adapter directory, filled in a temp dir and renamed into place."""
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_adapter(transformer, tmp, card)
+        _write_loss_csv(tmp / "loss.csv", losses, lrs)
+        write_loss_plot(losses, tmp / "loss.png",
+                        title=f"{card['method']} r={card['rank']} alpha={card['alpha']:g}: flow-matching loss")
+        os.rename(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _finished_result(adapter_dir: Path, config: TrainConfig) -> TrainResult:
@@ -350,9 +418,10 @@ def train_adapter(
 ) -> TrainResult:
     """Train one LoRA/DoRA adapter on `pipe.transformer` from `cache`'s train split.
 
-    `work_dir` holds `checkpoint-<step>/` while training (the run resumes from the newest complete
-    one) and, at the end, `adapter/` (written atomically): pytorch_lora_weights.safetensors,
-    adapter_card.json, loss.csv, loss.png. The pipeline is left as it came (no adapter, eval mode).
+    `work_dir` holds `checkpoint-<step>/` while training (a run resumes from the newest complete one)
+    and, at the end, `adapter/` (written atomically): pytorch_lora_weights.safetensors,
+    adapter_card.json, loss.csv, loss.png. A finished `work_dir` returns its adapter without training.
+    The pipeline is left as it came: no adapter layers, same train/eval mode, caller's RNG untouched.
     """
     started = time.perf_counter()
     work_dir = Path(work_dir)
@@ -364,105 +433,66 @@ def train_adapter(
     if not clip_ids:
         raise ValueError(f"{cache.root}: latent cache has no clips in the 'train' split; nothing to train on")
     base_model = base_model_record(cache, pipe)
-    config_json = config.model_dump(mode="json")
     ckpt.remove_partial_checkpoints(work_dir)
 
     transformer = pipe.transformer
     device = transformer.device
     was_training = transformer.training
     params = add_training_adapter(transformer, config)
-    try:
-        parent_card = init_from_parent(transformer, config.init_adapter, config) if config.init_adapter else None
-        optimizer, lr_scheduler = build_optimizer_and_scheduler(params, config)
-        sampler = ClipSampler(clip_ids, seed=config.seed)
-        generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-        losses: list[float] = []
-        lrs: list[float] = []
-
-        start_step = 0
-        latest = ckpt.latest_checkpoint(work_dir)
-        if latest is not None:
-            weights, state, saved_config = ckpt.load_checkpoint(latest)
-            if saved_config != config_json:
-                changed = sorted(k for k in set(saved_config) | set(config_json) if saved_config.get(k) != config_json.get(k))
-                raise ValueError(f"{latest}: checkpoint was written under another config (fields {changed}); "
-                                 "use a new work_dir or delete the old checkpoints")
-            set_training_adapter_weights(transformer, weights, latest)
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-            _restore_rng_state(state["rng"], generator, sampler)
-            losses, lrs = list(state["losses"]), list(state["lrs"])
-            start_step = int(state["step"])
-
-        padding_mask = torch.zeros(1, 1, cache.meta["height"], cache.meta["width"], device=device)
-        if config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        transformer.train()
-        bar = None
-        if progress is None:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=config.steps, initial=start_step, desc=f"train {config.method} r={config.rank}")
-        with torch.enable_grad():
-            for step in range(start_step + 1, config.steps + 1):
-                latents, prompt_embeds = load_batch(cache, sampler.next_batch(config.batch_size), device)
-                stats = training_step(transformer, params, optimizer, lr_scheduler, latents, prompt_embeds,
-                                      padding_mask, generator, config)
-                losses.append(stats["loss"])
-                lrs.append(stats["lr"])
-                if step % config.checkpoint_every == 0 and step < config.steps:
-                    ckpt.save_checkpoint(
-                        work_dir, step, training_adapter_weights(transformer),
-                        state=dict(optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                   rng=_rng_state(generator, sampler), losses=losses, lrs=lrs),
-                        config=config_json, keep=config.keep_checkpoints,
-                    )
-                if progress is not None:
-                    progress({"stage": "train", "step": step, "steps": config.steps, **stats})
-                else:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
-        if bar is not None:
-            bar.close()
-
-        card = {
-            "format": CARD_FORMAT,
-            "method": config.method,
-            "rank": config.rank,
-            "alpha": config.alpha,
-            "scaling": config.alpha / config.rank,
-            "target_modules": list(config.target_modules),
-            "base_model": base_model,
-            "training_data": training_data_record(cache, clip_ids),
-            "steps": config.steps,
-            "final_loss": sum(losses[-FINAL_LOSS_WINDOW:]) / len(losses[-FINAL_LOSS_WINDOW:]),
-            "last_step_loss": losses[-1],
-            "seed": config.seed,
-            "num_trainable_parameters": sum(p.numel() for p in params),
-            "parent_adapter": None if parent_card is None else {
-                "path": str(config.init_adapter), "weights_sha256": hash_file(Path(config.init_adapter) / ADAPTER_WEIGHTS)},
-            "config": config_json,
-        }
-        _write_adapter_dir(transformer, final_dir, card, losses, lrs)
-    finally:
-        if config.gradient_checkpointing:
-            transformer.disable_gradient_checkpointing()
-        remove_adapter(pipe)
-        transformer.train(was_training)
-    for _, path in ckpt.list_checkpoints(work_dir):
+    # The global RNG is forked: nothing in the step draws from it today, but if anything does (a
+    # dropout), it is seeded, checkpointed and restored like the run's own generators.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed + 2)
+        try:
+            if config.init_adapter is not None:
+                init_from_parent(transformer, config.init_adapter, config)
+            optimizer, lr_scheduler = build_optimizer_and_scheduler(params, config)
+            run = RunState(optimizer, lr_scheduler, ClipSampler(clip_ids, seed=config.seed),
+                           torch.Generator(device=device).manual_seed(config.seed + 1))
+            resume_latest(work_dir, transformer, run, config.model_dump(mode="json"))
+            resumed_from_step = run.step
+            if config.gradient_checkpointing:
+                transformer.enable_gradient_checkpointing()
+            transformer.train()
+            _train_loop(cache, transformer, params, run, config, work_dir, progress)
+            card = adapter_card(config, base_model, training_data_record(cache, clip_ids), run.losses,
+                                sum(p.numel() for p in params), config.init_adapter)
+            write_adapter_dir(transformer, final_dir, card, run.losses, run.lrs)
+        finally:
+            if config.gradient_checkpointing:
+                transformer.disable_gradient_checkpointing()
+            remove_adapter(pipe)
+            transformer.train(was_training)
+    for _, path in ckpt.list_checkpoints(work_dir):  # the adapter is final; optimizer states are dead weight
         shutil.rmtree(path, ignore_errors=True)
-    return TrainResult(adapter_dir=final_dir, card=card, losses=losses, resumed_from_step=start_step,
+    return TrainResult(adapter_dir=final_dir, card=card, losses=run.losses, resumed_from_step=resumed_from_step,
                        seconds=time.perf_counter() - started)
 
 
-def _write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: dict, losses: list[float], lrs: list[float]) -> None:
-    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_adapter(transformer, tmp, card)
-        _write_loss_csv(tmp / "loss.csv", losses, lrs)
-        write_loss_plot(losses, tmp / "loss.png",
-                        title=f"{card['method']} r={card['rank']} alpha={card['alpha']:g}: flow-matching loss")
-        os.rename(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _train_loop(cache: LatentCache, transformer: torch.nn.Module, params: list[torch.nn.Parameter], run: RunState,
+                config: TrainConfig, work_dir: Path, progress: Callable[[dict], None] | None) -> None:
+    device = transformer.device
+    padding_mask = torch.zeros(1, 1, cache.meta["height"], cache.meta["width"], device=device)
+    bar = None
+    if progress is None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=run.step, desc=f"train {config.method} r={config.rank}")
+    with torch.enable_grad():
+        while run.step < config.steps:
+            latents, prompt_embeds = load_batch(cache, run.sampler.next_batch(config.batch_size), device)
+            stats = training_step(transformer, params, run.optimizer, run.lr_scheduler, latents, prompt_embeds,
+                                  padding_mask, run.generator, config)
+            run.step += 1
+            run.losses.append(stats["loss"])
+            run.lrs.append(stats["lr"])
+            if run.step % config.checkpoint_every == 0 and run.step < config.steps:
+                ckpt.save_checkpoint(work_dir, run.step, training_adapter_weights(transformer), run.state_dict(),
+                                     config.model_dump(mode="json"), keep=config.keep_checkpoints)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+            else:
+                progress({"stage": "train", "step": run.step, "steps": config.steps, **stats})
+    if bar is not None:
+        bar.close()

@@ -60,13 +60,13 @@ def draw_loss_curve(losses: list[float], title: str = "training loss") -> Image.
     draw.text((x1 - 60, y1 + 8), f"step {n}", fill=TEXT_COLOUR, font=font)
 
     raw = [point(i, v) for i, v in enumerate(losses) if math.isfinite(v)]
-    smooth_window = max(1, n // 20)
+    smooth_window = min(n, max(5, n // 20))
     smooth = [point(i, v) for i, v in enumerate(moving_average(finite, smooth_window))] if len(finite) == n else []
     if len(raw) > 1:
         draw.line(raw, fill=RAW_COLOUR, width=1)
     if len(smooth) > 1:
         draw.line(smooth, fill=SMOOTH_COLOUR, width=2)
-    draw.text((x1 - 230, 12), f"last {_fmt(losses[-1])}  moving avg ({smooth_window})", fill=SMOOTH_COLOUR, font=font)
+    draw.text((x1 - 230, 12), f"last {_fmt(losses[-1])}   dark: mean of {smooth_window} steps", fill=SMOOTH_COLOUR, font=font)
     return image
 
 

@@ -7,12 +7,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from flywheel.data.pusht_sample import (
     ACTION_HIGH,
     ACTION_LOW,
     FPS,
+    PREVIEW_EPISODES,
+    PREVIEW_FILE,
+    PREVIEW_FRAMES,
     RENDER_PALETTE,
     VARIANTS,
     PushTSampleConfig,
@@ -71,6 +75,8 @@ def test_committed_dataset_has_documented_shape(default_ds, recolored_ds):
         for key, shape in FEATURE_SHAPES.items():
             assert tuple(ds[0][key].shape) == shape, key
         assert ds[0]["task"] == VARIANTS[info["config"]["variant"]].task
+        with Image.open(root / PREVIEW_FILE) as preview:
+            assert preview.size == (PREVIEW_FRAMES * 98 + 2, PREVIEW_EPISODES * 98 + 2)
     size = sum(p.stat().st_size for p in (REPO_ROOT / "datasets").rglob("*") if p.is_file())
     assert size < 5e6, f"datasets/ is {size / 1e6:.1f} MB; keep the embedded sample under 5 MB"
 

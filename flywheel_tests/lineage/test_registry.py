@@ -48,16 +48,16 @@ def test_register_tags_lineage_and_is_idempotent_on_content(home, tmp_path):
     assert (mv.tags["flywheel.iteration"], mv.tags["flywheel.code_version"]) == ("2", "code-9")
     assert mv.tags["flywheel.training_dataset_digest"] == "t" * 64 and mv.tags["flywheel.parent_version"] == ""
     assert mv.run_id == run.run_id and mv.aliases == ["candidate"]
-    model = client.get_logged_model(mv.model_id)
+    model = client.get_logged_model(registry.model_id_of(mv))
     assert model.source_run_id == run.run_id and model.params["rank"] == "8"
-    assert [o.model_id for o in client.get_run(run.run_id).outputs.model_outputs] == [mv.model_id]
+    assert [o.model_id for o in client.get_run(run.run_id).outputs.model_outputs] == [model.model_id]
     resolved_version, path = registry.resolve_adapter(home, "reg-a", 1)
     assert resolved_version == "1" and hash_tree(path) == hash_tree(adapter)
 
     child = registry.register_adapter(home, "reg-a", make_adapter(tmp_path / "a2", seed=2), None, "u" * 64, 3, parent_version=1)
     assert child == "2"
     assert client.get_model_version("flywheel-reg-a", "2").tags["flywheel.parent_version"] == "1"
-    assert client.get_registered_model("flywheel-reg-a").aliases == {"candidate": "2"}
+    assert client.get_registered_model("flywheel-reg-a").aliases == {"candidate": 2}
 
 
 def test_register_refuses_incomplete_adapters_clearly(home, tmp_path):

@@ -1,0 +1,106 @@
+"""`flywheel ui`: the Dagster UI (webserver + daemon) and, when lineage is in the build, the MLflow UI.
+
+Both run on the flywheel home: DAGSTER_HOME=<home>/dagster (persistent runs, schedules, partitions) and the
+MLflow store of flywheel.lineage.tracking. The embedded PushT sample is registered as the `pusht` domain on
+first start, so a fresh UI has something to materialize. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flywheel.store import resolve_home
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKSPACE = REPO_ROOT / "workspace.yaml"
+
+
+def dagster_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "dagster", "dev", "-w", str(WORKSPACE), "-h", host, "-p", str(port)]
+
+
+def mlflow_command(home: Path, port: int, host: str = "127.0.0.1") -> list[str] | None:
+    """`mlflow ui` on the home's lineage store, or None when lineage is not in this build."""
+    if importlib.util.find_spec("flywheel.lineage.tracking") is None:
+        return None
+    from flywheel.lineage import tracking
+
+    uri = tracking.ensure_tracking_store(home)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = tracking.artifact_root(home)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    return cmd
+
+
+def prepare_home(home: str | os.PathLike | None, gpus: int | None = None) -> tuple[Path, dict[str, str]]:
+    """Create the Dagster instance of the home, register the sample domain; the env for the UI processes."""
+    from flywheel.defs.domains import SAMPLE_DATASET, SAMPLE_DOMAIN, add_domain
+    from flywheel.defs.instance import flywheel_instance, use_flywheel_instance
+
+    home = resolve_home(home)
+    dagster_home = use_flywheel_instance(home, gpus)
+    instance = flywheel_instance(home)
+    try:
+        if SAMPLE_DATASET.is_dir() and not instance.get_dynamic_partitions("domain"):
+            add_domain(SAMPLE_DOMAIN, SAMPLE_DATASET, home=home, instance=instance)
+    finally:
+        instance.dispose()
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "FLYWHEEL_HOME": str(home),
+           "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONPATH": os.pathsep.join(
+               p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    return home, env
+
+
+def start_ui(home: str | os.PathLike | None = None, port: int = 3000, mlflow_port: int = 5000,
+             host: str = "127.0.0.1") -> int:
+    """Start the Dagster UI (and the MLflow UI); block until Ctrl-C or one of them exits. Returns an exit code."""
+    home, env = prepare_home(home)
+    processes: list[tuple[str, subprocess.Popen]] = []
+    mlflow = mlflow_command(home, mlflow_port, host)
+    if mlflow:
+        from flywheel.lineage.tracking import tracking_env
+
+        env.update(tracking_env(home))  # every step process writes lineage to the store this UI shows
+        env["FLYWHEEL_MLFLOW_UI_URL"] = f"http://{host}:{mlflow_port}"
+        processes.append(("mlflow", subprocess.Popen(mlflow, env=env, cwd=REPO_ROOT, start_new_session=True)))
+    processes.append(("dagster", subprocess.Popen(dagster_command(port, host), env=env, cwd=REPO_ROOT,
+                                                  start_new_session=True)))
+    print(f"flywheel home: {home}")
+    print(f"Dagster UI:    http://{host}:{port}   (DAGSTER_HOME={env['DAGSTER_HOME']})")
+    if mlflow:
+        print(f"MLflow UI:     http://{host}:{mlflow_port}")
+    print("Ctrl-C stops them.", flush=True)
+    try:
+        while True:
+            for name, proc in processes:
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; stopping the rest", file=sys.stderr)
+                    return proc.returncode or 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for _, proc in processes:
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group (dagster dev then stops its webserver, daemon and code servers), SIGKILL if stuck."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,223 @@
+"""The definitions load and say what the issue fixes: names, groups, partitions, pools, gates, config."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import dagster as dg
+import pytest
+import yaml
+
+from flywheel.defs import defs
+from flywheel.defs.config import DEFAULT_CONFIG_FILE, StageConfigError
+from flywheel.defs.jobs import STAGE_ASSETS, iteration_assets
+from flywheel.workloads.gpu import EXIT_CONFIG, EXIT_ERROR, EXIT_TRANSIENT_GPU, exit_code_for
+
+GROUPS = {"demonstrations": "ingest", "training_clips": "clips", "adapter": "train", "adapter_evaluation": "evaluate",
+          "synthetic_videos": "generate", "pseudo_actions": "label", "curated_trajectories": "curate",
+          "refreshed_dataset": "refresh"}
+GPU_ASSETS = {"training_clips", "adapter", "adapter_evaluation", "synthetic_videos"}
+
+
+def test_definitions_load_with_the_fixed_graph():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    nodes = {key.path[-1]: graph.get(key) for key in graph.get_all_asset_keys()}
+    assert set(nodes) == set(STAGE_ASSETS)
+    for name, node in nodes.items():
+        assert node.group_name == GROUPS[name]
+        assert node.partitions_def.name == "domain"
+    parents = {name: {p.path[-1] for p in node.parent_keys} for name, node in nodes.items()}
+    assert parents["training_clips"] == {"demonstrations"}
+    assert parents["adapter"] == {"training_clips"}
+    assert "adapter_evaluation" in parents["synthetic_videos"]  # the evaluation gate sits before generation
+    assert "synthetic_videos" in parents["pseudo_actions"]
+    assert "pseudo_actions" in parents["curated_trajectories"]
+    assert "curated_trajectories" in parents["refreshed_dataset"]
+
+
+def test_gpu_steps_queue_on_the_gpu_pool_and_retry():
+    for assets_def in defs.assets:
+        name = assets_def.key.path[-1]
+        node = assets_def.node_def
+        if name in GPU_ASSETS:
+            assert node.pool == "gpu", name
+            assert node.retry_policy is not None and node.retry_policy.max_retries >= 1, name
+        else:
+            assert node.pool is None, name
+
+
+def test_quality_gates_are_blocking_checks():
+    specs = {spec.key.name: spec for a in defs.assets for spec in a.check_specs}
+    assert set(specs) == {"schema_and_episode_counts", "loss_is_finite", "adapter_beats_base",
+                          "pass_rate_within_bounds", "loads_with_lerobot"}
+    assert all(spec.blocking for spec in specs.values())
+
+
+def test_job_schedule_sensor():
+    job = defs.resolve_job_def("flywheel_iteration")
+    assert job.partitions_def.name == "domain"
+    assert set(iteration_assets()) >= {"demonstrations", "training_clips", "adapter"}
+    schedule = defs.resolve_schedule_def("flywheel_iteration_schedule")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    sensor = defs.resolve_sensor_def("inbox_sensor")
+    assert sensor.job_name == "flywheel_iteration"
+
+
+def test_launchpad_config_mirrors_the_stage_configs_with_the_embedded_defaults():
+    from flywheel.defs.assets.generate import GenerateSettings
+    from flywheel.defs.assets.train import TrainSettings
+    from flywheel.generate.config import GenerateConfig
+    from flywheel.train.config import TrainConfig
+
+    assert set(TrainConfig.model_fields) <= set(TrainSettings.model_fields)
+    defaults = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text())
+    settings = TrainSettings()
+    assert settings.steps == defaults["train"]["steps"] and settings.method == defaults["train"]["method"]
+    core = settings.to_core("train")
+    assert isinstance(core, TrainConfig) and core.conditional_frames_probs == {1: 0.5, 2: 0.5}
+    assert GenerateSettings(seeds=[3, 4], prompts_per_first_frame=2).to_core("generate") == \
+        GenerateConfig(seeds=[3, 4], prompts_per_first_frame=2, max_videos=defaults["generate"]["max_videos"])
+    # Literal fields are enums in the Launchpad: a typo is rejected before the run starts
+    job = defs.resolve_job_def("flywheel_iteration")
+    dg.validate_run_config(job, {"ops": {"adapter": {"config": {"method": "dora"}}}})
+    with pytest.raises(dg.DagsterInvalidConfigError, match="method"):
+        dg.validate_run_config(job, {"ops": {"adapter": {"config": {"method": "lorra"}}}})
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"rank": 0}, "rank: Input should be greater than 0"),
+    ({"cfg_dropout": 1.5}, "cfg_dropout"),
+    ({"conditional_frames_probs": {"3": 1.0}}, "conditional_frames_probs"),
+])
+def test_invalid_values_fail_with_the_field_named(settings, field):
+    from flywheel.defs.assets.train import TrainSettings
+
+    with pytest.raises(StageConfigError, match="train config: invalid configuration") as err:
+        TrainSettings(**settings).to_core("train")
+    assert field in str(err.value)
+
+
+def test_generate_frames_must_be_4k_plus_1():
+    from flywheel.defs.assets.generate import GenerateSettings
+
+    with pytest.raises(StageConfigError, match="num_frames must be 4k\\+1"):
+        GenerateSettings(num_frames=18).to_core("generate")
+
+
+def test_instance_yaml_sets_the_gpu_pool_and_turns_telemetry_off(tmp_path, monkeypatch):
+    from flywheel.defs.instance import flywheel_instance, use_flywheel_instance
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    folder = use_flywheel_instance(tmp_path / "home", gpus=3)
+    assert folder == tmp_path / "home" / "dagster"
+    config = yaml.safe_load((folder / "dagster.yaml").read_text())
+    assert config["telemetry"] == {"enabled": False}
+    assert config["concurrency"]["pools"]["default_limit"] == 3
+    import os
+
+    assert os.environ["DAGSTER_HOME"] == str(folder)
+    instance = flywheel_instance(tmp_path / "home")
+    try:
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 3
+    finally:
+        instance.dispose()
+    # an operator's edits (e.g. Postgres storage) survive the next start
+    (folder / "dagster.yaml").write_text((folder / "dagster.yaml").read_text() + "# edited\n")
+    use_flywheel_instance(tmp_path / "home", gpus=1)
+    assert (folder / "dagster.yaml").read_text().endswith("# edited\n")
+
+
+def test_exit_codes_separate_transient_gpu_errors_from_config_errors():
+    import pydantic
+    import torch
+
+    from flywheel.train.config import TrainConfig
+
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    assert exit_code_for(oom) == EXIT_TRANSIENT_GPU
+    assert exit_code_for(RuntimeError("CUDA error: an illegal memory access was encountered")) == EXIT_TRANSIENT_GPU
+    with pytest.raises(pydantic.ValidationError) as err:
+        TrainConfig(rank=0)
+    assert exit_code_for(err.value) == EXIT_CONFIG
+    assert exit_code_for(FileNotFoundError("no latent cache")) == EXIT_CONFIG
+    assert exit_code_for(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) == EXIT_ERROR
+
+
+def test_only_transient_gpu_errors_are_retried():
+    from flywheel.defs.pipes import only_transient_gpu_errors_retry
+
+    attempts = {"oom": 0, "config": 0}
+
+    def flaky(kind, exc):
+        @dg.asset(name=f"flaky_{kind}", retry_policy=dg.RetryPolicy(max_retries=2))
+        def _asset():
+            attempts[kind] += 1
+            with only_transient_gpu_errors_retry():
+                if attempts[kind] == 1:
+                    raise exc
+            return 1
+        return _asset
+
+    oom = dg.materialize([flaky("oom", RuntimeError("CUDA error: out of memory"))], raise_on_error=False)
+    assert oom.success and attempts["oom"] == 2
+    bad = dg.materialize([flaky("config", ValueError("rank must be > 0"))], raise_on_error=False)
+    assert not bad.success and attempts["config"] == 1
+
+
+def test_k8s_pod_spec_requests_gpus_and_mounts_the_home():
+    from flywheel.defs.pipes import k8s_pod_spec
+
+    spec = k8s_pod_spec("/mnt/flywheel", gpus_per_pod=2, volume_claim="flywheel-home")
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["volume_mounts"] == [{"name": "flywheel-home", "mount_path": "/mnt/flywheel"}]
+    assert spec["volumes"][0]["persistent_volume_claim"]["claim_name"] == "flywheel-home"
+
+
+def test_each_concurrent_step_gets_its_own_gpu(tmp_path, monkeypatch):
+    from flywheel.defs.gpus import gpu_slot
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    held, order = [], []
+    release = threading.Event()
+
+    def hold():
+        with gpu_slot(tmp_path, gpus=2) as device:
+            held.append(device)
+            release.wait(10)
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 10
+    while len(held) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert sorted(held) == ["0", "1"]
+
+    def third():
+        with gpu_slot(tmp_path, gpus=2) as device:
+            order.append(device)
+
+    waiter = threading.Thread(target=third)
+    waiter.start()
+    time.sleep(0.5)
+    assert order == []  # both GPUs busy: the third step waits
+    release.set()
+    waiter.join(10)
+    assert order and order[0] in ("0", "1")
+    with gpu_slot(tmp_path, gpus=0) as device:
+        assert device == ""  # CPU only: no GPU visible
+
+
+def test_workloads_import_dagster_pipes_only_and_reject_bad_config(tmp_path):
+    code = ("import sys, flywheel.workloads.entrypoint, flywheel.workloads.train, flywheel.workloads.generate, "
+            "flywheel.workloads.gpu, dagster_pipes; assert 'dagster' not in sys.modules, 'dagster imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = subprocess.run([sys.executable, "-m", "flywheel.workloads.train", "--home", str(tmp_path),
+                           "--config-json", "{not json"], capture_output=True, text=True)
+    assert proc.returncode == EXIT_CONFIG
+    assert "--config-json: not valid JSON" in proc.stderr and "not retried" in proc.stderr
+    assert json.dumps  # the success path (JSON result on stdout) is covered in test_pipeline

@@ -1,0 +1,109 @@
+"""Refresh: real + accepted synthetic episodes as a new immutable LeRobot v3.0 version that LeRobot loads
+offline, with is_synthetic and provenance; no version left behind by a crash; the next iteration can
+refresh it again and LeRobot's own aggregate can merge it."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.label import load_episodes
+from flywheel.data.pusht_sample import read_sample_info
+from flywheel.label.labeling import nearest_indices, resample_actions
+from flywheel.quality.pusht_replay import PushTReplayVerifier
+from flywheel.refresh import RefreshConfig, SyntheticEpisode, load_refreshed, read_provenance, refresh_dataset
+from flywheel.store import hash_tree
+
+
+def synthetic_from(episode, start: int, seed: int, fps: float = 16, frames: int = 17, size: int = 64):
+    """A stand-in for an accepted generated clip: a real window at the generator's fps and size."""
+    idx = nearest_indices(len(episode), episode.fps, fps)[start:start + frames]
+    video = episode.frames[idx]
+    if video.shape[1] != size:
+        from PIL import Image
+
+        video = np.stack([np.asarray(Image.fromarray(f).resize((size, size))) for f in video])
+    actions = resample_actions(episode.actions, episode.fps, fps)[start:start + frames]
+    return SyntheticEpisode(frames=video, actions=actions, fps=fps, provenance=dict(
+        clip_id=f"clip-{episode.index}-{seed}", adapter_version="lora-test", seed=seed, prompt="pick the bottle",
+        source_episode=episode.index, filter_scores={"motion": 1.5, "psnr_first": 31.0}))
+
+
+def pusht_synthetic(root, episode, start, seed, fps=10.0, size=96):
+    """A PushT clip from the episode start, with the block pose the simulator replay gives its actions."""
+    clip = synthetic_from(episode, start, seed, fps=fps, size=size)
+    source = read_sample_info(root)["episodes"][episode.index]
+    clip.features["observation.environment_state"] = PushTReplayVerifier().environment_states(source, clip.actions, fps)
+    return clip
+
+
+def test_g1_refresh_roundtrips_through_lerobot(shared_datasets, episode_cache, store):
+    base = shared_datasets / "g1_pick_bottle"
+    base_hash = hash_tree(base)
+    eps = load_episodes(base, [0, 1], image_size=64, cache_dir=episode_cache)
+    synthetic = [synthetic_from(eps[0], 10, seed=0), synthetic_from(eps[1], 40, seed=1)]
+    vid, root = refresh_dataset(base, synthetic, store)
+    assert root == store.path("datasets", vid) and store.exists("datasets", vid)
+    ds = load_refreshed(root)
+    assert ds.num_episodes == 26 and ds.meta.fps == 30
+    assert set(ds.meta.features) == {*load_refreshed(base).meta.features, "is_synthetic"}
+    # Synthetic clips were brought to the dataset's 30 fps and 480x640.
+    n_syn = ds.meta.episodes[24]["length"]
+    assert n_syn == len(nearest_indices(17, 16, 30))
+    last = ds[ds.num_frames - 1]
+    assert bool(last["is_synthetic"]) and not bool(ds[0]["is_synthetic"])
+    assert tuple(last["observation.images.cam_high"].shape) == (3, 480, 640)
+    first_syn = ds[ds.num_frames - 2 * n_syn]
+    np.testing.assert_allclose(first_syn["action"].numpy(), synthetic[0].actions[0], atol=1e-5)
+    np.testing.assert_allclose(ds[5]["action"].numpy(), load_refreshed(base)[5]["action"].numpy())
+    prov = read_provenance(root)
+    assert prov["is_synthetic"].sum() == 2 and prov.loc[25, "seed"] == 1 and prov.loc[24, "source_episode"] == "0"
+    assert prov.loc[3, "base_episode"] == 3
+    # Immutable and content-addressed: same inputs, same version, nothing rewritten; base untouched.
+    mtime = (root / "provenance.parquet").stat().st_mtime_ns
+    assert refresh_dataset(base, synthetic, store) == (vid, root)
+    assert (root / "provenance.parquet").stat().st_mtime_ns == mtime
+    assert hash_tree(base) == base_hash
+
+
+def test_next_iteration_refreshes_and_lerobot_aggregate_merges(pusht_root, episode_cache, store, tmp_path):
+    from lerobot.datasets.dataset_tools import merge_datasets
+
+    eps = load_episodes(pusht_root, [0, 1], image_size=96, cache_dir=episode_cache)
+    v1, root1 = refresh_dataset(pusht_root, [pusht_synthetic(pusht_root, eps[0], 0, seed=0)], store)
+    v2, root2 = refresh_dataset(root1, [pusht_synthetic(pusht_root, eps[1], 0, seed=1, fps=16, size=64)], store)
+    assert v1 != v2 and store.exists("datasets", v1)
+    ds2 = load_refreshed(root2)
+    base_episodes = load_refreshed(pusht_root).num_episodes
+    assert ds2.num_episodes == base_episodes + 2
+    prov = read_provenance(root2)
+    assert prov["is_synthetic"].tolist()[-2:] == [True, True] and prov.iloc[-2]["clip_id"] == "clip-0-0"
+    flags = np.array([bool(ds2.hf_dataset[i]["is_synthetic"]) for i in range(ds2.num_frames)])
+    assert flags.sum() == sum(ds2.meta.episodes[e]["length"] for e in (base_episodes, base_episodes + 1))
+    merged = merge_datasets([ds2, load_refreshed(root1, "flywheel/v1")], "flywheel/merged", tmp_path / "merged")
+    assert merged.num_episodes == ds2.num_episodes + base_episodes + 1
+
+
+def test_crash_mid_write_leaves_no_version(pusht_root, episode_cache, store):
+    eps = load_episodes(pusht_root, [0], image_size=96, cache_dir=episode_cache)
+
+    def crash(event):
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        refresh_dataset(pusht_root, [pusht_synthetic(pusht_root, eps[0], 0, seed=0)], store, progress=crash)
+    assert not any(store.home.joinpath("datasets").iterdir())
+
+
+def test_bad_synthetic_episode_is_named(pusht_root, episode_cache, store):
+    eps = load_episodes(pusht_root, [0], image_size=96, cache_dir=episode_cache)
+    bad = pusht_synthetic(pusht_root, eps[0], 0, seed=0)
+    bad.actions = bad.actions[:, :1]
+    with pytest.raises(ValueError, match="clip-0-0.*actions shape"):
+        refresh_dataset(pusht_root, [bad], store)
+    # PushT has observation.environment_state (block pose), which a generated clip cannot know by itself.
+    with pytest.raises(ValueError, match="environment_state.*simulator replay"):
+        refresh_dataset(pusht_root, [synthetic_from(eps[0], 0, seed=0, fps=10, size=96)], store)
+    with pytest.raises(ValueError, match="observation.state"):
+        refresh_dataset(pusht_root, [pusht_synthetic(pusht_root, eps[0], 0, seed=0)], store,
+                        RefreshConfig(state_from_actions=False))
+    assert not store.home.joinpath("datasets").exists() or not any(store.home.joinpath("datasets").iterdir())
