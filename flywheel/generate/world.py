@@ -8,7 +8,8 @@ Each unique prompt is encoded once per call and its embeddings are reused for ev
 Output directory (written into a temp dir, renamed into place when complete):
 
     videos/<request_id>.mp4   H.264 (write_video: deterministic), num_frames at fps, height x width
-    samples.parquet           one row per video, SAMPLE_COLUMNS
+    samples.parquet           one row per video, SAMPLE_COLUMNS (frames_sha256: hash of the generated
+                              uint8 frames before mp4 encoding: identical rollouts have equal hashes)
     generation.json           resolved settings, model, adapters, negative prompt
     contact_sheet.png         the first CONTACT_SHEET_MAX_VIDEOS videos, one row each
 """
@@ -16,6 +17,7 @@ Output directory (written into a temp dir, renamed into place when complete):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -36,7 +38,7 @@ from flywheel.generate.config import GenerateConfig
 SAMPLE_COLUMNS = (
     "request_id", "video", "adapter", "adapter_path", "seed", "prompt", "prompt_variant", "negative_prompt",
     "source_episode_id", "source_clip_id", "num_frames", "fps", "height", "width", "steps", "guidance_scale",
-    "conditional_frame_timestep", "model_id", "revision", "safety", "seconds",
+    "conditional_frame_timestep", "model_id", "revision", "safety", "seconds", "frames_sha256",
 )
 BASE = "base"  # the `adapter` value of rows made by the bare base model
 CONTACT_SHEET_MAX_VIDEOS = 24
@@ -195,7 +197,11 @@ def _negative_prompt(config: GenerateConfig) -> str:
 
 
 class PromptEmbeddings:
-    """Each prompt encoded once (the text encoder carries no adapter, so embeddings serve every adapter)."""
+    """Each prompt encoded once (the text encoder carries no adapter, so embeddings serve every adapter).
+
+    Kept on the pipeline's device for the whole call: with the 2B model one prompt is 512 x 100352
+    bf16, about 100 MB, so a call over many distinct prompts holds that much per prompt.
+    """
 
     def __init__(self, pipe, max_sequence_length: int, negative_prompt: str, guidance: bool):
         self.pipe = pipe
@@ -286,8 +292,14 @@ def _step_callback(report, done: int, total: int, request_id: str, steps: int):
     return on_step_end
 
 
+def frames_sha256(video: np.ndarray) -> str:
+    """Identity of the generated frames themselves (the mp4 is lossy; this says whether two rollouts match)."""
+    video = np.ascontiguousarray(video, dtype=np.uint8)
+    return hashlib.sha256(repr(video.shape).encode() + video.tobytes()).hexdigest()
+
+
 def _sample_row(request: GenerationRequest, adapters: dict[str, Path], settings: GenerateConfig,
-                negative_prompt: str | None, pipe, seconds: float) -> dict:
+                negative_prompt: str | None, pipe, seconds: float, video: np.ndarray) -> dict:
     preset = pipe.flywheel_preset
     return dict(
         request_id=request.request_id, video=f"videos/{request.request_id}.mp4", adapter=request.adapter or BASE,
@@ -301,6 +313,7 @@ def _sample_row(request: GenerationRequest, adapters: dict[str, Path], settings:
         conditional_frame_timestep=float(settings.conditional_frame_timestep),
         model_id=preset.model_id, revision=preset.revision,
         safety=json.dumps(getattr(pipe, "flywheel_safety", {}), sort_keys=True), seconds=round(seconds, 3),
+        frames_sha256=frames_sha256(video),
     )
 
 
@@ -349,7 +362,7 @@ def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path, conf
                                      request.seed, settings, callback)
                 seconds = time.perf_counter() - started
                 write_video(tmp / "videos" / f"{request.request_id}.mp4", video, fps=settings.fps)
-                rows[i] = _sample_row(request, adapters, settings, negative_prompt, pipe, seconds)
+                rows[i] = _sample_row(request, adapters, settings, negative_prompt, pipe, seconds, video)
                 if i < CONTACT_SHEET_MAX_VIDEOS:
                     keep = np.linspace(0, len(video) - 1, CONTACT_SHEET_FRAMES).round().astype(int)
                     previews[i] = (f"{request.request_id} [{request.adapter or BASE}]", video[keep].copy())

@@ -117,8 +117,9 @@ def _lineage(args) -> None:
         if args.json:
             return _print_json(result)
         adapter = result["adapter"] or {}
+        if "dataset_digest" in result:
+            print(f"{'dataset episode':>16}  {result['dataset_digest'][:16]} #{result['episode_index']}")
         for key, value in (
-            ("episode", f"{result.get('dataset_digest', '')[:16]} #{result.get('episode_index', '')}".strip(" #")),
             ("synthetic set", f"{result['synthetic_set_digest'][:16]} / {result['episode_id']}"),
             ("prompt", result["prompt"]),
             ("seed", result["seed"]),

@@ -503,7 +503,7 @@ def show_adapter(home, domain: str, version: str | int | None = None) -> dict[st
     return _version_row(model_version, aliases) | {
         "registered_model": name,
         "model_id": model_id_of(model_version),
-        "training_run_id": model_version.run_id,
+        "training_run_id": model_version.run_id or "",
         "source": model_version.source,
         "tags": dict(model_version.tags),
         "eval": metrics,

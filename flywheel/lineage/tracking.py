@@ -34,6 +34,8 @@ from flywheel.store import HOME_ENV, resolve_home
 
 # No phoning home from a pipeline library; users may still opt in by setting it to false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Lineage reads small JSON artifacts; a progress bar per read only clutters CLI output and logs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 URI_ENV = "FLYWHEEL_MLFLOW_URI"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"

@@ -145,7 +145,6 @@ def _flagged_base(base_root: Path, info: dict, dst: Path, config: RefreshConfig)
 
 
 def _frames_for_dataset(ep: SyntheticEpisode, fps: int, hw: tuple[int, int]):
-    from flywheel.label.episodes import resize_frames  # noqa: F401  (square only; here we keep H != W)
     from PIL import Image
 
     idx = nearest_indices(len(ep.frames), ep.fps, fps)

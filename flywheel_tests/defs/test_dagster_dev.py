@@ -4,16 +4,19 @@ its materializations checked, and the server shut down cleanly."""
 
 import os
 import signal
+import tempfile
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from flywheel.defs.ui import REPO_ROOT, dagster_command, prepare_home, stop
 
 START_TIMEOUT_S = 120
+PYCACHE = Path(tempfile.gettempdir()) / "flywheel-test-pycache"
 RUN_TIMEOUT_S = 240
 
 MATERIALIZATIONS = """
@@ -70,12 +73,18 @@ def submit(client, **kwargs) -> str:
 def dagster_dev(tmp_path):
     home, env = prepare_home(tmp_path / "home", gpus=1)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # dagster dev, its code servers, the run worker, each step worker and the Pipes workload are separate
+    # Pythons importing torch & co.: share one bytecode cache so only the first one compiles.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
     port = free_port()
     log = open(tmp_path / "dagster-dev.log", "w")
     proc = subprocess.Popen(dagster_command(port), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
+        t0 = time.time()
         wait_until_serving(port, proc)
+        print(f"serving after {time.time() - t0:.0f}s")
         yield home, port, proc
     except BaseException:
         print((tmp_path / "dagster-dev.log").read_text()[-5000:])
@@ -93,6 +102,7 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
     from flywheel.defs.instance import flywheel_instance
 
     home, port, proc = dagster_dev
+    started = time.time()
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
     run_id = submit(
         client,
@@ -101,6 +111,7 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
         run_config={"ops": {"training_clips": {"config": {"max_clips_per_episode": 1}}}},
         tags={"dagster/partition": "pusht"},  # the embedded sample, registered on first start
     )
+    print(f"submitted after {time.time() - started:.0f}s")
     deadline = time.time() + RUN_TIMEOUT_S
     status = client.get_run_status(run_id)
     while status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
@@ -113,6 +124,7 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
                   if r.dagster_event and r.dagster_event.is_failure]
         pytest.fail(f"run {run_id} ended {status}: {errors}")
 
+    print(f"run done after {time.time() - started:.0f}s")
     data = client._execute(MATERIALIZATIONS, {"runId": run_id})["runOrError"]
     mats = {m["assetKey"]["path"][-1]: m for m in data["assetMaterializations"]}
     assert set(mats) == {"demonstrations", "training_clips"}

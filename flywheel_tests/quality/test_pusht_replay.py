@@ -1,7 +1,6 @@
 """Simulator replay separates action sequences consistent with a PushT video from inconsistent ones,
 and plugs into the filter stack as the verifier filter."""
 
-import numpy as np
 import pytest
 
 from flywheel.data.pusht_sample import read_sample_info

@@ -3,7 +3,6 @@ offline, with is_synthetic and provenance; no version left behind by a crash; th
 refresh it again and LeRobot's own aggregate can merge it."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from flywheel.label import load_episodes
@@ -28,9 +27,9 @@ def synthetic_from(episode, start: int, seed: int, fps: float = 16, frames: int 
         source_episode=episode.index, filter_scores={"motion": 1.5, "psnr_first": 31.0}))
 
 
-def pusht_synthetic(root, episode, start, seed, fps=10.0, size=96):
+def pusht_synthetic(root, episode, start, seed, fps=10.0, size=96, frames=17):
     """A PushT clip from the episode start, with the block pose the simulator replay gives its actions."""
-    clip = synthetic_from(episode, start, seed, fps=fps, size=size)
+    clip = synthetic_from(episode, start, seed, fps=fps, size=size, frames=frames)
     source = read_sample_info(root)["episodes"][episode.index]
     clip.features["observation.environment_state"] = PushTReplayVerifier().environment_states(source, clip.actions, fps)
     return clip
