@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.data.clips import ClipConfig
 from flywheel.data.ingest import IngestConfig
 from flywheel.generate.config import GenerateConfig
+from flywheel.label.config import IdmConfig, LabelConfig
+from flywheel.quality.config import FilterConfig
+from flywheel.refresh.config import RefreshConfig, UsefulnessConfig
 from flywheel.train.config import TrainConfig
 
 
@@ -36,6 +39,21 @@ class EvaluateConfig(BaseModel):
     min_psnr_gain_db: float = Field(0.0, description="adapter must beat the base model's PSNR by at least this")
 
 
+class LabelStageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    idm: IdmConfig = Field(default_factory=IdmConfig, description="the domain's inverse dynamics model")
+    window: LabelConfig = Field(default_factory=LabelConfig, description="sliding-window labelling")
+
+
+class RefreshStageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: RefreshConfig = Field(default_factory=RefreshConfig)
+    usefulness: UsefulnessConfig = Field(default_factory=UsefulnessConfig)
+    usefulness_report: bool = Field(True, description="train the IDM on real vs real+synthetic and gate on it")
+
+
 class FlywheelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +65,9 @@ class FlywheelConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    label: LabelStageConfig = Field(default_factory=LabelStageConfig)
+    quality: FilterConfig = Field(default_factory=FilterConfig)
+    refresh: RefreshStageConfig = Field(default_factory=RefreshStageConfig)
 
 
 class ConfigError(ValueError):

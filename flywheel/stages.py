@@ -136,7 +136,8 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
     from flywheel.generate.world import generate_videos, requests_from_clips, unload_adapters
 
     store = ArtifactStore(home)
-    key = hash_json({"adapter": Path(adapter_path).name if adapter_path else None, "clips": Path(clip_set_path).name,
+    key = hash_json({"format": 2, "adapter": Path(adapter_path).name if adapter_path else None,
+                     "clips": Path(clip_set_path).name,
                      "split": split, "generate": generate_config.model_dump(mode="json"),
                      "model": model.model_dump(mode="json", exclude={"device"})})[:24]
     path = store.path("synthetic", key)
@@ -165,9 +166,241 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
         for item in out.iterdir():
             item.rename(tmp / item.name)
         out.rmdir()
+        _keep_first_frames(tmp, requests)
         meta.update({"videos": len(result.frame), "adapter": str(adapter_path) if adapter_path else "base",
                 "seeds": list(generate_config.seeds), "seconds": round(time.perf_counter() - started, 2),
                 "seconds_per_video": round((time.perf_counter() - started) / max(len(result.frame), 1), 2),
                 **pipe.flywheel_safety})
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2))
     return StageResult("synthetic_videos", key, path, meta, path / "contact_sheet.png")
+
+
+def _keep_first_frames(synthetic_dir: Path, requests) -> None:
+    """Copy each request's conditioning frame into the synthetic set, so the set is self-contained
+    (the first-frame fidelity filter compares against it)."""
+    import pandas as pd
+
+    (synthetic_dir / "first_frames").mkdir()
+    by_id = {r.request_id: r for r in requests}
+    samples = pd.read_parquet(synthetic_dir / "samples.parquet")
+    for request_id in samples["request_id"]:
+        shutil.copyfile(by_id[request_id].first_frame, synthetic_dir / "first_frames" / f"{request_id}.png")
+    samples["first_frame"] = [f"first_frames/{r}.png" for r in samples["request_id"]]
+    samples.to_parquet(synthetic_dir / "samples.parquet", index=False)
+
+
+def _dataset_root(manifest) -> Path:
+    roots = manifest.frame["dataset_root"].unique()
+    if len(roots) != 1 or not manifest.frame["source"].str.startswith("lerobot").all():
+        raise ValueError(f"{manifest.path}: labelling and refresh need one LeRobot dataset as the domain's "
+                         f"demonstrations; this manifest has sources {sorted(manifest.frame['source'].unique())}")
+    return Path(roots[0])
+
+
+def _episode_indices(manifest, splits: tuple[str, ...]) -> list[int]:
+    return sorted(int(i) for i in manifest.frame.loc[manifest.frame["split"].isin(splits), "episode_index"])
+
+
+def idm_stage(home, manifest_path, idm_config, progress: Progress = None) -> StageResult:
+    """The domain's inverse dynamics model, trained on the manifest's train episodes, scored on val+test."""
+    from flywheel.data.ingest import load_manifest
+    from flywheel.label.idm import train_idm
+
+    store = ArtifactStore(home)
+    manifest = load_manifest(manifest_path)
+    train, held_out = _episode_indices(manifest, ("train",)), _episode_indices(manifest, ("val", "test"))
+    if not held_out:  # a tiny dataset: hold out the last train episode rather than score on training data
+        train, held_out = train[:-1], train[-1:]
+    config = idm_config.model_copy(update={"episodes": train + held_out, "val_episodes": held_out})
+    key = hash_json({"manifest": manifest.key, "idm": config.model_dump(mode="json")})[:24]
+    path = store.path("idm", key)
+    if store.exists("idm", key):
+        return StageResult("idm", key, path, store.meta("idm", key), path / "pred_vs_true.png", reused=True)
+    meta: dict = {}
+    with store.write("idm", key, meta) as tmp:
+        result = train_idm(_dataset_root(manifest), config, tmp, progress=progress)
+        meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+    return StageResult("idm", key, path, meta, path / "pred_vs_true.png")
+
+
+def label_stage(home, synthetic_path, manifest_path, label_config, progress: Progress = None) -> StageResult:
+    """pseudo_actions: every synthetic video labelled by the domain's IDM (sliding window + disagreement)."""
+    import numpy as np
+    import pandas as pd
+
+    from flywheel.data.video import read_frames
+    from flywheel.label.idm import InverseDynamicsModel
+    from flywheel.label.labeling import label_video
+
+    store = ArtifactStore(home)
+    idm = idm_stage(home, manifest_path, label_config.idm, progress)
+    key = hash_json({"synthetic": Path(synthetic_path).name, "idm": idm.key,
+                     "window": label_config.window.model_dump(mode="json")})[:24]
+    path = store.path("labels", key)
+    if store.exists("labels", key):
+        return StageResult("pseudo_actions", key, path, store.meta("labels", key), idm.preview, reused=True)
+    samples = pd.read_parquet(Path(synthetic_path) / "samples.parquet")
+    model = InverseDynamicsModel.load(idm.path)
+    meta: dict = {}
+    with store.write("labels", key, meta) as tmp:
+        (tmp / "actions").mkdir()
+        rows = []
+        for i, sample in enumerate(samples.itertuples()):
+            frames = read_frames(Path(synthetic_path) / sample.video)
+            actions, disagreement = label_video(model, frames, float(sample.fps), label_config.window)
+            np.savez(tmp / "actions" / f"{sample.request_id}.npz", actions=actions, disagreement=disagreement)
+            rows.append({"request_id": sample.request_id, "actions": f"actions/{sample.request_id}.npz",
+                         "num_frames": len(frames), "fps": float(sample.fps),
+                         "mean_disagreement": float(np.mean(disagreement))})
+            if progress:
+                progress({"stage": "label", "done": i + 1, "total": len(samples)})
+        table = pd.DataFrame(rows)
+        table.to_parquet(tmp / "labels.parquet", index=False)
+        (tmp / "labels.json").write_text(json.dumps({"synthetic": str(synthetic_path), "idm": str(idm.path)}))
+        meta.update({"videos": len(table), "mean_disagreement": float(table["mean_disagreement"].mean()),
+                     "idm": str(idm.path), "idm_mae_mean": idm.metadata.get("mae_mean"),
+                     "idm_baseline_mae_mean": idm.metadata.get("baseline_mae_mean"),
+                     "synthetic": str(synthetic_path)})
+    return StageResult("pseudo_actions", key, path, meta, idm.preview)
+
+
+def _synthetic_clips(labels_path: Path):
+    """(labels meta, samples joined with labels, synthetic dir, idm dir) of a pseudo_actions artifact."""
+    import pandas as pd
+
+    links = json.loads((labels_path / "labels.json").read_text())
+    synthetic = Path(links["synthetic"])
+    table = pd.read_parquet(synthetic / "samples.parquet").merge(
+        pd.read_parquet(labels_path / "labels.parquet"), on="request_id", suffixes=("", "_label"))
+    return table, synthetic, Path(links["idm"])
+
+
+def curate_stage(home, labels_path, manifest_path, filter_config, progress: Progress = None) -> StageResult:
+    """curated_trajectories: the filter stack, thresholds calibrated on held-out real episodes.
+
+    Rejected clips stay in the artifact with every score and the reasons they failed."""
+    import numpy as np
+    from PIL import Image
+
+    from flywheel.data.ingest import load_manifest
+    from flywheel.data.video import read_frames
+    from flywheel.generate.preview import contact_sheet
+    from flywheel.label.episodes import load_actions, load_episodes
+    from flywheel.label.idm import InverseDynamicsModel
+    from flywheel.quality.browse import write_browse
+    from flywheel.quality.calibration import calibrate, real_clips
+    from flywheel.quality.filters import run_filters
+
+    store = ArtifactStore(home)
+    labels_path = Path(labels_path)
+    key = hash_json({"labels": labels_path.name, "manifest": Path(manifest_path).name,
+                     "filters": filter_config.model_dump(mode="json")})[:24]
+    path = store.path("curated", key)
+    if store.exists("curated", key):
+        return StageResult("curated_trajectories", key, path, store.meta("curated", key), path / "scores.png",
+                           reused=True)
+    manifest = load_manifest(manifest_path)
+    root = _dataset_root(manifest)
+    table, synthetic, idm_dir = _synthetic_clips(labels_path)
+    held_out = _episode_indices(manifest, ("val", "test")) or _episode_indices(manifest, ("train",))[-1:]
+    idm = InverseDynamicsModel.load(idm_dir)
+    fps, num_frames = float(table["fps"].iloc[0]), int(table["num_frames"].iloc[0])
+    real = load_episodes(root, held_out, image_size=filter_config.analysis_size)
+    thresholds = calibrate(real_clips(real, num_frames, fps), filter_config, load_actions(root), idm=idm,
+                           source={"dataset_root": str(root), "episodes": held_out})
+    videos = [read_frames(synthetic / v) for v in table["video"]]
+    first_frames = [np.asarray(Image.open(synthetic / f).convert("RGB")) for f in table["first_frame"]]
+    labels = [np.load(labels_path / a) for a in table["actions"]]
+    results = run_filters(videos, first_frames, [z["actions"] for z in labels], thresholds, filter_config,
+                          fps=fps, clip_ids=list(table["request_id"]), groups=list(table["prompt"]),
+                          disagreements=[z["disagreement"] for z in labels])
+    frames = dict(zip(table["request_id"], videos))
+    meta: dict = {}
+    with store.write("curated", key, meta) as tmp:
+        thresholds.save(tmp / "thresholds.json")
+        write_browse(results, tmp, thresholds, frames=frames)
+        accepted = results[results["accepted"]]
+        if len(accepted):
+            contact_sheet([frames[c] for c in accepted["clip_id"][:24]], list(accepted["clip_id"][:24]),
+                          tmp / "accepted.png")
+        (tmp / "curated.json").write_text(json.dumps({"labels": str(labels_path), "synthetic": str(synthetic)}))
+        reasons = [r.split(":")[0] for rs in results["reasons"] for r in rs.split("; ") if r]
+        meta.update({"clips": len(results), "accepted": int(results["accepted"].sum()),
+                     "pass_rate": float(results["accepted"].mean()), "filter_version": str(thresholds.filter_version),
+                     "rejected_by": json.dumps({r: reasons.count(r) for r in sorted(set(reasons))}),
+                     "calibrated_on_real_clips": thresholds.num_real_clips})
+    return StageResult("curated_trajectories", key, path, meta, path / "scores.png")
+
+
+def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None) -> StageResult:
+    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness)."""
+    import numpy as np
+    import pandas as pd
+
+    from flywheel.data.ingest import load_manifest
+    from flywheel.data.video import read_frames
+    from flywheel.refresh.dataset import SyntheticEpisode, refresh_dataset
+    from flywheel.refresh.usefulness import usefulness_report
+
+    store = ArtifactStore(home)
+    curated_path = Path(curated_path)
+    manifest = load_manifest(manifest_path)
+    root = _dataset_root(manifest)
+    links = json.loads((curated_path / "curated.json").read_text())
+    table, synthetic, _ = _synthetic_clips(Path(links["labels"]))
+    results = pd.read_parquet(curated_path / "results.parquet").set_index("clip_id")
+    accepted = table[table["request_id"].map(results["accepted"])]
+    score_cols = [c for c in results.columns if results[c].dtype.kind == "f"]
+    episodes, not_refreshable = [], []
+    for row in accepted.itertuples():
+        z = np.load(Path(links["labels"]) / row.actions)
+        provenance = {"clip_id": row.request_id, "adapter_version": row.adapter_path or "base", "adapter": row.adapter,
+                      "seed": int(row.seed), "prompt": row.prompt, "source_episode": row.source_episode_id,
+                      "source_clip": row.source_clip_id, "model_id": row.model_id, "revision": row.revision,
+                      "synthetic_set": str(synthetic),
+                      "filter_scores": {c: float(results.loc[row.request_id, c]) for c in score_cols}}
+        features = _simulator_features(root, row, z["actions"], float(row.fps))
+        if features is None:
+            not_refreshable.append(row.request_id)
+            continue
+        episodes.append(SyntheticEpisode(frames=read_frames(synthetic / row.video), actions=z["actions"],
+                                         fps=float(row.fps), provenance=provenance, features=features))
+    version, dataset_root = refresh_dataset(root, episodes, store, refresh_config.dataset, progress=progress)
+    meta = {"version_id": version, "dataset_root": str(dataset_root), "real_episodes": int(manifest.frame.shape[0]),
+            "synthetic_episodes": len(episodes), "base_root": str(root),
+            "accepted_but_not_refreshable": len(not_refreshable)}
+    preview = None
+    if episodes and refresh_config.usefulness_report:
+        report_dir = store.home / "reports" / "usefulness" / version
+        if not (report_dir / "usefulness.json").is_file():
+            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress)
+        summary = json.loads((report_dir / "usefulness.json").read_text())
+        meta.update({"usefulness_gate_passed": bool(summary.get("gate_passed")), "usefulness_report": str(report_dir)})
+        preview = report_dir / "usefulness.png"
+    else:
+        meta["usefulness_gate_passed"] = True
+        meta["usefulness_note"] = "no synthetic episode accepted: the new version equals the real data"
+    return StageResult("refreshed_dataset", version, dataset_root, meta, preview)
+
+
+def _simulator_features(root: Path, row, actions, fps: float) -> dict | None:
+    """Per-frame features a video cannot carry, from the domain's simulator when it has one.
+
+    The sample PushT datasets store `observation.environment_state`; it is recovered by replaying the
+    pseudo-actions from the source episode's recorded initial state, which is only known for clips that
+    start at their episode's first frame (clip ids end in `-f<start frame>`). Other domains need nothing
+    here (their extra features must come from the caller), and a clip that cannot be completed returns None.
+    """
+    info_path = root / "meta" / "pusht_sample.json"
+    if not info_path.is_file():
+        return {}
+    from flywheel.quality.pusht_replay import PushTReplayVerifier
+
+    clip_start = int(str(row.source_clip_id).rsplit("-f", 1)[-1])
+    episode_index = int(str(row.source_episode_id).rsplit("/", 1)[-1])
+    episodes = {e["episode_index"]: e for e in json.loads(info_path.read_text())["episodes"]}
+    if clip_start != 0 or episode_index not in episodes:
+        return None
+    source = {"initial_state": episodes[episode_index]["initial_state"],
+              "reset_seed": episodes[episode_index].get("reset_seed")}
+    return {"observation.environment_state": PushTReplayVerifier().environment_states(source, actions, fps)}

@@ -1,9 +1,15 @@
 """Shared fixtures: real files only. No network: the Hugging Face Hub is switched off for every test."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Test helpers start Python subprocesses (training workers, mlflow server, dagster): let them and this
+# process keep bytecode caches even where the environment disables them, or each one recompiles its imports.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -121,7 +121,9 @@ def _dagster_annotation(ann: Any, name: str) -> Any:
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return settings_class(ann, f"{name}Settings", section=name)
     if origin in (typing.Union, types.UnionType):
-        converted = tuple(_dagster_annotation(a, name) for a in args)
+        # Dagster config has enums for a bare Literal but not for one inside a union (e.g. Literal[...] | None):
+        # there it becomes a str, still checked by the core model in to_core().
+        converted = tuple(str if typing.get_origin(a) is typing.Literal else _dagster_annotation(a, name) for a in args)
         return functools.reduce(lambda a, b: a | b, converted) if origin is types.UnionType else typing.Union[converted]
     if origin is list:
         return list[_dagster_annotation(args[0], name)] if args else list
@@ -129,6 +131,16 @@ def _dagster_annotation(ann: Any, name: str) -> Any:
         return dict[str, _dagster_annotation(args[1], name)] if args else dict
     if origin is tuple:
         return list[_dagster_annotation(args[0], name)] if args else list
+    return ann
+
+
+def _expressible(ann: Any, name: str) -> Any:
+    """`ann` if Dagster config can express it, else Any (the core model still validates the value)."""
+    probe = pydantic.create_model(f"Probe_{name}", __base__=dg.Config, **{name: (ann, ...)})
+    try:
+        probe.to_config_schema()
+    except Exception:
+        return Any
     return ann
 
 
@@ -167,7 +179,7 @@ def settings_class(
                 default = ""  # required in the core model: filled by the asset (e.g. ingest.source from the domain)
             else:
                 default = f.get_default(call_default_factory=True)
-            ann = _dagster_annotation(f.annotation, fname)
+            ann = _expressible(_dagster_annotation(f.annotation, fname), fname)
             fields[fname] = (ann, pydantic.Field(default=_dagster_default(default), description=f.description))
     for fname, (ann, default, description) in launchpad_only.items():
         fields[fname] = (ann, pydantic.Field(default=default, description=description))

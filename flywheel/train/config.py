@@ -43,7 +43,17 @@ class TrainConfig(BaseModel):
     conditional_frame_timestep: float = Field(1e-4, description="timestep given to clean conditioning frames; < 0 disables")
     time_shift: float = Field(5.0, gt=0, description="sigma = shift*t / (1 + (shift-1)*t), t = sigmoid(randn)")
 
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # kept for old configs: True means activation_checkpointing "full"
+    activation_checkpointing: Literal["none", "full", "selective"] | None = Field(
+        None, description="per DiT block: none (fastest, most memory), full (recompute the block in backward), "
+        "selective (recompute all but what selective_save names); None: 'full' if gradient_checkpointing else 'none'")
+    selective_save: Literal["attention", "attention_matmul"] = Field(
+        "attention", description="what 'selective' keeps from the forward: attention outputs (backward never "
+        "recomputes attention), or those plus the outputs of the large projections")
+    compile: bool = Field(False, description="torch.compile each DiT block once (regional compile) for training")
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="inductor: fast kernels (GPU); aot_eager: same graphs without codegen (CPU tests)")
+    fused_optimizer: bool | None = Field(None, description="AdamW(fused=True); None: fused on CUDA only")
     checkpoint_every: int = Field(500, gt=0, description="write a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints to keep")
     seed: int = Field(0, ge=0)
@@ -87,6 +97,19 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < cycle_length "
                              f"({self.resolved_cycle_length}); lower warmup_steps or raise steps")
         return self
+
+    @model_validator(mode="after")
+    def _checkpointing(self) -> TrainConfig:
+        if self.gradient_checkpointing and self.activation_checkpointing == "none":
+            raise ValueError("gradient_checkpointing=True contradicts activation_checkpointing='none'; "
+                             "set only activation_checkpointing ('none', 'full' or 'selective')")
+        return self
+
+    @property
+    def resolved_activation_checkpointing(self) -> str:
+        if self.activation_checkpointing is not None:
+            return self.activation_checkpointing
+        return "full" if self.gradient_checkpointing else "none"
 
     @property
     def use_dora(self) -> bool:

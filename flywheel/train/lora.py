@@ -11,7 +11,8 @@ The math is the public diffusers recipe (examples/cosmos/train_cosmos_predict25_
 Every random draw comes from generators seeded by `config.seed` and saved in checkpoints, so on CPU
 a run killed and resumed ends with the same adapter, bit for bit, as one that ran straight through.
 `training_step` is the whole step; `flow_matching_loss` is the loss alone (for evaluation and for a
-compiled GPU path).
+compiled GPU path). How fast the step runs (activation checkpointing, regional compile, fused AdamW)
+is flywheel.train.speed, switched by config fields; the math is the same either way.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from flywheel.train.adapter_io import (
 )
 from flywheel.train.config import TrainConfig
 from flywheel.train.loss_plot import write_loss_plot
-from flywheel.train.schedule import build_optimizer_and_scheduler
+from flywheel.train.speed import apply_training_speedups, build_optimizer_and_scheduler
 
 ADAPTER_DIR = "adapter"
 CARD_FORMAT = "flywheel-adapter/1"
@@ -441,26 +442,25 @@ def train_adapter(
     params = add_training_adapter(transformer, config)
     # The global RNG is forked: nothing in the step draws from it today, but if anything does (a
     # dropout), it is seeded, checkpointed and restored like the run's own generators.
+    undo_speedups: Callable[[], None] = lambda: None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed + 2)
         try:
             if config.init_adapter is not None:
                 init_from_parent(transformer, config.init_adapter, config)
-            optimizer, lr_scheduler = build_optimizer_and_scheduler(params, config)
+            optimizer, lr_scheduler = build_optimizer_and_scheduler(params, config, device)
             run = RunState(optimizer, lr_scheduler, ClipSampler(clip_ids, seed=config.seed),
                            torch.Generator(device=device).manual_seed(config.seed + 1))
             resume_latest(work_dir, transformer, run, config.model_dump(mode="json"))
             resumed_from_step = run.step
-            if config.gradient_checkpointing:
-                transformer.enable_gradient_checkpointing()
+            undo_speedups = apply_training_speedups(transformer, config)  # checkpointing / compile (speed.py)
             transformer.train()
             _train_loop(cache, transformer, params, run, config, work_dir, progress)
             card = adapter_card(config, base_model, training_data_record(cache, clip_ids), run.losses,
                                 sum(p.numel() for p in params), config.init_adapter)
             write_adapter_dir(transformer, final_dir, card, run.losses, run.lrs)
         finally:
-            if config.gradient_checkpointing:
-                transformer.disable_gradient_checkpointing()
+            undo_speedups()
             remove_adapter(pipe)
             transformer.train(was_training)
     for _, path in ckpt.list_checkpoints(work_dir):  # the adapter is final; optimizer states are dead weight

@@ -221,3 +221,29 @@ def test_workloads_import_dagster_pipes_only_and_reject_bad_config(tmp_path):
     assert proc.returncode == EXIT_CONFIG
     assert "--config-json: not valid JSON" in proc.stderr and "not retried" in proc.stderr
     assert json.dumps  # the success path (JSON result on stdout) is covered in test_pipeline
+
+
+def test_cancelling_stops_the_whole_workload_process_group():
+    """What a cancelled run does to a workload: SIGINT to its process group, then SIGKILL if it lingers."""
+    import os
+
+    from flywheel.defs.pipes import stop_process_group
+
+    # a workload that ignores SIGINT and has a child (like a data-loader worker)
+    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); print(c.pid, flush=True); "
+            "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(proc.stdout.readline())
+    started = time.time()
+    stop_process_group(proc, timeout_s=1.0)
+    assert proc.returncode == -9 and time.time() - started < 10
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the workload's child process survived")

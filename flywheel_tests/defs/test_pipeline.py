@@ -2,7 +2,11 @@
 blocking gate stops downstream assets; re-materializing one asset reuses upstream results; the train
 workload runs through Dagster Pipes in a subprocess and streams its logs and metadata back."""
 
+import json
 import math
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -142,8 +146,11 @@ def test_invalid_config_fails_before_any_gpu_work_and_is_not_retried(flywheel_ru
     assert not any("workload" in m for m in logs)  # nothing was launched
 
 
-def test_train_workload_through_pipes_streams_logs_and_metadata(flywheel_run):
+def test_train_workload_through_pipes_streams_logs_and_metadata(flywheel_run, monkeypatch, tmp_path_factory):
     instance, _, home, _ = flywheel_run
+    # the workload is a fresh Python importing torch: let it cache bytecode (the suite may disable writing it)
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "flywheel-test-pycache"))
     resources = {"flywheel": FlywheelResource(home=str(home), gpus=1), "gpu": GpuLauncher(backend="subprocess")}
     config = {"ops": {"adapter": {"config": {"steps": 3, "checkpoint_every": 2, "rank": 4, "alpha": 4}}}}
     result = dg.materialize(assets_named("adapter"), partition_key=DOMAIN, instance=instance, resources=resources,
@@ -174,3 +181,19 @@ def test_a_failing_blocking_gate_stops_downstream_assets(small_pusht, tmp_path):
         assert "4 episodes, the gate wants at least 1000" in check.description
         step_events = {e.step_key: e.event_type_value for e in result.all_events if e.step_key}
         assert "training_clips" not in step_events or step_events["training_clips"] != "STEP_SUCCESS"
+
+
+def test_workload_runs_standalone_without_dagster(flywheel_run):
+    """The same entrypoint by hand: the adapter of the graph run is found in the store, not retrained."""
+    from flywheel.defs.assets.train import TrainSettings
+
+    instance, result, home, resources = flywheel_run
+    graph = materialized(result)
+    args = {"latent_cache": graph["training_clips"]["latent_cache"],
+            "train": TrainSettings(**FAST["adapter"]).to_core("train").model_dump(mode="json"),
+            "model": resources["flywheel"].model_config_core().model_dump(mode="json")}
+    proc = subprocess.run([sys.executable, "-m", "flywheel.workloads.train", "--home", str(home),
+                           "--config-json", json.dumps(args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["reused"] is True and out["key"] == graph["adapter"]["key"] and out["path"] == graph["adapter"]["path"]

@@ -1,0 +1,165 @@
+"""How fast a training step runs: activation checkpointing, regional torch.compile, the fused optimizer.
+
+None of this changes the math of `training_step`; it changes what the DiT keeps in memory and which
+kernels run. The knobs are TrainConfig fields, applied around the transformer by `apply_training_speedups`:
+
+- activation checkpointing per DiT block, through the hook diffusers already calls for every block
+  (`transformer.enable_gradient_checkpointing(gradient_checkpointing_func=...)`):
+    none      the block runs plainly and autograd keeps everything (fastest, ~130 GiB at 93x432x768);
+    full      only the block inputs are kept, the whole block is recomputed in backward (~14-17 GiB);
+    selective recomputed like full, except the ops the policy saves: the attention outputs (75% of the
+              step's FLOPs are attention, so backward never recomputes it) and, with "attention_matmul",
+              the outputs of the large projections as well;
+- regional compile: one `torch.compile` of the per-block function, shared by all 28 blocks (the
+  blocks have one structure, so Dynamo compiles once and reuses the code). Checkpointing sits inside
+  the compiled function, which is how torch.compile supports selective checkpointing;
+- AdamW with `fused=True` (one kernel for all adapter tensors) on CUDA.
+
+The runner functions and policies are module-level singletons: a second training run in the same
+process finds the compiled code already cached instead of recompiling.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from flywheel.train.config import TrainConfig
+from flywheel.train.schedule import lr_multiplier
+
+# Every SDPA kernel torch may dispatch to (cuDNN is the default on H100/H200; the CPU one in tests).
+_ATTENTION_OP_NAMES = (
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+)
+ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _ATTENTION_OP_NAMES
+                          if hasattr(torch.ops.aten, name))
+MATMUL_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
+# A projection's output is worth keeping when both its input and output widths are large: that keeps
+# to_q/k/v/out and the MLP, and leaves out the rank-r LoRA products and the 256-wide AdaLN bottleneck
+# (whose 6144-wide output per token would cost 1.1 GB a block and is cheap to recompute).
+LARGE_MATMUL_WIDTH = 512
+
+
+def save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpointing policy: keep attention outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _is_large_matmul(op, args) -> bool:
+    if op not in MATMUL_OPS:
+        return False
+    first, second = (args[1], args[2]) if op is torch.ops.aten.addmm.default else (args[0], args[1])
+    return first.shape[-1] >= LARGE_MATMUL_WIDTH and second.shape[-1] >= LARGE_MATMUL_WIDTH
+
+
+def save_attention_and_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep attention outputs and large projection outputs; recompute the cheap rest."""
+    if op in ATTENTION_OPS or _is_large_matmul(op, args):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+SELECTIVE_POLICIES = {"attention": save_attention, "attention_matmul": save_attention_and_matmuls}
+_SELECTIVE_CONTEXTS = {name: functools.partial(create_selective_checkpoint_contexts, policy)
+                       for name, policy in SELECTIVE_POLICIES.items()}
+
+
+# --- what runs one DiT block (diffusers calls `runner(block, *block_args)` for each block) --------
+
+
+def run_block(block: torch.nn.Module, *args):
+    return block(*args)
+
+
+def run_block_full_checkpoint(block: torch.nn.Module, *args):
+    return checkpoint(block.__call__, *args, use_reentrant=False)
+
+
+def run_block_saving_attention(block: torch.nn.Module, *args):
+    return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXTS["attention"])
+
+
+def run_block_saving_attention_matmul(block: torch.nn.Module, *args):
+    return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXTS["attention_matmul"])
+
+
+_RUNNERS = {
+    ("none", None): run_block,
+    ("full", None): run_block_full_checkpoint,
+    ("selective", "attention"): run_block_saving_attention,
+    ("selective", "attention_matmul"): run_block_saving_attention_matmul,
+}
+
+
+@functools.cache
+def block_runner(checkpointing: str, selective_save: str | None = None, compile_backend: str | None = None) -> Callable:
+    """The function that runs one block: checkpointing mode, optionally compiled (one compile for all blocks)."""
+    key = (checkpointing, selective_save if checkpointing == "selective" else None)
+    if key not in _RUNNERS:
+        raise ValueError(f"no block runner for activation checkpointing {checkpointing!r} / save {selective_save!r}; "
+                         f"use one of {sorted(_RUNNERS, key=str)}")
+    runner = _RUNNERS[key]
+    return torch.compile(runner, backend=compile_backend) if compile_backend else runner
+
+
+def apply_training_speedups(transformer: torch.nn.Module, config: TrainConfig) -> Callable[[], None]:
+    """Install the config's checkpointing / compile on `transformer`; returns the function that undoes it.
+
+    Plain eager without checkpointing installs nothing. Otherwise the runner goes into diffusers'
+    per-block gradient-checkpointing hook, which diffusers only calls when grad is enabled: evaluation
+    under no_grad runs the blocks as before.
+    """
+    mode = config.resolved_activation_checkpointing
+    backend = config.compile_backend if config.compile else None
+    if mode == "none" and backend is None:
+        return lambda: None
+    transformer.enable_gradient_checkpointing(
+        gradient_checkpointing_func=block_runner(mode, config.selective_save, backend))
+    return transformer.disable_gradient_checkpointing
+
+
+def use_fused_optimizer(config: TrainConfig, device: torch.device) -> bool:
+    return config.fused_optimizer if config.fused_optimizer is not None else device.type == "cuda"
+
+
+def build_optimizer_and_scheduler(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+                                  ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The recipe's AdamW + LR schedule (as flywheel.train.schedule), fused where the config/device says."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=use_fused_optimizer(config, device) or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_multiplier(config))
+    return optimizer, scheduler
+
+
+# --- regional compile for inference (the fast sampler) ----------------------------------------
+
+
+class RegionalCompile:
+    """Context manager: each DiT block compiled (`nn.Module.compile`, code shared by all blocks) inside, eager after.
+
+    For no-grad forwards, where diffusers calls the blocks directly. Leaving restores the eager
+    blocks, so a later training run or stock call sees the model as it was; entering again reuses
+    Dynamo's cached code.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, backend: str = "inductor"):
+        self.blocks = list(transformer.transformer_blocks)
+        self.backend = backend
+
+    def __enter__(self):
+        for block in self.blocks:
+            block.compile(backend=self.backend)
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set; None is the eager default
+        return False
