@@ -36,7 +36,9 @@ class EvaluateConfig(BaseModel):
     split: Literal["val", "test", "train"] = "val"
     max_clips: int = Field(4, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    min_psnr_gain_db: float = Field(0.0, description="adapter must beat the base model's PSNR by at least this")
+    min_psnr_gain_db: float = Field(0.0, ge=0, description="adapter must beat the base model's PSNR by more than this")
+    max_psnr_drop_vs_champion_db: float = Field(
+        0.5, ge=0, description="adapter may trail the domain's current champion by at most this PSNR")
 
 
 class LabelStageConfig(BaseModel):
@@ -59,6 +61,7 @@ class FlywheelConfig(BaseModel):
 
     home: str | None = Field(None, description="flywheel home; default $FLYWHEEL_HOME or ./.flywheel")
     domain: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    iteration: int | None = Field(None, ge=1, description="flywheel iteration number; None = the domain's next")
     model: ModelConfig = Field(default_factory=ModelConfig)
     ingest: IngestConfig
     clips: ClipConfig = Field(default_factory=ClipConfig)

@@ -1,7 +1,10 @@
 """A whole flywheel iteration, stage after stage, without Dagster (the CLI's `flywheel iterate`).
 
 Each stage is content-addressed, so running again reuses every stage whose inputs did not change;
-`until` stops after a given stage (the CLI's per-stage commands).
+`until` stops after a given stage (the CLI's per-stage commands). Every stage is logged to MLflow
+as a child of the iteration's run; the adapter is registered as a candidate and promoted to
+champion only if the evaluation gate passes; synthetic videos come from the domain's champion
+(the base model when the domain has none yet).
 """
 
 from __future__ import annotations
@@ -9,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from flywheel import stages
 from flywheel.config import FlywheelConfig
-from flywheel.store import atomic_write_bytes, resolve_home
+from flywheel.lineage.recorder import IterationLineage
+from flywheel.store import atomic_write_bytes, hash_json, resolve_home
 
 STAGE_ORDER = [
     "demonstrations",
@@ -26,21 +29,16 @@ STAGE_ORDER = [
     "refreshed_dataset",
 ]
 
-
-def available_stages() -> list[str]:
-    """The stages whose core code exists in this build (the rest of the graph lands with later issues)."""
-    return [name for name in STAGE_ORDER if hasattr(stages, STAGE_FUNCTIONS[name])]
-
-
-STAGE_FUNCTIONS = {
-    "demonstrations": "ingest_stage",
-    "training_clips": "clips_stage",
-    "adapter": "train_stage",
-    "adapter_evaluation": "evaluate_stage",
-    "synthetic_videos": "generate_stage",
-    "pseudo_actions": "label_stage",
-    "curated_trajectories": "curate_stage",
-    "refreshed_dataset": "refresh_stage",
+# The config section each stage reads (logged as the stage run's params).
+STAGE_CONFIG = {
+    "demonstrations": "ingest",
+    "training_clips": "clips",
+    "adapter": "train",
+    "adapter_evaluation": "evaluate",
+    "synthetic_videos": "generate",
+    "pseudo_actions": "label",
+    "curated_trajectories": "quality",
+    "refreshed_dataset": "refresh",
 }
 
 
@@ -51,36 +49,58 @@ def run_iteration(
     progress: Callable[[dict], None] | None = None,
 ) -> dict[str, stages.StageResult]:
     home = resolve_home(config.home)
-    wanted = available_stages()
+    wanted = STAGE_ORDER
     if until is not None:
         if until not in STAGE_ORDER:
             raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGE_ORDER)}")
-        if until not in wanted:
-            raise ValueError(f"stage {until!r} is not available in this build; available: {', '.join(wanted)}")
-        wanted = wanted[: wanted.index(until) + 1]
+        wanted = STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
+    lineage = IterationLineage(home, config.domain, config.iteration)
+    log(f"[iteration] domain {config.domain}, iteration {lineage.iteration}, MLflow run {lineage.run_id}")
+    state = IterationState()
     results: dict[str, stages.StageResult] = {}
     started = time.perf_counter()
-    for name in wanted:
-        t0 = time.perf_counter()
-        log(f"[{name}] running ...")
-        result = _run_stage(name, config, home, results, progress)
-        results[name] = result
-        state = "reused" if result.reused else f"done in {time.perf_counter() - t0:.1f}s"
-        log(f"[{name}] {state}: {result.path}")
+    try:
+        for name in wanted:
+            t0 = time.perf_counter()
+            log(f"[{name}] running ...")
+            section = getattr(config, STAGE_CONFIG[name])
+            step_key = hash_json({"stage": name, "upstream": {k: v.key for k, v in results.items()},
+                                  "config": section.model_dump(mode="json"),
+                                  "model": config.model.model_dump(mode="json")})[:16]
+            with lineage.stage(name, step_key, section) as run:
+                result = _run_stage(name, config, home, results, state, lineage, progress)
+                _record(name, result, results, state, lineage, run, config)
+            results[name] = result
+            verdict = "reused" if result.reused else f"done in {time.perf_counter() - t0:.1f}s"
+            log(f"[{name}] {verdict}: {result.path}{_headline(name, result)}")
+    except BaseException:
+        lineage.finish("FAILED")
+        raise
+    lineage.finish()
     summary = {
         "domain": config.domain,
+        "iteration": lineage.iteration,
         "home": str(home),
         "seconds": round(time.perf_counter() - started, 1),
+        "mlflow": lineage.links(),
+        "adapter_version": state.adapter_version,
+        "generated_with": state.generation_adapter,
         "stages": {k: v.as_dict() for k, v in results.items()},
     }
-    out = home / "iterations" / config.domain / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = home / "iterations" / config.domain / f"{lineage.iteration:04d}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_bytes(out, json.dumps(summary, indent=2, default=str).encode())
-    results_summary_path = out
-    log(f"iteration summary: {results_summary_path}")
+    log(f"iteration summary: {out}")
     return results
 
 
-def _run_stage(name, config: FlywheelConfig, home: Path, done: dict, progress):
+class IterationState:
+    """What later stages need from earlier ones beyond their artifacts (registry versions)."""
+
+    adapter_version: str | None = None
+    generation_adapter: str = "base"
+
+
+def _run_stage(name, config: FlywheelConfig, home, done: dict, state: IterationState, lineage, progress):
     if name == "demonstrations":
         return stages.ingest_stage(home, config.ingest, progress)
     if name == "training_clips":
@@ -90,9 +110,13 @@ def _run_stage(name, config: FlywheelConfig, home: Path, done: dict, progress):
         return stages.train_stage(home, cache, config.train, config.model, progress)
     if name == "adapter_evaluation":
         return stages.evaluate_stage(home, done["adapter"].path, done["training_clips"].path, config.evaluate,
-                                     config.model, progress)
+                                     config.model, progress, generate_config=config.generate)
     if name == "synthetic_videos":
-        return stages.generate_stage(home, done["adapter"].path, done["training_clips"].path, config.generate,
+        champion = lineage.champion()
+        if champion is not None:
+            state.generation_adapter = f"champion v{champion[0]}"
+        adapter_path = champion[1] if champion is not None else None
+        return stages.generate_stage(home, adapter_path, done["training_clips"].path, config.generate,
                                      config.model, progress)
     if name == "pseudo_actions":
         return stages.label_stage(home, done["synthetic_videos"].path, done["demonstrations"].path,
@@ -104,3 +128,36 @@ def _run_stage(name, config: FlywheelConfig, home: Path, done: dict, progress):
         return stages.refresh_stage(home, done["curated_trajectories"].path, done["demonstrations"].path,
                                     config.refresh, progress)
     raise ValueError(name)
+
+
+def _record(name, result, done, state: IterationState, lineage: IterationLineage, run, config) -> None:
+    inputs = [(k, v.key, str(v.path)) for k, v in done.items()
+              if k in ("demonstrations", "training_clips", "synthetic_videos")]
+    lineage.record(run, result, inputs[-1:] if inputs else [])
+    if name == "adapter":
+        state.adapter_version = lineage.register_adapter(run, result, done["training_clips"].metadata["latent_cache_key"])
+        result.metadata["registered_version"] = state.adapter_version
+    elif name == "adapter_evaluation" and state.adapter_version is not None:
+        decision = lineage.gate_and_promote(state.adapter_version, result.metadata, config.evaluate)
+        result.metadata["gate_passed"] = decision.passed
+        result.metadata["gate_reasons"] = "; ".join(decision.reasons)
+        run.log_metrics({"gate_passed": float(decision.passed)})
+    elif name == "synthetic_videos":
+        version = state.generation_adapter.split("v")[-1] if state.generation_adapter != "base" else None
+        lineage.record_synthetic(run, result, version, config.model.preset)
+    elif name == "refreshed_dataset":
+        lineage.record_refreshed(run, result, done["synthetic_videos"].key)
+
+
+def _headline(name: str, result) -> str:
+    m = result.metadata
+    if name == "adapter" and "final_loss" in m:
+        return f"  (final loss {m['final_loss']:.4f}, registered v{m.get('registered_version')})"
+    if name == "adapter_evaluation" and "psnr_gain_db" in m:
+        gate = "passed -> champion" if m.get("gate_passed") else f"failed ({m.get('gate_reasons', '')})"
+        return f"  (PSNR {m['psnr_base']:.2f} -> {m['psnr_adapter']:.2f} dB, gate {gate})"
+    if name == "curated_trajectories" and "pass_rate" in m:
+        return f"  (accepted {m['accepted']}/{m['clips']}, pass rate {m['pass_rate']:.0%})"
+    if name == "refreshed_dataset":
+        return f"  (version {m.get('version_id')}: +{m.get('synthetic_episodes', 0)} synthetic episodes)"
+    return ""

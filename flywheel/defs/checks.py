@@ -125,6 +125,14 @@ def load_with_lerobot(root: Path) -> dict[str, Any]:
             "features": sorted(first.keys()), "last_episode_index": int(last["episode_index"])}
 
 
+def expected_episodes(meta: dict[str, Any]) -> int | None:
+    """Episodes the refresh says it wrote: real + synthetic (or a plain `episodes` count)."""
+    if isinstance(meta.get("episodes"), int):
+        return meta["episodes"]
+    real, synthetic = meta.get("real_episodes"), meta.get("synthetic_episodes")
+    return real + synthetic if isinstance(real, int) and isinstance(synthetic, int) else None
+
+
 def refresh_check(meta: dict[str, Any]) -> dg.AssetCheckResult:
     root = Path(meta.get("dataset_root") or meta["path"])
     base = dict(check_name=REFRESH_CHECK, asset_key="refreshed_dataset", severity=dg.AssetCheckSeverity.ERROR)
@@ -133,7 +141,7 @@ def refresh_check(meta: dict[str, Any]) -> dg.AssetCheckResult:
     except Exception as e:  # whatever stops LeRobotDataset from loading is what the gate is for
         return dg.AssetCheckResult(**base, passed=False,
                                    description=f"{root}: LeRobotDataset cannot load it: {type(e).__name__}: {e}")
-    expected = meta.get("episodes") if isinstance(meta.get("episodes"), int) else None
+    expected = expected_episodes(meta)
     passed = expected is None or loaded["episodes"] == expected
     return dg.AssetCheckResult(
         **base, passed=passed,

@@ -119,7 +119,7 @@ def _dagster_annotation(ann: Any, name: str) -> Any:
     if ann is Path:
         return str
     if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return settings_class(ann, f"{name}Settings", section=name)
+        return settings_class(ann, name, section=name)
     if origin in (typing.Union, types.UnionType):
         # Dagster config has enums for a bare Literal but not for one inside a union (e.g. Literal[...] | None):
         # there it becomes a str, still checked by the core model in to_core().
@@ -179,8 +179,15 @@ def settings_class(
                 default = ""  # required in the core model: filled by the asset (e.g. ingest.source from the domain)
             else:
                 default = f.get_default(call_default_factory=True)
-            ann = _expressible(_dagster_annotation(f.annotation, fname), fname)
-            fields[fname] = (ann, pydantic.Field(default=_dagster_default(default), description=f.description))
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                # a nested section (e.g. label.idm): its own class, with the embedded defaults down to its fields
+                nested = _dagster_default(default) if isinstance(default, (dict, BaseModel)) else {}
+                ann = settings_class(f.annotation, f"{name}_{fname}", section=fname, defaults=nested)
+                default = ann()
+            else:
+                ann = _expressible(_dagster_annotation(f.annotation, f"{name}_{fname}"), fname)
+                default = _dagster_default(default)
+            fields[fname] = (ann, pydantic.Field(default=default, description=f.description))
     for fname, (ann, default, description) in launchpad_only.items():
         fields[fname] = (ann, pydantic.Field(default=default, description=description))
     base = StageSettings if core is not None else PermissiveStageSettings

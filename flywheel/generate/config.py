@@ -6,7 +6,7 @@ for the tiny pipeline in tests and the 2B model on a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -39,6 +39,12 @@ class GenerateConfig(BaseModel):
     prompts_per_first_frame: int = 1  # 1: the clip's prompt only; k: plus k-1 of prompt_variations
     prompt_variations: list[str] = Field(default_factory=lambda: list(PROMPT_VARIATIONS))
     conditional_frame_timestep: float = 1e-4
+    # How the videos are computed (flywheel.generate.sampler), not what they are: "fast" gives the stock
+    # call's frames up to float rounding, with cond+uncond in one forward and each prompt encoded once.
+    sampler: Literal["stock", "fast"] = "stock"
+    compile: bool = Field(False, description="fast sampler: torch.compile each DiT block (regional compile)")
+    fuse_lora: bool = Field(False, description="fold the active adapter into the base weights while its "
+                            "requests run (exact base weights restored after)")
 
     @field_validator("seeds")
     @classmethod

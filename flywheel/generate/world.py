@@ -16,6 +16,7 @@ Output directory (written into a temp dir, renamed into place when complete):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -231,7 +232,17 @@ def _to_uint8(video: np.ndarray) -> np.ndarray:
 
 def generate_one(pipe, image: Image.Image, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None,
                  seed: int, settings: GenerateConfig, callback=None) -> np.ndarray:
-    """One image-to-world rollout with the stock pipeline call; uint8 [T, H, W, 3]."""
+    """One image-to-world rollout, uint8 [T, H, W, 3]: the stock pipeline call, or our sampler (settings.sampler)."""
+    if settings.sampler == "fast":
+        from flywheel.generate.sampler import sample_image_to_world
+
+        output = sample_image_to_world(
+            pipe, image, prompt_embeds, negative_prompt_embeds, num_frames=settings.num_frames,
+            height=settings.height, width=settings.width, num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="np",
+            conditional_frame_timestep=settings.conditional_frame_timestep, callback_on_step_end=callback,
+            compile=settings.compile)
+        return _to_uint8(output.frames[0])
     output = pipe(
         image=image,
         prompt_embeds=prompt_embeds,
@@ -248,6 +259,15 @@ def generate_one(pipe, image: Image.Image, prompt_embeds: torch.Tensor, negative
         callback_on_step_end=callback,
     )
     return _to_uint8(output.frames[0])
+
+
+def _maybe_fused(pipe, adapter: str | None, settings: GenerateConfig):
+    """The adapter folded into the base weights while its group runs (settings.fuse_lora), else nothing."""
+    if not settings.fuse_lora or adapter is None:
+        return contextlib.nullcontext()
+    from flywheel.generate.sampler import fused_lora
+
+    return fused_lora(pipe, adapter)
 
 
 def _adapter_groups(requests: list[GenerationRequest]) -> list[tuple[str | None, list[int]]]:
@@ -353,22 +373,23 @@ def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path, conf
         done = 0
         for adapter, indices in _adapter_groups(requests):
             use_adapter(pipe, adapter)
-            for i in indices:
-                request = requests[i]
-                callback = (_step_callback(report, done, len(requests), request.request_id,
-                                           settings.num_inference_steps) if progress is not None else None)
-                started = time.perf_counter()
-                video = generate_one(pipe, _load_image(request), embeddings(request.prompt), embeddings.negative,
-                                     request.seed, settings, callback)
-                seconds = time.perf_counter() - started
-                write_video(tmp / "videos" / f"{request.request_id}.mp4", video, fps=settings.fps)
-                rows[i] = _sample_row(request, adapters, settings, negative_prompt, pipe, seconds, video)
-                if i < CONTACT_SHEET_MAX_VIDEOS:
-                    keep = np.linspace(0, len(video) - 1, CONTACT_SHEET_FRAMES).round().astype(int)
-                    previews[i] = (f"{request.request_id} [{request.adapter or BASE}]", video[keep].copy())
-                done += 1
-                report({"event": "video", "done": done, "total": len(requests), "request_id": request.request_id,
-                        "adapter": request.adapter or BASE, "seconds": round(seconds, 3)})
+            with _maybe_fused(pipe, adapter, settings):
+                for i in indices:
+                    request = requests[i]
+                    callback = (_step_callback(report, done, len(requests), request.request_id,
+                                               settings.num_inference_steps) if progress is not None else None)
+                    started = time.perf_counter()
+                    video = generate_one(pipe, _load_image(request), embeddings(request.prompt), embeddings.negative,
+                                         request.seed, settings, callback)
+                    seconds = time.perf_counter() - started
+                    write_video(tmp / "videos" / f"{request.request_id}.mp4", video, fps=settings.fps)
+                    rows[i] = _sample_row(request, adapters, settings, negative_prompt, pipe, seconds, video)
+                    if i < CONTACT_SHEET_MAX_VIDEOS:
+                        keep = np.linspace(0, len(video) - 1, CONTACT_SHEET_FRAMES).round().astype(int)
+                        previews[i] = (f"{request.request_id} [{request.adapter or BASE}]", video[keep].copy())
+                    done += 1
+                    report({"event": "video", "done": done, "total": len(requests), "request_id": request.request_id,
+                            "adapter": request.adapter or BASE, "seconds": round(seconds, 3)})
         frame = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
         frame.to_parquet(tmp / "samples.parquet", index=False)
         (tmp / "generation.json").write_text(json.dumps(dict(

@@ -127,9 +127,14 @@ def read_adapter_card(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an adapter dir needs {ADAPTER_CARD} next to its weights")
     try:
-        return json.loads(path.read_text())
+        card = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); rewrite it from the training run") from err
+    base = card.get("base_model")
+    if isinstance(base, dict):  # the training stage nests the base model's identity
+        card.setdefault("base_model_id", base.get("model_id"))
+        card.setdefault("base_revision", base.get("revision"))
+    return card
 
 
 def _card_field(card: dict, where: str, *names: str) -> Any:

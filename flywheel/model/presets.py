@@ -4,6 +4,9 @@
 - `cosmos-predict2.5-2b`: the released weights (`nvidia/Cosmos-Predict2.5-2B`, revision
   `diffusers/base/post-trained`), or any local directory in diffusers layout.
 - `cosmos-predict2.5-2b-random`: the real 2B / 7B / Wan shapes with random weights, for GPU benchmarks.
+- `tiny-pusht`: the same classes, small, pretrained on scripted PushT episodes by
+  `python -m flywheel.model.pretrain_pusht` (weights in flywheel/model/weights/tiny-pusht/; the text
+  encoder is the `tiny` preset's, rebuilt from its seed). The embedded default's base world model.
 
 Configs are data: each preset is a `ModelPreset` whose fields say what gets built.
 """
@@ -11,6 +14,8 @@ Configs are data: each preset is a `ModelPreset` whose fields say what gets buil
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +77,23 @@ PRESETS: dict[str, ModelPreset] = {
         max_sequence_length=64,
         random_weights=True,
     ),
+    # Revision None here: `get_preset` fills in the short sha256 of the committed weights.
+    "tiny-pusht": ModelPreset(
+        name="tiny-pusht",
+        model_id="flywheel/tiny-pusht",
+        revision=None,
+        height=64,
+        width=64,
+        num_frames=17,
+        fps=16,
+        num_inference_steps=12,
+        # Trained with zeroed text as the unconditional input, never with the negative prompt the
+        # pipeline's guidance uses: guidance off (1.0) is the setting it was evaluated with.
+        guidance_scale=1.0,
+        dtype="float32",
+        max_sequence_length=64,
+        random_weights=False,
+    ),
     "cosmos-predict2.5-2b": ModelPreset(
         name="cosmos-predict2.5-2b",
         model_id=COSMOS_2B_REPO,
@@ -105,6 +127,9 @@ PRESETS: dict[str, ModelPreset] = {
 
 def get_preset(name_or_path: str) -> ModelPreset:
     """A preset by name, or a local diffusers directory treated as the 2B preset with that path as id."""
+    if name_or_path == "tiny-pusht":
+        revision = tiny_pusht_revision(TINY_PUSHT_DIR) if (TINY_PUSHT_DIR / TINY_PUSHT_META).is_file() else None
+        return dataclasses.replace(PRESETS[name_or_path], revision=revision)
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
     path = Path(name_or_path)
@@ -161,6 +186,9 @@ TINY_TEXT_ENCODER = dict(
         max_position_embeddings=512,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
     ),
     vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TINY_TEXT_HIDDEN),
     vocab_size=512,
@@ -260,23 +288,128 @@ def _full_tokenizer_stand_in():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+# --- tiny-pusht: pretrained weights on disk, text encoder from a seed -----------------------------
+
+TINY_PUSHT_DIR = Path(__file__).parent / "weights" / "tiny-pusht"
+TINY_PUSHT_META = "flywheel_model.json"  # text encoder seed + fingerprint, training prompts, report summary
+TINY_PUSHT_WEIGHTS = ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+TINY_PUSHT_COMMAND = "python -m flywheel.model.pretrain_pusht --out flywheel/model/weights/tiny-pusht"
+
+
+def tiny_pusht_revision(weights_dir: Path) -> str:
+    """Short sha256 over the weight files (and their configs): the identity of the pretrained model."""
+    weights_dir = Path(weights_dir)
+    files = [*TINY_PUSHT_WEIGHTS, "transformer/config.json", "vae/config.json"]
+    stats = tuple((name, (weights_dir / name).stat().st_size, (weights_dir / name).stat().st_mtime_ns) for name in files)
+    return _revision_of(str(weights_dir.resolve()), stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _revision_of(weights_dir: str, stats: tuple) -> str:
+    from flywheel.store import hash_file, hash_json
+
+    return hash_json({name: hash_file(Path(weights_dir) / name) for name, _, _ in stats})[:16]
+
+
+def read_tiny_pusht_meta(weights_dir: Path) -> dict[str, Any]:
+    """The model card of a tiny-pusht weights dir; a clear error naming the command when it is missing."""
+    weights_dir = Path(weights_dir)
+    missing = [name for name in (TINY_PUSHT_META, *TINY_PUSHT_WEIGHTS) if not (weights_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"tiny-pusht weights not found in {weights_dir} (missing {missing}); produce them with "
+            f"`{TINY_PUSHT_COMMAND}` (add `--device cuda` on a GPU; see flywheel/model/pretrain_pusht.py)")
+    return json.loads((weights_dir / TINY_PUSHT_META).read_text())
+
+
+def tiny_text_encoder(seed: int) -> tuple[Any, Any]:
+    """(text_encoder, tokenizer) of the `tiny` preset built from `seed`, always on CPU: CUDA draws other
+    random numbers, and tiny-pusht was trained on the embeddings of exactly this CPU-built encoder."""
+    components = _build_random_components(PRESETS["tiny"], seed, "cpu")
+    return components["text_encoder"], components["tokenizer"]
+
+
+def prompt_fingerprint(prompt_embeds: torch.Tensor) -> list[float]:
+    """Three random projections (fixed CPU seeds) of prompt embeddings: they change when the text encoder
+    does (another seed, another transformers init). Each is a sum over ~4k unit-scale values, so ~60 in
+    size, while two runs of the same encoder on CPU and GPU agree to ~1e-4."""
+    e = prompt_embeds.detach().double().cpu().flatten()
+    projections = []
+    for k in range(3):
+        w = torch.randn(e.numel(), generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        projections.append(round(float(e @ w), 4))
+    return projections
+
+
+def _build_tiny_pusht_components(weights_dir: Path, device: torch.device | str | None) -> tuple[dict[str, Any], dict]:
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    meta = read_tiny_pusht_meta(weights_dir)
+    text_encoder, tokenizer = tiny_text_encoder(int(meta["text_encoder_seed"]))
+    transformer = CosmosTransformer3DModel.from_pretrained(Path(weights_dir) / "transformer")
+    vae = AutoencoderKLWan.from_pretrained(Path(weights_dir) / "vae")
+    for module in (transformer, vae, text_encoder):
+        module.to(dtype=torch.float32).eval().requires_grad_(False)
+        if device is not None:
+            module.to(device)
+    components = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG))
+    return components, meta
+
+
+def _check_text_encoder(pipe, meta: dict, weights_dir: Path) -> None:
+    """The seed-built text encoder must be the one the weights were trained with, or prompts mean nothing."""
+    check = meta["text_encoder_check"]
+    with torch.no_grad():
+        embeds = pipe._get_prompt_embeds(check["prompt"], max_sequence_length=pipe.flywheel_preset.max_sequence_length)
+    got = prompt_fingerprint(embeds)
+    if any(abs(a - b) > 0.05 for a, b in zip(got, check["fingerprint"], strict=True)):
+        raise RuntimeError(
+            f"{weights_dir}: the text encoder rebuilt from seed {meta['text_encoder_seed']} gives other prompt "
+            f"embeddings ({got}) than the one these weights were trained with ({check['fingerprint']}, "
+            f"transformers {check.get('transformers')}); re-run `{TINY_PUSHT_COMMAND}` with this environment")
+
+
+def _toy_safety(preset: ModelPreset, safety: SafetyChoice) -> tuple[object | None, dict]:
+    """tiny-pusht is a toy trained on synthetic PushT renders: like the random presets, it may run with a
+    recorded pass-through checker when cosmos_guardrail is not installed."""
+    from flywheel.model.safety import PassThroughSafetyChecker, guardrail_available
+
+    if preset.name == "tiny-pusht" and safety == "auto" and not guardrail_available():
+        return PassThroughSafetyChecker(), {"safety_checker": "pass-through",
+                                            "safety_opt_out": "toy preset trained on synthetic PushT renders"}
+    return resolve_safety_checker(preset, safety)
+
+
 def load_pipeline(
     preset: ModelPreset | str,
     *,
     seed: int = 0,
     device: torch.device | str | None = None,
     safety: SafetyChoice = "auto",
+    weights_dir: str | Path | None = None,
 ):
     """Build or load the `Cosmos2_5_PredictBasePipeline` of a preset.
 
     Returns the pipeline; `pipe.flywheel_safety` records which safety checker is in use (it goes
-    into run metadata, so an opt-out is never silent).
+    into run metadata, so an opt-out is never silent). `weights_dir` (tiny-pusht only) loads
+    pretrained weights from another directory than the committed ones; `seed` does not apply to
+    tiny-pusht (its text encoder seed is part of its weights).
     """
     from diffusers import Cosmos2_5_PredictBasePipeline
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    checker, safety_record = resolve_safety_checker(preset, safety)
-    if preset.random_weights:
+    if weights_dir is not None and preset.name != "tiny-pusht":
+        raise ValueError(f"weights_dir is only for the tiny-pusht preset, not {preset.name!r}")
+    checker, safety_record = _toy_safety(preset, safety)
+    if preset.name == "tiny-pusht":
+        weights_dir = Path(weights_dir) if weights_dir is not None else TINY_PUSHT_DIR
+        components, meta = _build_tiny_pusht_components(weights_dir, device)
+        preset = dataclasses.replace(preset, revision=tiny_pusht_revision(weights_dir))
+        pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
+        pipe.flywheel_preset = preset
+        _check_text_encoder(pipe, meta, weights_dir)
+    elif preset.random_weights:
         # The seed is the identity of random weights: it goes into the revision (lineage, cache keys).
         preset = dataclasses.replace(preset, revision=f"seed-{seed}")
         components = _build_random_components(preset, seed, device)
