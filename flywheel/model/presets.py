@@ -346,10 +346,10 @@ def _build_tiny_pusht_components(weights_dir: Path, device: torch.device | str |
 
     meta = read_tiny_pusht_meta(weights_dir)
     text_encoder, tokenizer = tiny_text_encoder(int(meta["text_encoder_seed"]))
-    transformer = CosmosTransformer3DModel.from_pretrained(Path(weights_dir) / "transformer")
-    vae = AutoencoderKLWan.from_pretrained(Path(weights_dir) / "vae")
+    transformer = CosmosTransformer3DModel.from_pretrained(Path(weights_dir) / "transformer", torch_dtype=torch.float32)
+    vae = AutoencoderKLWan.from_pretrained(Path(weights_dir) / "vae", torch_dtype=torch.float32)
     for module in (transformer, vae, text_encoder):
-        module.to(dtype=torch.float32).eval().requires_grad_(False)
+        module.eval().requires_grad_(False)
         if device is not None:
             module.to(device)
     components = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

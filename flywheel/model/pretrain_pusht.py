@@ -1,0 +1,870 @@
+"""Pretrain the `tiny-pusht` base world model: a small Cosmos Predict 2.5 on scripted PushT episodes.
+
+    python -m flywheel.model.pretrain_pusht --out flywheel/model/weights/tiny-pusht [--device cuda]
+
+    # or in two halves, when the GPU machine has no simulator (gym-pusht / pymunk / pygame):
+    python -m flywheel.model.pretrain_pusht --write-npz pusht_pretrain.npz          # here, CPU, simulator
+    python -m flywheel.model.pretrain_pusht --data-npz pusht_pretrain.npz --out DIR --device cuda
+
+What it does, all a function of `PretrainConfig` (and the seed in it):
+
+1. data: `episodes` scripted PushT demonstrations (flywheel.data.pusht_sample's ScriptedPusher, the
+   `default` look only: the recoloured domain is left for an adapter to learn), rendered at 96 px like
+   datasets/pusht, resized to 64 px and resampled 10 -> 16 fps exactly like the clips stage does.
+   Their prompts (the clip prompt and its generation variations) are embedded here by the `tiny`
+   preset's text encoder built from `text_encoder_seed`, so the training half needs no text encoder.
+   The last `holdout_episodes` episodes are never trained on: they measure the VAE and the samples.
+2. VAE: an `AutoencoderKLWan` trained on random 9-frame windows with L1 + MSE + a small KL term;
+   then the per-channel mean / std of its latents go into its config (Cosmos 2.5 normalises with them).
+3. DiT: a `CosmosTransformer3DModel` (2.5 cross-attention projection) trained from scratch, all
+   parameters, with the project's rectified-flow step (flywheel.train.lora.training_step: logit-normal
+   sigma with a time shift, 1 or 2 clean conditioning latent frames, text dropout for CFG) on the
+   normalised latents of every 17-frame window; the saved weights are an EMA of the trained ones.
+4. out: `transformer/` and `vae/` (diffusers save_pretrained: config.json + safetensors),
+   `flywheel_model.json` (what `load_pipeline("tiny-pusht")` needs besides them: the text encoder seed and
+   a fingerprint of its embeddings), `pretrain_report.json` (config, losses, VAE PSNR, sample metrics,
+   steps, seconds, device, versions), `loss.png`, and `samples.png` (held-out episodes: real rows
+   above generated rows, generated from the real first frame by the saved pipeline). Written to a temp
+   dir next to `out` and renamed into place.
+
+The training half imports only torch, numpy, pydantic, PIL, diffusers, transformers, safetensors and
+flywheel modules that import nothing else (the simulator is imported inside the data half only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NPZ_FORMAT = "flywheel-pusht-pretrain/1"
+MODEL_FORMAT = "flywheel-tiny-pusht/1"
+REPORT_FILE = "pretrain_report.json"
+SAMPLES_FILE = "samples.png"
+LOSS_FILE = "loss.png"
+SOURCE_FPS = 10  # flywheel.data.pusht_sample.FPS: one simulator step per 0.1 s
+
+Progress = Callable[[dict], None] | None
+
+
+# ── Config ───────────────────────────────────────────────────────────────────────────────────────
+
+
+class DataConfig(BaseModel):
+    """Which episodes the base model learns from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    episodes: int = Field(400, ge=2, le=5000, description="scripted episodes to generate (train + held out)")
+    holdout_episodes: int = Field(8, ge=1, description="the last N episodes: never trained on; VAE PSNR and samples")
+    # datasets/pusht is seed 0 and datasets/pusht_recolored seed 1: another master seed keeps the sample
+    # datasets' episodes (the flywheel's evaluation data) out of pretraining.
+    data_seed: int = Field(1000, ge=0, lt=2**32, description="master seed of the episodes' initial states")
+    max_steps: int = Field(200, ge=8, le=300, description="simulator steps per episode at most (10 per second)")
+    render_size: int = Field(96, ge=32, le=512, description="simulator render size, resized to height x width")
+    height: int = 64
+    width: int = 64
+    fps: int = 16
+    text_encoder_seed: int = Field(0, ge=0, description="seed of the `tiny` preset text encoder that embeds prompts")
+
+
+class VaeConfig(BaseModel):
+    """The AutoencoderKLWan: shape (z_dim 16 and 4x/8x compression are fixed by the DiT) and training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_dim: int = Field(32, ge=4)
+    dim_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2], min_length=4, max_length=4)
+    num_res_blocks: int = Field(1, ge=1)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(24, ge=1)
+    clip_frames: int = Field(9, ge=1, description="frames per training window, 4k+1: the first frame + k chunks")
+    learning_rate: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    kl_weight: float = Field(1e-6, ge=0, description="on the per-element KL to N(0, 1); L1 and MSE are per-element")
+    max_grad_norm: float = Field(1.0, gt=0)
+    encode_batch_size: int = Field(64, ge=1, description="windows per VAE call when encoding the DiT's latents")
+    max_seconds: float = Field(200.0, gt=0, description="stop early (recorded in the report) past this many seconds")
+
+    @field_validator("clip_frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        if v % 4 != 1:
+            raise ValueError(f"vae.clip_frames must be 4k+1 (the Wan VAE's causal first frame + 4-frame chunks), got {v}")
+        return v
+
+
+class DitConfig(BaseModel):
+    """The CosmosTransformer3DModel: shape and full-parameter flow-matching training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_layers: int = Field(6, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    attention_head_dim: int = Field(32, ge=8)
+    mlp_ratio: float = Field(4.0, gt=0)
+    adaln_lora_dim: int = Field(32, ge=1)
+    steps: int = Field(4000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(200, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="the saved weights are this EMA of the trained ones")
+    window_stride: int = Field(2, ge=1, description="a 17-frame training window starts every N frames")
+    cfg_dropout: float = Field(0.2, ge=0, lt=1)
+    conditional_frames_probs: dict[int, float] = Field(default_factory=lambda: {1: 0.75, 2: 0.25},
+                                                       description="image-to-world (1 latent frame) is the flywheel's use")
+    # 8x8 latents need less noise than 720p ones to lose their content: a smaller shift than the 2B's 5.
+    time_shift: float = Field(3.0, gt=0)
+    max_seconds: float = Field(200.0, gt=0, description="stop early (recorded in the report) past this many seconds")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+class SampleConfig(BaseModel):
+    """The contact sheet and sample metrics: held-out episodes generated from their real first frame."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_episodes: int = Field(4, ge=0, description="held-out episodes to generate (0: none)")
+    seed: int = Field(0, ge=0)
+
+
+class PretrainConfig(BaseModel):
+    """Everything the pretrained weights are a function of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, ge=0, description="model initialisation and every training draw")
+    data: DataConfig = Field(default_factory=DataConfig)
+    vae: VaeConfig = Field(default_factory=VaeConfig)
+    dit: DitConfig = Field(default_factory=DitConfig)
+    samples: SampleConfig = Field(default_factory=SampleConfig)
+
+
+# ── Data ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclasses.dataclass
+class PushTFrames:
+    """Episodes back to back at `fps`, plus the embedded prompts. What the npz holds."""
+
+    frames: np.ndarray  # uint8 [N, H, W, 3]
+    episode_lengths: np.ndarray  # int64 [E]
+    prompts: list[str]  # prompts[0] is the clip prompt the flywheel uses; the rest are its variations
+    prompt_embeds: np.ndarray  # float32 [P, L, D]: the tiny text encoder's, per prompt
+    meta: dict[str, Any]  # the DataConfig, reset seeds, simulator versions, text encoder fingerprint
+
+    @property
+    def episode_starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]]).astype(np.int64)
+
+    def episode(self, index: int) -> np.ndarray:
+        start = int(self.episode_starts[index])
+        return self.frames[start:start + int(self.episode_lengths[index])]
+
+
+def training_prompts() -> list[str]:
+    """The clips stage's prompt for a default PushT episode, then its generation-time variations."""
+    from flywheel.data.clips import ClipConfig
+    from flywheel.data.pusht_sample import VARIANTS
+    from flywheel.generate.config import PROMPT_VARIATIONS
+
+    prompt = ClipConfig().prompt_prefix + VARIANTS["default"].task
+    return [prompt] + [v.format(prompt=prompt) for v in PROMPT_VARIATIONS]
+
+
+def embed_prompts(prompts: list[str], seed: int, max_sequence_length: int = 64) -> tuple[np.ndarray, dict]:
+    """([P, L, D] float32 embeddings, the text-encoder check that load_pipeline("tiny-pusht") repeats).
+
+    The `tiny` pipeline built on CPU from `seed` holds exactly the text encoder tiny-pusht rebuilds."""
+    import transformers
+
+    from flywheel.model.presets import load_pipeline, prompt_fingerprint
+
+    pipe = load_pipeline("tiny", seed=seed, device="cpu")
+    with torch.no_grad():
+        embeds = [pipe._get_prompt_embeds(p, max_sequence_length=max_sequence_length)[0] for p in prompts]
+    check = {"prompt": prompts[0], "fingerprint": prompt_fingerprint(embeds[0][None]),
+             "transformers": transformers.__version__}
+    return torch.stack(embeds).float().numpy(), check
+
+
+def generate_episodes(config: DataConfig, progress: Progress = None) -> PushTFrames:
+    """Roll out the scripted pusher (needs gym-pusht); frames as the clips stage would make them."""
+    from flywheel.data.clips import resample_indices, resize_frame
+    from flywheel.data.pusht_sample import VARIANTS, episode_reset_seed, make_env, rollout_episode
+
+    report = PhaseReporter(progress, "data", config.episodes)
+    env = make_env(config.render_size)
+    episodes, records = [], []
+    try:
+        for index in range(config.episodes):
+            episode = rollout_episode(env, episode_reset_seed(config.data_seed, index), config.max_steps,
+                                      VARIANTS["default"])
+            picks = resample_indices(len(episode.images), SOURCE_FPS, config.fps)
+            episodes.append(np.stack([resize_frame(episode.images[i], config.height, config.width, "stretch")
+                                      for i in picks]))
+            records.append({"reset_seed": episode.reset_seed, "source_frames": len(episode.images),
+                            "success": episode.success})
+            report(step=index + 1, frames=len(picks))
+    finally:
+        env.close()
+        report.close()
+    prompts = training_prompts()
+    prompt_embeds, check = embed_prompts(prompts, config.text_encoder_seed)
+    meta = {"format": NPZ_FORMAT, "data": config.model_dump(), "episodes": records, "text_encoder_check": check,
+            "versions": _versions(["gym_pusht", "pymunk", "pygame", "gymnasium"])}
+    return PushTFrames(np.concatenate(episodes), np.array([len(e) for e in episodes], np.int64), prompts,
+                       prompt_embeds, meta)
+
+
+def save_npz(data: PushTFrames, path: str | os.PathLike) -> Path:
+    """Compressed npz (no pickles), written to a temp file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, frames=data.frames, episode_lengths=data.episode_lengths,
+                                prompts=np.array(data.prompts), prompt_embeds=data.prompt_embeds,
+                                meta=np.array(json.dumps(data.meta)))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_npz(path: str | os.PathLike) -> PushTFrames:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such episode file; write one with "
+                                f"`python -m flywheel.model.pretrain_pusht --write-npz {path}`")
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("frames", "episode_lengths", "prompts", "prompt_embeds", "meta") if k not in z]
+        if missing:
+            raise ValueError(f"{path}: not a pretraining episode file (missing {missing}); re-write it with --write-npz")
+        data = PushTFrames(z["frames"], z["episode_lengths"].astype(np.int64), [str(p) for p in z["prompts"]],
+                           z["prompt_embeds"].astype(np.float32), json.loads(str(z["meta"])))
+    if data.meta.get("format") != NPZ_FORMAT:
+        raise ValueError(f"{path}: format {data.meta.get('format')!r}, expected {NPZ_FORMAT!r}; re-write it with --write-npz")
+    if int(data.episode_lengths.sum()) != len(data.frames):
+        raise ValueError(f"{path}: episode lengths sum to {int(data.episode_lengths.sum())} but it holds "
+                         f"{len(data.frames)} frames; the file is damaged, re-write it with --write-npz")
+    return data
+
+
+def check_data(data: PushTFrames, config: PretrainConfig) -> None:
+    """The episodes fit the config: the right size, enough episodes to hold some out, long enough."""
+    d = config.data
+    if data.frames.shape[1:] != (d.height, d.width, 3) or data.frames.dtype != np.uint8:
+        raise ValueError(f"episode frames are {data.frames.dtype} {list(data.frames.shape[1:])}, the config wants "
+                         f"uint8 [{d.height}, {d.width}, 3]; re-generate the episodes with this config")
+    if len(data.episode_lengths) <= d.holdout_episodes:
+        raise ValueError(f"{len(data.episode_lengths)} episodes but data.holdout_episodes={d.holdout_episodes}: "
+                         "generate more episodes or hold out fewer")
+    if int(data.episode_lengths.max()) < NUM_FRAMES:
+        raise ValueError(f"no episode has {NUM_FRAMES} frames (the longest has {int(data.episode_lengths.max())}); "
+                         "raise data.max_steps")
+
+
+def window_starts(data: PushTFrames, episodes: range, length: int, stride: int) -> np.ndarray:
+    """Global frame index of every `length`-frame window (every `stride` frames) inside the given episodes."""
+    starts = [data.episode_starts[e] + np.arange(0, data.episode_lengths[e] - length + 1, stride)
+              for e in episodes if data.episode_lengths[e] >= length]
+    return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
+
+
+def gather_windows(frames: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """uint8 frames [N, H, W, 3] -> videos [B, 3, length, H, W] in [-1, 1] (what preprocess_video gives)."""
+    index = starts[:, None] + torch.arange(length, device=starts.device)[None]
+    return frames[index].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+# ── Models ───────────────────────────────────────────────────────────────────────────────────────
+
+NUM_FRAMES = 17  # the preset's clip length: 5 latent frames
+LATENT_CHANNELS = 16
+
+
+def build_vae(config: VaeConfig):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=config.base_dim, z_dim=LATENT_CHANNELS, dim_mult=list(config.dim_mult),
+                            num_res_blocks=config.num_res_blocks, temperal_downsample=[False, True, True])
+
+
+def build_transformer(config: DitConfig):
+    from diffusers import CosmosTransformer3DModel
+
+    from flywheel.model.presets import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS
+
+    return CosmosTransformer3DModel(
+        in_channels=LATENT_CHANNELS + 1,
+        out_channels=LATENT_CHANNELS,
+        num_attention_heads=config.num_attention_heads,
+        attention_head_dim=config.attention_head_dim,
+        num_layers=config.num_layers,
+        mlp_ratio=config.mlp_ratio,
+        text_embed_dim=config.hidden_size,
+        adaln_lora_dim=config.adaln_lora_dim,
+        max_size=(32, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type=None,
+        use_crossattn_projection=True,
+        crossattn_proj_in_channels=TINY_TEXT_HIDDEN * TINY_TEXT_LAYERS,
+        encoder_hidden_states_channels=config.hidden_size,
+    )
+
+
+def warmup_decay(steps: int, warmup_steps: int):
+    """The project's linear warm-up / linear decay multiplier, from 1% up to 1, down to 2% at the end."""
+    from flywheel.train.schedule import LinearWarmupLinearDecay
+
+    return LinearWarmupLinearDecay(warmup_steps=min(warmup_steps, max(steps - 1, 0)), cycle_length=steps,
+                                   f_start=0.01, f_max=1.0, f_min=0.02)
+
+
+# ── VAE ──────────────────────────────────────────────────────────────────────────────────────────
+
+
+def vae_step(vae, optimizer, lr_scheduler, video: torch.Tensor, generator: torch.Generator,
+             config: VaeConfig) -> dict[str, float]:
+    """One VAE step: encode, sample the posterior, decode; L1 + MSE + kl_weight * KL; clip, step."""
+    posterior = vae.encode(video).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=video.device)
+    reconstruction = vae.decode(z).sample
+    mse = F.mse_loss(reconstruction, video)
+    l1 = F.l1_loss(reconstruction, video)
+    kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
+    loss = l1 + mse + config.kl_weight * kl
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    # MSE on [-1, 1] is 4x the MSE on [0, 1]: the PSNR of this batch's reconstruction.
+    return {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "grad_norm": float(grad_norm),
+            "psnr": 10 * math.log10(4.0 / max(mse.item(), 1e-12))}
+
+
+def train_vae(frames: torch.Tensor, data: PushTFrames, train_episodes: range, config: VaeConfig, seed: int,
+              progress: Progress = None) -> tuple[Any, dict[str, Any]]:
+    """A fresh VAE trained on random windows of the training episodes; (vae, history)."""
+    device = frames.device
+    torch.manual_seed(seed)
+    vae = build_vae(config).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(config.steps, config.warmup_steps))
+    starts = torch.from_numpy(window_starts(data, train_episodes, config.clip_frames, 1)).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    history: dict[str, Any] = {"loss": [], "psnr": []}
+    report = PhaseReporter(progress, "vae", config.steps)
+    started = time.perf_counter()
+    try:
+        for step in range(1, config.steps + 1):
+            pick = torch.randint(len(starts), (config.batch_size,), generator=generator, device=device)
+            stats = vae_step(vae, optimizer, lr_scheduler, gather_windows(frames, starts[pick], config.clip_frames),
+                             generator, config)
+            history["loss"].append(round(stats["loss"], 6))
+            history["psnr"].append(round(stats["psnr"], 3))
+            report(step=step, loss=stats["loss"], psnr=stats["psnr"], lr=lr_scheduler.get_last_lr()[0])
+            if time.perf_counter() - started > config.max_seconds and step < config.steps:
+                history["stopped_early_at_step"] = step
+                break
+    finally:
+        report.close()
+    history.update(steps=len(history["loss"]), seconds=round(time.perf_counter() - started, 2))
+    return vae.eval().requires_grad_(False), history
+
+
+@torch.no_grad()
+def encode_windows(vae, frames: torch.Tensor, starts: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Posterior means [W, 16, 5, 8, 8] of the 17-frame windows (the pipeline's `argmax` latents)."""
+    starts_t = torch.from_numpy(starts).to(frames.device)
+    out = [vae.encode(gather_windows(frames, starts_t[i:i + batch_size], NUM_FRAMES)).latent_dist.mean
+           for i in range(0, len(starts_t), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, frames: torch.Tensor, starts: np.ndarray, batch_size: int) -> float:
+    """Mean PSNR (dB, uint8 frames) of encode-mean -> decode over the given 17-frame windows."""
+    starts_t = torch.from_numpy(starts).to(frames.device)
+    psnrs = []
+    for i in range(0, len(starts_t), batch_size):
+        video = gather_windows(frames, starts_t[i:i + batch_size], NUM_FRAMES)
+        decoded = vae.decode(vae.encode(video).latent_dist.mean).sample
+        for real, fake in zip(to_uint8(video), to_uint8(decoded)):
+            psnrs.append(psnr(real, fake))
+    return float(np.mean(psnrs))
+
+
+def latent_statistics(latents: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over windows, frames and positions: Cosmos 2.5's latents_mean / latents_std."""
+    flat = latents.transpose(0, 1).reshape(latents.shape[1], -1).double()
+    return [round(float(v), 6) for v in flat.mean(1)], [round(float(v), 6) for v in flat.std(1).clamp_min(1e-4)]
+
+
+# ── Transformer ──────────────────────────────────────────────────────────────────────────────────
+
+
+class Ema:
+    """Exponential moving average of a model's parameters (decay warms up from 0.1 so early steps count)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for p, s in zip(model.parameters(), self.shadow, strict=True):
+            p.copy_(s)
+
+
+def flow_recipe(config: DitConfig, seed: int):
+    """The flow-matching draws of flywheel.train.lora, as its TrainConfig (its LoRA fields go unused here)."""
+    from flywheel.train.config import TrainConfig
+
+    return TrainConfig(steps=config.steps, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                       max_grad_norm=config.max_grad_norm, cfg_dropout=config.cfg_dropout,
+                       conditional_frames_probs=config.conditional_frames_probs, time_shift=config.time_shift,
+                       seed=seed)
+
+
+def train_transformer(latents: torch.Tensor, prompt_embeds: torch.Tensor, config: DitConfig, seed: int,
+                      height: int, width: int, progress: Progress = None) -> tuple[Any, dict[str, Any]]:
+    """A fresh DiT, all parameters trained on random (window, prompt) pairs; returns (EMA model, history).
+
+    latents [W, 16, 5, 8, 8] normalised; prompt_embeds [P, L, D]."""
+    from flywheel.train.lora import training_step
+
+    device = latents.device
+    recipe = flow_recipe(config, seed)
+    torch.manual_seed(seed + 2)
+    transformer = build_transformer(config).to(device).train()
+    params = list(transformer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(config.steps, config.warmup_steps))
+    ema = Ema(transformer, config.ema_decay)
+    generator = torch.Generator(device=device).manual_seed(seed + 3)
+    padding_mask = torch.zeros(1, 1, height, width, device=device)
+    history: dict[str, Any] = {"loss": []}
+    report = PhaseReporter(progress, "dit", config.steps)
+    started = time.perf_counter()
+    try:
+        for step in range(1, config.steps + 1):
+            pick = torch.randint(len(latents), (config.batch_size,), generator=generator, device=device)
+            prompt = torch.randint(len(prompt_embeds), (config.batch_size,), generator=generator, device=device)
+            stats = training_step(transformer, params, optimizer, lr_scheduler, latents[pick], prompt_embeds[prompt],
+                                  padding_mask, generator, recipe)
+            ema.update(transformer)
+            history["loss"].append(round(stats["loss"], 6))
+            report(step=step, loss=stats["loss"], lr=stats["lr"])
+            if time.perf_counter() - started > config.max_seconds and step < config.steps:
+                history["stopped_early_at_step"] = step
+                break
+    finally:
+        report.close()
+    ema.copy_to(transformer)
+    history.update(steps=len(history["loss"]), seconds=round(time.perf_counter() - started, 2))
+    return transformer.eval().requires_grad_(False), history
+
+
+# ── Samples ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def rollout_metrics(generated: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """How a generated clip compares with the real one it started from (uint8 [T, H, W, 3] each).
+
+    first_frame_psnr: the conditioning frame came back; psnr_vs_real: frames 1.. against the real
+    continuation; psnr_static_vs_real: the same for a video that never moves (the bar to beat);
+    motion / real_motion: mean |frame t - frame 0| (uint8 levels), so a frozen video shows as ~0."""
+    return {
+        "first_frame_psnr": psnr(generated[0], real[0]),
+        "psnr_vs_real": float(np.mean([psnr(g, r) for g, r in zip(generated[1:], real[1:])])),
+        "psnr_static_vs_real": float(np.mean([psnr(real[0], r) for r in real[1:]])),
+        "motion": float(np.abs(generated[1:].astype(np.float64) - generated[:1]).mean()),
+        "real_motion": float(np.abs(real[1:].astype(np.float64) - real[:1]).mean()),
+    }
+
+
+def generate_samples(pipe, data: PushTFrames, episodes: list[int], seed: int) -> tuple[list[dict], list, list[str]]:
+    """Generate each episode's first clip from its real first frame with the saved pipeline.
+
+    Returns (per-episode metrics, contact sheet videos, labels): real rows then generated rows."""
+    from PIL import Image
+
+    preset = pipe.flywheel_preset
+    prompt_embeds = torch.from_numpy(data.prompt_embeds[:1]).to(pipe._execution_device)
+    rows, videos, labels = [], [], []
+    for i, episode in enumerate(episodes):
+        real = data.episode(episode)[:NUM_FRAMES]
+        output = pipe(image=Image.fromarray(real[0]), prompt_embeds=prompt_embeds, num_frames=NUM_FRAMES,
+                      height=preset.height, width=preset.width, num_inference_steps=preset.num_inference_steps,
+                      guidance_scale=preset.guidance_scale, generator=torch.Generator().manual_seed(seed + i),
+                      output_type="np", max_sequence_length=preset.max_sequence_length)
+        generated = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        rows.append({"episode": episode, "seed": seed + i, **{k: round(v, 3) for k, v in
+                                                               rollout_metrics(generated, real).items()}})
+        videos += [real, generated]
+        labels += [f"held-out episode {episode}: real", f"held-out episode {episode}: generated (seed {seed + i})"]
+    return rows, videos, labels
+
+
+def evaluate_weights(weights_dir: Path, data: PushTFrames, config: PretrainConfig, device: torch.device,
+                     progress: Progress = None) -> dict[str, Any]:
+    """Sample metrics + samples.png for a weights dir, with the pipeline `load_pipeline("tiny-pusht")` builds."""
+    from flywheel.generate.preview import contact_sheet
+    from flywheel.model.presets import load_pipeline
+
+    count = min(config.samples.num_episodes, config.data.holdout_episodes)
+    episodes = [e for e in range(len(data.episode_lengths) - config.data.holdout_episodes, len(data.episode_lengths))
+                if data.episode_lengths[e] >= NUM_FRAMES][:count]
+    if not episodes:
+        return {"episodes": []}
+    started = time.perf_counter()
+    pipe = load_pipeline("tiny-pusht", weights_dir=weights_dir, device=device)
+    rows, videos, labels = generate_samples(pipe, data, episodes, config.samples.seed)
+    seconds = time.perf_counter() - started
+    contact_sheet(videos, labels, Path(weights_dir) / SAMPLES_FILE, frames_per_video=9)
+    summary = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0] if k not in ("episode", "seed")}
+    result = {"episodes": rows, "mean": summary, "seconds": round(seconds, 2), "device": str(device),
+              "num_inference_steps": pipe.flywheel_preset.num_inference_steps,
+              "guidance_scale": pipe.flywheel_preset.guidance_scale}
+    if progress:
+        progress({"stage": "pretrain", "phase": "samples", **summary})
+    return result
+
+
+# ── The run ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no CUDA device; use --device cpu (with small step counts)")
+    return device
+
+
+def pretrain(
+    config: PretrainConfig,
+    out: str | os.PathLike,
+    *,
+    data: PushTFrames | None = None,
+    device: str | torch.device | None = None,
+    force: bool = False,
+    progress: Progress = None,
+) -> dict[str, Any]:
+    """Generate (or take) the episodes, train VAE then DiT, write the weights dir `out`; returns the report."""
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if data is None:
+        data = generate_episodes(config.data, progress)
+    check_data(data, config)
+    episodes = len(data.episode_lengths)
+    train_episodes = range(episodes - config.data.holdout_episodes)
+    holdout_episodes = range(episodes - config.data.holdout_episodes, episodes)
+    frames = torch.from_numpy(data.frames).to(device)
+
+    vae, vae_history = train_vae(frames, data, train_episodes, config.vae, config.seed, progress)
+    holdout_starts = window_starts(data, holdout_episodes, NUM_FRAMES, NUM_FRAMES)
+    vae_history["holdout_psnr"] = round(reconstruction_psnr(vae, frames, holdout_starts, config.vae.encode_batch_size), 3)
+    vae_history["holdout_windows"] = len(holdout_starts)
+    _emit(progress, phase="vae_done", holdout_psnr=vae_history["holdout_psnr"])
+
+    encode_started = time.perf_counter()
+    train_starts = window_starts(data, train_episodes, NUM_FRAMES, config.dit.window_stride)
+    mu = encode_windows(vae, frames, train_starts, config.vae.encode_batch_size)
+    latents_mean, latents_std = latent_statistics(mu)
+    vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+    mean_t = torch.tensor(latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std_t = torch.tensor(latents_std, device=device).view(1, -1, 1, 1, 1)
+    latents = ((mu - mean_t) / std_t).float()
+    del mu
+    encode_seconds = round(time.perf_counter() - encode_started, 2)
+    _emit(progress, phase="latents", windows=len(train_starts), seconds=encode_seconds)
+
+    prompt_embeds = torch.from_numpy(data.prompt_embeds).to(device)
+    transformer, dit_history = train_transformer(latents, prompt_embeds, config.dit, config.seed,
+                                                 config.data.height, config.data.width, progress)
+    del latents
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        transformer.to("cpu").save_pretrained(tmp / "transformer", safe_serialization=True)
+        vae.to("cpu").save_pretrained(tmp / "vae", safe_serialization=True)
+        (tmp / "flywheel_model.json").write_text(json.dumps(model_card(config, data), indent=2) + "\n")
+        report = {
+            "format": MODEL_FORMAT,
+            "config": config.model_dump(mode="json"),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "data": {"episodes": episodes, "train_episodes": len(train_episodes), "holdout_episodes": len(holdout_episodes),
+                     "frames": int(len(data.frames)), "train_windows": int(len(train_starts)),
+                     "prompts": data.prompts, "source": data.meta.get("source", "generated")},
+            "vae": {**vae_history, "parameters": _count(vae), "latents_mean": latents_mean, "latents_std": latents_std},
+            "encode_seconds": encode_seconds,
+            "dit": {**dit_history, "parameters": _count(transformer)},
+            "weights_bytes": sum(f.stat().st_size for f in tmp.rglob("*.safetensors")),
+            "versions": _versions(["torch", "diffusers", "transformers", "numpy"]),
+        }
+        _write_loss_plots(tmp, vae_history["loss"], dit_history["loss"])
+        try:
+            report["samples"] = evaluate_weights(tmp, data, config, device, progress)
+        except Exception as e:  # the weights are good without pictures: keep them, say what failed
+            report["samples"] = {"error": f"{type(e).__name__}: {e}",
+                                 "redo": "python -m flywheel.model.pretrain_pusht --evaluate-only --out DIR --data-npz NPZ"}
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def evaluate_only(out: str | os.PathLike, data: PushTFrames, device: str | torch.device | None = None,
+                  progress: Progress = None) -> dict[str, Any]:
+    """Redo samples.png and the report's sample metrics for an existing weights dir (e.g. on a 2-core CPU)."""
+    from flywheel.store import atomic_write_bytes
+
+    out = Path(out)
+    report_path = out / REPORT_FILE
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{out}: no {REPORT_FILE}; this is not a pretrain_pusht output directory")
+    report = json.loads(report_path.read_text())
+    config = PretrainConfig.model_validate(report["config"])
+    device = resolve_device(device)
+    report["samples"] = evaluate_weights(out, data, config, device, progress)
+    atomic_write_bytes(report_path, (json.dumps(report, indent=1) + "\n").encode())
+    return report
+
+
+def model_card(config: PretrainConfig, data: PushTFrames) -> dict[str, Any]:
+    """flywheel_model.json: what load_pipeline("tiny-pusht") needs besides the two diffusers components."""
+    return {
+        "format": MODEL_FORMAT,
+        "model_id": "flywheel/tiny-pusht",
+        "text_encoder": "the `tiny` preset's Qwen2.5-VL, rebuilt on CPU from text_encoder_seed (not saved)",
+        "text_encoder_seed": config.data.text_encoder_seed,
+        "text_encoder_check": data.meta["text_encoder_check"],
+        "training_prompts": data.prompts,
+        "height": config.data.height, "width": config.data.width, "num_frames": NUM_FRAMES, "fps": config.data.fps,
+        "pretrain_seed": config.seed,
+        "reproduce": "python -m flywheel.model.pretrain_pusht --out DIR --seed "
+                     f"{config.seed} --episodes {config.data.episodes} (see pretrain_report.json for every setting)",
+    }
+
+
+def _write_loss_plots(out: Path, vae_losses: list[float], dit_losses: list[float]) -> None:
+    from PIL import Image
+
+    from flywheel.train.loss_plot import draw_loss_curve
+
+    a = draw_loss_curve(vae_losses, "VAE: L1 + MSE + KL")
+    b = draw_loss_curve(dit_losses, "DiT: flow-matching loss")
+    sheet = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), (255, 255, 255))
+    sheet.paste(a, (0, 0))
+    sheet.paste(b, (a.width, 0))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    (out / LOSS_FILE).write_bytes(buffer.getvalue())
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _versions(names: list[str]) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _emit(progress: Progress, **event) -> None:
+    event = {"stage": "pretrain", **event}
+    if progress is not None:
+        progress(event)
+
+
+class PhaseReporter:
+    """Progress of one phase: the callback when given, else a tqdm bar."""
+
+    def __init__(self, progress: Progress, phase: str, total: int):
+        self.progress, self.phase, self.total = progress, phase, total
+        self.started = time.perf_counter()
+        self.bar = None
+        if progress is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=phase, leave=False)
+
+    def __call__(self, step: int, **values) -> None:
+        if self.progress is not None:
+            self.progress({"stage": "pretrain", "phase": self.phase, "step": step, "steps": self.total,
+                           "seconds": round(time.perf_counter() - self.started, 2), **values})
+        else:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ── CLI ──────────────────────────────────────────────────────────────────────────────────────────
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    data = dict(episodes=args.episodes, holdout_episodes=args.holdout_episodes, max_steps=args.max_steps,
+                data_seed=args.data_seed)
+    vae = dict(steps=args.vae_steps, batch_size=args.vae_batch_size, base_dim=args.vae_base_dim,
+               dim_mult=[int(v) for v in args.vae_dim_mult.split(",")], max_seconds=args.phase_seconds)
+    dit = dict(steps=args.dit_steps, batch_size=args.dit_batch_size, num_layers=args.dit_layers,
+               num_attention_heads=args.dit_heads, attention_head_dim=args.dit_head_dim, max_seconds=args.phase_seconds)
+    return PretrainConfig(seed=args.seed, data=data, vae=vae, dit=dit, samples=dict(num_episodes=args.samples))
+
+
+def print_progress(every: int) -> Callable[[dict], None]:
+    """CLI progress: one line per `every` steps of a phase (and each phase's end), flushed for remote logs."""
+
+    def show(event: dict) -> None:
+        step, steps = event.get("step"), event.get("steps")
+        if step is not None and step % every and step != steps and event.get("phase") != "data":
+            return
+        if event.get("phase") == "data" and step % max(1, every // 10) and step != steps:
+            return
+        fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in event.items() if k not in ("stage", "phase"))
+        print(f"[pretrain_pusht {event.get('phase')}] {fields}", flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    d, v, t = DataConfig(), VaeConfig(), DitConfig()
+    parser = argparse.ArgumentParser(prog="python -m flywheel.model.pretrain_pusht", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="weights directory to write (flywheel/model/weights/tiny-pusht)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--episodes", type=int, default=d.episodes)
+    parser.add_argument("--holdout-episodes", type=int, default=d.holdout_episodes)
+    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="simulator steps per episode at most")
+    parser.add_argument("--data-seed", type=int, default=d.data_seed)
+    parser.add_argument("--write-npz", type=Path, help="only generate the episodes (needs gym-pusht) into this .npz")
+    parser.add_argument("--data-npz", type=Path, help="train on the episodes of this .npz instead of generating them")
+    parser.add_argument("--vae-steps", type=int, default=v.steps)
+    parser.add_argument("--vae-batch-size", type=int, default=v.batch_size)
+    parser.add_argument("--vae-base-dim", type=int, default=v.base_dim)
+    parser.add_argument("--vae-dim-mult", default=",".join(map(str, v.dim_mult)))
+    parser.add_argument("--dit-steps", type=int, default=t.steps)
+    parser.add_argument("--dit-batch-size", type=int, default=t.batch_size)
+    parser.add_argument("--dit-layers", type=int, default=t.num_layers)
+    parser.add_argument("--dit-heads", type=int, default=t.num_attention_heads)
+    parser.add_argument("--dit-head-dim", type=int, default=t.attention_head_dim)
+    parser.add_argument("--phase-seconds", type=float, default=v.max_seconds,
+                        help="each training phase stops early past this (recorded in the report)")
+    parser.add_argument("--samples", type=int, default=SampleConfig().num_episodes, help="held-out episodes to sample")
+    parser.add_argument("--evaluate-only", action="store_true", help="redo samples.png + sample metrics of --out")
+    parser.add_argument("--print-every", type=int, default=100)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    show = print_progress(args.print_every)
+    try:
+        config = config_from_args(args)
+        if args.write_npz:
+            if args.data_npz:
+                parser.error("--write-npz generates episodes, --data-npz reads them: pass one")
+            data = generate_episodes(config.data, show)
+            path = save_npz(data, args.write_npz)
+            print(f"wrote {path}: {len(data.episode_lengths)} episodes, {len(data.frames)} frames, "
+                  f"{path.stat().st_size / 1e6:.1f} MB", flush=True)
+            return 0
+        if args.out is None:
+            parser.error("--out is required (or --write-npz to only generate episodes)")
+        data = load_npz(args.data_npz) if args.data_npz else None
+        if data is not None:
+            data.meta["source"] = str(args.data_npz)
+        if data is not None and data.meta["data"] != config.data.model_dump():
+            changed = sorted(k for k in config.data.model_dump() if data.meta["data"].get(k) != config.data.model_dump()[k])
+            if args.evaluate_only:
+                changed = []
+            elif changed:
+                print(f"note: {args.data_npz} was generated with other data settings ({changed}); "
+                      "training on the file's episodes with the file's settings", flush=True)
+                config = config.model_copy(update={"data": DataConfig.model_validate(data.meta["data"])})
+        if args.evaluate_only:
+            if data is None:
+                parser.error("--evaluate-only needs --data-npz (the held-out episodes to compare with)")
+            report = evaluate_only(args.out, data, args.device, show)
+        else:
+            report = pretrain(config, args.out, data=data, device=args.device, force=args.force, progress=show)
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: report.get(k) for k in ("device", "seconds", "weights_bytes")}
+    summary["vae_holdout_psnr"] = report.get("vae", {}).get("holdout_psnr")
+    summary["samples"] = report.get("samples", {}).get("mean", report.get("samples", {}).get("error"))
+    print(json.dumps(summary, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
