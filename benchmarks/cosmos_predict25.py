@@ -148,7 +148,7 @@ def workload(baseline_s, ours_s, peak_gib, tflop, notes, **extra) -> dict:
 
 
 def _r(x):
-    return None if x is None else round(float(x), 3)
+    return None if x is None else round(float(x), 4)
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -14,13 +14,23 @@ STAGE_ASSETS = [
 ]
 
 
+STAGE_FUNCTIONS = {
+    "demonstrations": "ingest_stage",
+    "training_clips": "clips_stage",
+    "adapter": "train_stage",
+    "adapter_evaluation": "evaluate_stage",
+    "synthetic_videos": "generate_stage",
+    "pseudo_actions": "label_stage",
+    "curated_trajectories": "curate_stage",
+    "refreshed_dataset": "refresh_stage",
+}
+
+
 def iteration_assets() -> list[str]:
     """The assets a full iteration materializes: those whose core stage function exists in this build."""
-    try:
-        from flywheel.iteration import available_stages
-    except ImportError:
-        return list(STAGE_ASSETS)
-    return [name for name in STAGE_ASSETS if name in set(available_stages())]
+    from flywheel import stages
+
+    return [name for name in STAGE_ASSETS if hasattr(stages, STAGE_FUNCTIONS[name])]
 
 
 flywheel_iteration = dg.define_asset_job(

@@ -68,6 +68,8 @@ def materialize(meta: dict[str, Any], inputs: dict[str, str] | None = None,
                 check_results: Iterable[dg.AssetCheckResult] = (), preview_title: str = "preview") -> dg.MaterializeResult:
     """The MaterializeResult of a stage: its metadata, an embedded preview, the upstream keys it used."""
     metadata = dagster_metadata(meta)
+    if meta.get("path") and Path(meta["path"]).is_dir():
+        metadata["size_mb"] = dg.MetadataValue.float(round(directory_bytes(Path(meta["path"])) / 1e6, 3))
     preview = preview_markdown(meta.get("preview"), preview_title)
     if preview is not None:
         metadata["preview_image"] = preview
@@ -79,6 +81,10 @@ def materialize(meta: dict[str, Any], inputs: dict[str, str] | None = None,
         data_version=dg.DataVersion(str(key)) if key else None,
         check_results=list(check_results),
     )
+
+
+def directory_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 def upstream(context: dg.AssetExecutionContext, asset: str) -> dict[str, Any]:

@@ -93,14 +93,32 @@ def start_ui(home: str | os.PathLike | None = None, port: int = 3000, mlflow_por
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group (dagster dev then stops its webserver, daemon and code servers), SIGKILL if stuck."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    """SIGTERM the process group (dagster dev then stops its webserver, daemon and code servers); SIGKILL
+    whatever is left of the group after `timeout_s` (a code server otherwise lingers until its heartbeat times out)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + (timeout_s if proc.returncode is not None else 0)
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        deadline = time.monotonic() + 5  # killed processes are reaped by init asynchronously
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    proc.wait()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -190,7 +190,8 @@ def fused_lora(pipe, adapter_name: str):
     adapter's layers are copied first (one copy of the targeted weights, on their device) and
     written back after.
     """
-    active = list(getattr(pipe.transformer, "active_adapters", lambda: [])())
+    transformer = pipe.transformer
+    active = list(transformer.active_adapters()) if getattr(transformer, "peft_config", None) else []
     if active != [adapter_name]:
         raise ValueError(f"fused_lora({adapter_name!r}) needs exactly that adapter active, the transformer has "
                          f"{active}; call flywheel.generate.world.use_adapter(pipe, {adapter_name!r}) first")

@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NPZ_FORMAT = "flywheel-pusht-pretrain/1"
@@ -59,6 +58,8 @@ REPORT_FILE = "pretrain_report.json"
 SAMPLES_FILE = "samples.png"
 LOSS_FILE = "loss.png"
 SOURCE_FPS = 10  # flywheel.data.pusht_sample.FPS: one simulator step per 0.1 s
+NUM_FRAMES = 17  # the preset's clip length: 5 latent frames
+LATENT_CHANNELS = 16  # Cosmos 2.5's DiT takes 16 latent channels (+1 condition mask)
 
 Progress = Callable[[dict], None] | None
 
@@ -98,9 +99,12 @@ class VaeConfig(BaseModel):
     learning_rate: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
     kl_weight: float = Field(1e-6, ge=0, description="on the per-element KL to N(0, 1); L1 and MSE are per-element")
+    # The first frame is decoded alone from the first latent (the conditioning frame of image-to-world):
+    # weight it like the 4-frame chunks that share each later latent, or it is learnt last and worst.
+    first_frame_weight: float = Field(4.0, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    encode_batch_size: int = Field(64, ge=1, description="windows per VAE call when encoding the DiT's latents")
-    max_seconds: float = Field(200.0, gt=0, description="stop early (recorded in the report) past this many seconds")
+    encode_batch_size: int = Field(128, ge=1, description="windows per VAE call when encoding the DiT's latents")
+    max_seconds: float = Field(180.0, gt=0, description="time budget of the phase (see StepBudget)")
 
     @field_validator("clip_frames")
     @classmethod
@@ -133,7 +137,7 @@ class DitConfig(BaseModel):
                                                        description="image-to-world (1 latent frame) is the flywheel's use")
     # 8x8 latents need less noise than 720p ones to lose their content: a smaller shift than the 2B's 5.
     time_shift: float = Field(3.0, gt=0)
-    max_seconds: float = Field(200.0, gt=0, description="stop early (recorded in the report) past this many seconds")
+    max_seconds: float = Field(180.0, gt=0, description="time budget of the phase (see StepBudget)")
 
     @property
     def hidden_size(self) -> int:
@@ -288,7 +292,7 @@ def check_data(data: PushTFrames, config: PretrainConfig) -> None:
                          "raise data.max_steps")
 
 
-def window_starts(data: PushTFrames, episodes: range, length: int, stride: int) -> np.ndarray:
+def window_starts(data: PushTFrames, episodes: range | list[int], length: int, stride: int) -> np.ndarray:
     """Global frame index of every `length`-frame window (every `stride` frames) inside the given episodes."""
     starts = [data.episode_starts[e] + np.arange(0, data.episode_lengths[e] - length + 1, stride)
               for e in episodes if data.episode_lengths[e] >= length]
@@ -302,10 +306,6 @@ def gather_windows(frames: torch.Tensor, starts: torch.Tensor, length: int) -> t
 
 
 # ── Models ───────────────────────────────────────────────────────────────────────────────────────
-
-NUM_FRAMES = 17  # the preset's clip length: 5 latent frames
-LATENT_CHANNELS = 16
-
 
 def build_vae(config: VaeConfig):
     from diffusers import AutoencoderKLWan
@@ -347,19 +347,71 @@ def warmup_decay(steps: int, warmup_steps: int):
                                    f_start=0.01, f_max=1.0, f_min=0.02)
 
 
+class StepBudget:
+    """Fits a phase's step count to its time budget, once, early: from the pace between steps 10 and 40
+    (after the first steps' one-off costs), a run that would overrun `max_seconds` is shortened to fit 95%
+    of it, and its LR schedule with it, so a slower machine still gets a fully decayed model. A run that
+    fits keeps its configured steps (and so stays reproducible); past `max_seconds` it stops regardless."""
+
+    MEASURE_FROM, MEASURE_TO = 10, 40
+
+    def __init__(self, steps: int, warmup_steps: int, max_seconds: float):
+        self.planned = self.steps = steps
+        self.warmup_steps = warmup_steps
+        self.max_seconds = max_seconds
+        self.started = time.perf_counter()
+        self.mark: float | None = None
+        self.seconds_per_step: float | None = None
+        self.stopped_early_at: int | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def after_step(self, step: int, lr_scheduler) -> bool:
+        """Call after each step; False when the phase must end now."""
+        if step == self.MEASURE_FROM:
+            self.mark = self.elapsed()
+        elif step == self.MEASURE_TO and self.mark is not None and self.steps > step:
+            self.seconds_per_step = (self.elapsed() - self.mark) / (self.MEASURE_TO - self.MEASURE_FROM)
+            affordable = step + int((0.95 * self.max_seconds - self.elapsed()) / self.seconds_per_step)
+            if affordable < self.steps:
+                self.steps = max(step + 1, affordable)
+                lr_scheduler.lr_lambdas[0] = warmup_decay(self.steps, self.warmup_steps)
+        if step < self.steps and self.elapsed() > self.max_seconds:
+            self.stopped_early_at = step
+            return False
+        return step < self.steps
+
+    def record(self, steps_done: int) -> dict[str, Any]:
+        record = {"steps": steps_done, "planned_steps": self.planned, "seconds": round(self.elapsed(), 2)}
+        if self.seconds_per_step is not None:
+            record["seconds_per_step"] = round(self.seconds_per_step, 5)
+        if self.steps != self.planned:
+            record["steps_fitted_to_budget"] = self.steps
+        if self.stopped_early_at is not None:
+            record["stopped_early_at_step"] = self.stopped_early_at
+        return record
+
+
 # ── VAE ──────────────────────────────────────────────────────────────────────────────────────────
 
 
 def vae_step(vae, optimizer, lr_scheduler, video: torch.Tensor, generator: torch.Generator,
              config: VaeConfig) -> dict[str, float]:
-    """One VAE step: encode, sample the posterior, decode; L1 + MSE + kl_weight * KL; clip, step."""
+    """One VAE step: encode, sample the posterior, decode; L1 + MSE (first frame weighted up) + kl_weight * KL;
+    clip, step."""
     posterior = vae.encode(video).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=video.device)
     reconstruction = vae.decode(z).sample
-    mse = F.mse_loss(reconstruction, video)
-    l1 = F.l1_loss(reconstruction, video)
+    error = reconstruction - video
+    frame_weights = torch.ones(video.shape[2], device=video.device)
+    frame_weights[0] = config.first_frame_weight
+    frame_weights = frame_weights / frame_weights.mean()
+    mse = error.square().mean(dim=(0, 1, 3, 4))  # per frame
+    l1 = (error.abs().mean(dim=(0, 1, 3, 4)) * frame_weights).mean()
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
-    loss = l1 + mse + config.kl_weight * kl
+    loss = l1 + (mse * frame_weights).mean() + config.kl_weight * kl
+    mse = mse.mean()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
     optimizer.step()
@@ -381,22 +433,23 @@ def train_vae(frames: torch.Tensor, data: PushTFrames, train_episodes: range, co
     starts = torch.from_numpy(window_starts(data, train_episodes, config.clip_frames, 1)).to(device)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     history: dict[str, Any] = {"loss": [], "psnr": []}
+    budget = StepBudget(config.steps, config.warmup_steps, config.max_seconds)
     report = PhaseReporter(progress, "vae", config.steps)
-    started = time.perf_counter()
     try:
-        for step in range(1, config.steps + 1):
+        step, going = 0, True
+        while going:
+            step += 1
             pick = torch.randint(len(starts), (config.batch_size,), generator=generator, device=device)
             stats = vae_step(vae, optimizer, lr_scheduler, gather_windows(frames, starts[pick], config.clip_frames),
                              generator, config)
             history["loss"].append(round(stats["loss"], 6))
             history["psnr"].append(round(stats["psnr"], 3))
-            report(step=step, loss=stats["loss"], psnr=stats["psnr"], lr=lr_scheduler.get_last_lr()[0])
-            if time.perf_counter() - started > config.max_seconds and step < config.steps:
-                history["stopped_early_at_step"] = step
-                break
+            going = budget.after_step(step, lr_scheduler)
+            report(step=step, steps=budget.steps, loss=stats["loss"], psnr=stats["psnr"],
+                   lr=lr_scheduler.get_last_lr()[0])
     finally:
         report.close()
-    history.update(steps=len(history["loss"]), seconds=round(time.perf_counter() - started, 2))
+    history.update(budget.record(step))
     return vae.eval().requires_grad_(False), history
 
 
@@ -479,24 +532,24 @@ def train_transformer(latents: torch.Tensor, prompt_embeds: torch.Tensor, config
     generator = torch.Generator(device=device).manual_seed(seed + 3)
     padding_mask = torch.zeros(1, 1, height, width, device=device)
     history: dict[str, Any] = {"loss": []}
+    budget = StepBudget(config.steps, config.warmup_steps, config.max_seconds)
     report = PhaseReporter(progress, "dit", config.steps)
-    started = time.perf_counter()
     try:
-        for step in range(1, config.steps + 1):
+        step, going = 0, True
+        while going:
+            step += 1
             pick = torch.randint(len(latents), (config.batch_size,), generator=generator, device=device)
             prompt = torch.randint(len(prompt_embeds), (config.batch_size,), generator=generator, device=device)
             stats = training_step(transformer, params, optimizer, lr_scheduler, latents[pick], prompt_embeds[prompt],
                                   padding_mask, generator, recipe)
             ema.update(transformer)
             history["loss"].append(round(stats["loss"], 6))
-            report(step=step, loss=stats["loss"], lr=stats["lr"])
-            if time.perf_counter() - started > config.max_seconds and step < config.steps:
-                history["stopped_early_at_step"] = step
-                break
+            going = budget.after_step(step, lr_scheduler)
+            report(step=step, steps=budget.steps, loss=stats["loss"], lr=stats["lr"])
     finally:
         report.close()
     ema.copy_to(transformer)
-    history.update(steps=len(history["loss"]), seconds=round(time.perf_counter() - started, 2))
+    history.update(budget.record(step))
     return transformer.eval().requires_grad_(False), history
 
 
@@ -666,6 +719,8 @@ def pretrain(
                                  "redo": "python -m flywheel.model.pretrain_pusht --evaluate-only --out DIR --data-npz NPZ"}
         report["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors come out owner-only; these get committed
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -757,7 +812,11 @@ class PhaseReporter:
 
             self.bar = tqdm(total=total, desc=phase, leave=False)
 
-    def __call__(self, step: int, **values) -> None:
+    def __call__(self, step: int, steps: int | None = None, **values) -> None:
+        if steps is not None and steps != self.total:
+            self.total = steps
+            if self.bar is not None:
+                self.bar.total = steps
         if self.progress is not None:
             self.progress({"stage": "pretrain", "phase": self.phase, "step": step, "steps": self.total,
                            "seconds": round(time.perf_counter() - self.started, 2), **values})
@@ -775,9 +834,10 @@ class PhaseReporter:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     data = dict(episodes=args.episodes, holdout_episodes=args.holdout_episodes, max_steps=args.max_steps,
                 data_seed=args.data_seed)
-    vae = dict(steps=args.vae_steps, batch_size=args.vae_batch_size, base_dim=args.vae_base_dim,
+    vae = dict(steps=args.vae_steps, batch_size=args.vae_batch_size, clip_frames=args.vae_clip_frames, base_dim=args.vae_base_dim,
                dim_mult=[int(v) for v in args.vae_dim_mult.split(",")], max_seconds=args.phase_seconds)
-    dit = dict(steps=args.dit_steps, batch_size=args.dit_batch_size, num_layers=args.dit_layers,
+    dit = dict(steps=args.dit_steps, batch_size=args.dit_batch_size, window_stride=args.dit_window_stride,
+               num_layers=args.dit_layers,
                num_attention_heads=args.dit_heads, attention_head_dim=args.dit_head_dim, max_seconds=args.phase_seconds)
     return PretrainConfig(seed=args.seed, data=data, vae=vae, dit=dit, samples=dict(num_episodes=args.samples))
 
@@ -812,10 +872,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-npz", type=Path, help="train on the episodes of this .npz instead of generating them")
     parser.add_argument("--vae-steps", type=int, default=v.steps)
     parser.add_argument("--vae-batch-size", type=int, default=v.batch_size)
+    parser.add_argument("--vae-clip-frames", type=int, default=v.clip_frames, help="frames per VAE training window (4k+1)")
     parser.add_argument("--vae-base-dim", type=int, default=v.base_dim)
     parser.add_argument("--vae-dim-mult", default=",".join(map(str, v.dim_mult)))
     parser.add_argument("--dit-steps", type=int, default=t.steps)
     parser.add_argument("--dit-batch-size", type=int, default=t.batch_size)
+    parser.add_argument("--dit-window-stride", type=int, default=t.window_stride)
     parser.add_argument("--dit-layers", type=int, default=t.num_layers)
     parser.add_argument("--dit-heads", type=int, default=t.num_attention_heads)
     parser.add_argument("--dit-head-dim", type=int, default=t.attention_head_dim)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.defs.ui import REPO_ROOT, dagster_command, prepare_home, stop
+from flywheel.defs.ui import REPO_ROOT, dagster_command, group_alive, prepare_home, stop
 
 START_TIMEOUT_S = 120
 PYCACHE = Path(tempfile.gettempdir()) / "flywheel-test-pycache"
@@ -134,7 +134,9 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
     assert entries["training_clips"]["latent_cache"].startswith(str(home))
     assert os.path.isdir(entries["training_clips"]["latent_cache"])
 
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) is not None
+    os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / `flywheel ui` shutdown sends
+    assert proc.wait(timeout=60) == 0  # dagster dev stopped its webserver and daemon and exited cleanly
+    stop(proc, timeout_s=10)  # and no code server of its group is left behind
+    assert not group_alive(proc.pid)
     with socket.socket() as s:  # the port is free again: nothing left serving
         s.bind(("127.0.0.1", port))

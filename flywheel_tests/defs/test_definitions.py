@@ -1,6 +1,5 @@
 """The definitions load and say what the issue fixes: names, groups, partitions, pools, gates, config."""
 
-import json
 import subprocess
 import sys
 import threading
@@ -220,7 +219,6 @@ def test_workloads_import_dagster_pipes_only_and_reject_bad_config(tmp_path):
                            "--config-json", "{not json"], capture_output=True, text=True)
     assert proc.returncode == EXIT_CONFIG
     assert "--config-json: not valid JSON" in proc.stderr and "not retried" in proc.stderr
-    assert json.dumps  # the success path (JSON result on stdout) is covered in test_pipeline
 
 
 def test_cancelling_stops_the_whole_workload_process_group():
@@ -247,3 +245,13 @@ def test_cancelling_stops_the_whole_workload_process_group():
         time.sleep(0.1)
     else:
         pytest.fail("the workload's child process survived")
+
+
+def test_executor_is_chosen_by_configuration(tmp_path):
+    from flywheel.defs import build_definitions
+    from flywheel.defs.resources import FlywheelResource
+
+    local = build_definitions(FlywheelResource(home=str(tmp_path)))
+    assert local.resolve_job_def("flywheel_iteration").executor_def.name == "multi_or_in_process_executor"
+    cluster = build_definitions(FlywheelResource(home=str(tmp_path), executor="k8s"))
+    assert cluster.resolve_job_def("flywheel_iteration").executor_def.name == "k8s"

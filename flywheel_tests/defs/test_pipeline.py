@@ -92,7 +92,7 @@ def test_whole_graph_materializes_with_paths_keys_and_previews(flywheel_run):
     assert set(mats) == set(iteration_assets())
     for name, meta in mats.items():
         assert Path(meta["path"]).is_dir() and str(meta["path"]).startswith(str(home)), name
-        assert meta["key"] and meta["reused"] is False, name
+        assert meta["key"] and meta["reused"] is False and meta["size_mb"] > 0, name
     assert mats["demonstrations"]["episodes"] == 4
     assert mats["demonstrations"]["splits"]["train"] >= 1
     assert Path(mats["training_clips"]["latent_cache"]).is_dir()

@@ -9,7 +9,15 @@ from flywheel.defs.pipes import GPU_RETRY_POLICY, GpuLauncher, only_transient_gp
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import input_keys, materialize, upstream
 
-EvaluateSettings = stage_settings("evaluate", "EvaluateSettings")
+# The sampler settings of the base/adapter generations: the generate section, as synthetic_videos has it.
+SamplerSettings = stage_settings("generate", "EvaluateSamplerSettings")
+EvaluateSettings = stage_settings(
+    "evaluate", "EvaluateSettings",
+    launchpad_only={
+        "generate": (SamplerSettings, SamplerSettings(), "sampler settings of the base/adapter generations "
+                                                         "(as for synthetic_videos; the seeds are `seeds` above)"),
+    },
+)
 
 
 @dg.asset(
@@ -32,8 +40,9 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluateSettin
         model = flywheel.model_config_core()
         adapter = upstream(context, "adapter")
         clips = upstream(context, "training_clips")
+        generate_config = config.generate.to_core("generate")
         args = {"adapter": adapter["path"], "clip_set": clips["path"], "evaluate": evaluate_config.model_dump(mode="json"),
-                "model": model.model_dump(mode="json")}
+                "generate": generate_config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
         meta = gpu.run_workload(context, "evaluate", args, flywheel)
     return materialize(meta, inputs=input_keys(adapter=adapter, training_clips=clips),
                        check_results=[checks.evaluation_check(meta)], preview_title="base vs adapter vs real")
