@@ -97,6 +97,17 @@ def cmd_ui(args) -> int:
     return start_ui(home=args.home, port=args.port, mlflow_port=args.mlflow_port) or 0
 
 
+def cmd_domain_add(args) -> int:
+    from flywheel.defs.domains import add_domain
+
+    ingest = {"camera_key": args.camera_key} if args.camera_key else {}
+    source = str(Path(args.source).resolve()) if args.source else None
+    add_domain(args.name, source=source, home=args.home, **ingest)
+    print(f"domain {args.name!r} added" + (f" with demonstrations from {source}" if source else "")
+          + "; materialize its assets from the Dagster UI (`flywheel ui`)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flywheel",
@@ -130,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("domain", help="manage domains (Dagster partitions: a robot cell, camera view or task family)")
+    domain_sub = p.add_subparsers(dest="domain_command", required=True, metavar="ACTION")
+    p = domain_sub.add_parser("add", help="add a domain partition, optionally with its demonstrations source")
+    p.add_argument("name", help="domain name: lowercase letters, digits, '-' and '_'")
+    p.add_argument("--source", help="LeRobot dataset root (v3.0 or v2.1) or raw video folder for the domain")
+    p.add_argument("--camera-key", help="camera to use (default: the dataset's first)")
+    p.add_argument("--home", help="flywheel home (default: $FLYWHEEL_HOME or ./.flywheel)")
+    p.set_defaults(func=cmd_domain_add)
 
     try:
         from flywheel.lineage.cli import add_adapters_parser
