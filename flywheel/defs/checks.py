@@ -2,7 +2,8 @@
 
   demonstrations        manifest schema and episode counts (total, train, val)
   adapter               the training loss is finite
-  adapter_evaluation    the adapter beats the base model on held-out clips by the configured margin
+  adapter_evaluation    the adapter beats the base model on held-out clips by the configured margin and does not
+                        trail the domain's champion by more than allowed (the registry's gate; passing promotes it)
   curated_trajectories  the filter pass rate is within bounds (nothing kept, or nothing filtered, is suspect)
   refreshed_dataset     the new dataset version loads with lerobot's LeRobotDataset, counts matching
 """
@@ -80,16 +81,23 @@ def adapter_check(meta: dict[str, Any]) -> dg.AssetCheckResult:
     )
 
 
-def evaluation_check(meta: dict[str, Any]) -> dg.AssetCheckResult:
-    passed = bool(meta.get("passed", False))
+def evaluation_check(meta: dict[str, Any], decision: Any | None = None) -> dg.AssetCheckResult:
+    """The evaluation gate. With `decision` (the registry's GateDecision: vs the base model and the domain's
+    champion) the check is that decision, so it passes exactly when the adapter was promoted to champion."""
+    passed = bool(meta.get("passed", False)) if decision is None else bool(decision.passed)
     gain, least = meta.get("psnr_gain_db"), meta.get("min_psnr_gain_db")
+    verdict = ("adapter accepted" + (" and promoted to champion" if decision is not None else "") if passed
+               else "adapter rejected; downstream generation is blocked")
+    reasons = f" ({'; '.join(decision.reasons)})" if decision is not None and decision.reasons else ""
+    metadata = {k: meta[k] for k in ("psnr_base", "psnr_adapter", "ssim_base", "ssim_adapter", "psnr_gain_db",
+                                     "min_psnr_gain_db") if isinstance(meta.get(k), (int, float))}
+    if decision is not None:
+        metadata["gate_checks"] = dg.MetadataValue.json(decision.checks)
     return dg.AssetCheckResult(
         check_name=EVALUATION_CHECK, asset_key="adapter_evaluation", passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=(f"PSNR gain {gain} dB vs the gate's {least} dB: "
-                     + ("adapter accepted" if passed else "adapter rejected; downstream generation is blocked")),
-        metadata={k: meta[k] for k in ("psnr_base", "psnr_adapter", "ssim_base", "ssim_adapter", "psnr_gain_db",
-                                       "min_psnr_gain_db") if isinstance(meta.get(k), (int, float))},
+        description=f"PSNR gain {gain} dB vs the gate's {least} dB: {verdict}{reasons}",
+        metadata=metadata,
     )
 
 

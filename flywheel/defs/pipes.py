@@ -32,6 +32,7 @@ from pydantic import Field
 
 from flywheel.defs.gpus import gpu_slot
 from flywheel.defs.resources import FlywheelResource
+from flywheel.lineage.tracking import ensure_tracking_store, tracking_env
 from flywheel.workloads import WORKLOADS
 from flywheel.workloads.entrypoint import ProgressReporter, result_metadata
 from flywheel.workloads.gpu import EXIT_TRANSIENT_GPU, describe_exit, exit_code_for, is_transient_gpu_error
@@ -149,6 +150,7 @@ class GpuLauncher(dg.ConfigurableResource):
         if workload not in WORKLOADS:
             raise ValueError(f"unknown workload {workload!r}; workloads: {', '.join(WORKLOADS)}")
         home = str(flywheel.home_path)
+        ensure_tracking_store(home)  # created once, under a lock, before the workload (or a parallel step) writes
         try:
             if self.backend == "in_process":
                 return self._run_in_process(context, workload, home, args)
@@ -171,7 +173,7 @@ class GpuLauncher(dg.ConfigurableResource):
         with gpu_slot(Path(home) / "dagster" / "gpu-locks", gpus, log=context.log.info) as device:
             context.log.info(f"running {workload} workload on {'GPU ' + device if device else 'CPU'}: "
                              f"python -m flywheel.workloads.{workload}")
-            env = {"CUDA_VISIBLE_DEVICES": device, "FLYWHEEL_HOME": home, "PYTHONPATH": pythonpath}
+            env = {**tracking_env(home), "CUDA_VISIBLE_DEVICES": device, "FLYWHEEL_HOME": home, "PYTHONPATH": pythonpath}
             return client.run(context=context, command=command, env=env, extras={"workload": workload})
 
     def _run_k8s(self, context, workload: str, home: str, args: dict):
@@ -186,7 +188,7 @@ class GpuLauncher(dg.ConfigurableResource):
                 image=self.k8s_image,
                 command=workload_command("python", workload, home, args),
                 namespace=self.k8s_namespace or None,
-                env={"FLYWHEEL_HOME": home},
+                env={**tracking_env(home), "FLYWHEEL_HOME": home},
                 base_pod_spec=k8s_pod_spec(home, self.k8s_gpus_per_pod, self.k8s_volume_claim, self.k8s_service_account),
                 extras={"workload": workload},
             )

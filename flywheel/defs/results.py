@@ -65,9 +65,11 @@ def preview_markdown(image: str | Path | None, title: str = "preview") -> dg.Met
 
 
 def materialize(meta: dict[str, Any], inputs: dict[str, str] | None = None,
-                check_results: Iterable[dg.AssetCheckResult] = (), preview_title: str = "preview") -> dg.MaterializeResult:
-    """The MaterializeResult of a stage: its metadata, an embedded preview, the upstream keys it used."""
-    metadata = dagster_metadata(meta)
+                check_results: Iterable[dg.AssetCheckResult] = (), preview_title: str = "preview",
+                links: dict[str, dg.MetadataValue] | None = None) -> dg.MaterializeResult:
+    """The MaterializeResult of a stage: its metadata, an embedded preview, the upstream keys it used, and
+    `links` (typed entries such as the MLflow run and model version URLs)."""
+    metadata = dagster_metadata(meta) | dict(links or {})
     if meta.get("path") and Path(meta["path"]).is_dir():
         metadata["size_mb"] = dg.MetadataValue.float(round(directory_bytes(Path(meta["path"])) / 1e6, 3))
     preview = preview_markdown(meta.get("preview"), preview_title)

@@ -121,6 +121,12 @@ class GenerateConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _compile_needs_fast_sampler(self) -> "GenerateConfig":
+        if self.compile and self.sampler != "fast":
+            raise ValueError("compile=True applies to our sampler only; set sampler='fast' (or compile=False)")
+        return self
+
     def resolved(self, preset: "ModelPreset") -> "GenerateConfig":
         """A copy with every None sampler setting filled from the preset (what actually runs)."""
         return self.model_copy(

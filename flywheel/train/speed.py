@@ -107,7 +107,13 @@ def block_runner(checkpointing: str, selective_save: str | None = None, compile_
         raise ValueError(f"no block runner for activation checkpointing {checkpointing!r} / save {selective_save!r}; "
                          f"use one of {sorted(_RUNNERS, key=str)}")
     runner = _RUNNERS[key]
-    return torch.compile(runner, backend=compile_backend) if compile_backend else runner
+    if not compile_backend:
+        return runner
+    # peft's DoRA layer clears its (empty, training-mode) cache dict in forward. Inside a checkpoint
+    # Dynamo refuses such a side effect (it would not be replayed in the recompute) and falls back to
+    # eager for the whole block; skipping the replay of that no-op keeps DoRA compiled.
+    allow_side_effects = torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return allow_side_effects(torch.compile(runner, backend=compile_backend))
 
 
 def apply_training_speedups(transformer: torch.nn.Module, config: TrainConfig) -> Callable[[], None]:

@@ -1,6 +1,8 @@
 """The whole graph materialized in-process on the tiny preset with a temporary Dagster instance; a failing
 blocking gate stops downstream assets; re-materializing one asset reuses upstream results; the train
-workload runs through Dagster Pipes in a subprocess and streams its logs and metadata back."""
+workload runs through Dagster Pipes in a subprocess and streams its logs and metadata back; every
+materialization is an MLflow child run of its Dagster run's iteration run, the adapter is registered,
+gated and promoted, and generation uses the champion."""
 
 import json
 import math
@@ -125,8 +127,94 @@ def test_gates_ran_and_passed(flywheel_run):
         assert loaded["episodes"] == refreshed["real_episodes"] + refreshed["synthetic_episodes"] >= 4
 
 
+def step_runs_of_dagster_run(home, dagster_run_id: str) -> tuple[object, dict]:
+    """The MLflow iteration run tagged with a Dagster run id, and its child runs by asset."""
+    from flywheel.lineage import runs, tracking
+
+    client = tracking.client(home)
+    experiment = client.get_experiment_by_name(tracking.experiment_name(DOMAIN)).experiment_id
+    (parent,) = runs.find_runs(client, [experiment], {tracking.TAG_KIND: "iteration",
+                                                      tracking.TAG_DAGSTER_RUN_ID: dagster_run_id})
+    children = runs.find_runs(client, [experiment], {tracking.TAG_PARENT_RUN: parent.info.run_id})
+    by_asset = {c.data.tags[tracking.TAG_ASSET]: c for c in children}
+    assert len(by_asset) == len(children), "one child run per asset materialization"
+    return parent, by_asset
+
+
+def test_mlflow_iteration_run_with_a_child_run_per_asset(flywheel_run):
+    from flywheel.lineage import runs, tracking
+
+    _, result, home, _ = flywheel_run
+    mats = materialized(result)
+    parent, children = step_runs_of_dagster_run(home, result.run_id)
+    assert parent.data.tags[tracking.TAG_ITERATION] == "1" and parent.info.status == "FINISHED"
+    assert set(children) == set(iteration_assets())
+    for name, child in children.items():
+        tags = child.data.tags
+        assert tags[tracking.TAG_PARTITION] == DOMAIN and tags[tracking.TAG_DAGSTER_RUN_ID] == result.run_id, name
+        assert tags[tracking.TAG_CODE_VERSION].startswith("flywheel-") and child.info.status == "FINISHED", name
+        # the asset links to its run: plain id, and a URL of the MLflow UI's run page
+        assert mats[name]["mlflow_run_id"] == child.info.run_id, name
+        assert mats[name]["mlflow_run_url"].endswith(f"/runs/{child.info.run_id}"), name
+        assert mats[name]["mlflow_iteration_run_id"] == parent.info.run_id, name
+    adapter_run = children["adapter"]
+    assert adapter_run.data.params["steps"] == "10" and adapter_run.data.params["rank"] == "4"
+    assert adapter_run.data.params["model.preset"] == "tiny"
+    assert adapter_run.data.metrics["final_loss"] == pytest.approx(mats["adapter"]["final_loss"])
+    losses = tracking.client(home).get_metric_history(adapter_run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 11))  # loss per training step
+    # datasets in and out, identified by our content digests
+    clips_data = {(d["name"], d["context"]): d for d in runs.dataset_inputs(home, children["training_clips"].info.run_id)}
+    assert clips_data[("demonstrations", "training")]["digest"] == mats["demonstrations"]["key"]
+    assert clips_data[("training_clips", "output")]["digest"] == mats["training_clips"]["key"]
+    synthetic_data = {(d["name"], d["context"]) for d in runs.dataset_inputs(home, children["synthetic_videos"].info.run_id)}
+    assert ("synthetic_set", "output") in synthetic_data
+    refreshed = {(d["name"], d["context"]): d for d in runs.dataset_inputs(home, children["refreshed_dataset"].info.run_id)}
+    assert refreshed[("refreshed_dataset", "output")]["digest"] == mats["refreshed_dataset"]["key"]
+
+
+def test_adapter_registered_gated_and_generation_uses_the_champion(flywheel_run):
+    import pandas as pd
+
+    from flywheel.lineage import query, registry
+
+    _, result, home, _ = flywheel_run
+    mats = materialized(result)
+    version = mats["adapter"]["mlflow_model_version"]
+    assert mats["adapter"]["mlflow_model_version_url"].endswith(f"/versions/{version}")
+    (row,) = [r for r in registry.list_adapters(home, DOMAIN) if r["version"] == version]
+    assert "candidate" in row["aliases"] and row["training_dataset_digest"] == mats["training_clips"]["latent_cache_key"]
+    gate_passed = mats["adapter_evaluation"]["gate_passed"]
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["adapter_beats_base"]
+    assert check.passed is gate_passed  # the blocking check is the registry's gate decision
+    assert (registry.champion_version(home, DOMAIN) == version) is gate_passed
+    evaluated, base = registry.evaluation_of(home, DOMAIN, version)
+    assert evaluated["psnr"] == pytest.approx(mats["adapter_evaluation"]["psnr_adapter"])
+    assert base["psnr"] == pytest.approx(mats["adapter_evaluation"]["psnr_base"])
+    assert gate_passed, "the FAST schedule is tuned to pass the gate; the rest of this test needs a champion"
+    synthetic = mats["synthetic_videos"]
+    assert synthetic["generated_with"] == f"champion v{version}" and synthetic["mlflow_model_version"] == version
+
+    # which adapter version, base model, prompt and seed produced a synthetic episode
+    sample = pd.read_parquet(Path(synthetic["path"]) / "samples.parquet").iloc[0]
+    found = query.lineage_of_synthetic_episode(home, DOMAIN, synthetic_set_digest=synthetic["key"],
+                                               episode_id=sample.request_id)
+    assert found["adapter"]["version"] == version and found["seed"] == int(sample.seed)
+    assert found["prompt"] == sample.prompt and found["base_model_id"] == found["adapter"]["base_model_id"] != ""
+    refreshed = mats["refreshed_dataset"]
+    first_synthetic = refreshed["real_episodes"]  # synthetic episodes follow the real ones
+    if refreshed["synthetic_episodes"]:  # the same answer through the refreshed dataset version
+        by_dataset = query.lineage_of_synthetic_episode(home, DOMAIN, dataset_digest=refreshed["key"],
+                                                        episode_index=first_synthetic)
+        assert by_dataset["adapter"]["version"] == version and by_dataset["synthetic_set_digest"] == synthetic["key"]
+    else:  # the tiny model's videos rarely pass the filters: the version's record is found, and says so
+        with pytest.raises(LookupError, match="is not a synthetic episode"):
+            query.lineage_of_synthetic_episode(home, DOMAIN, dataset_digest=refreshed["key"],
+                                               episode_index=first_synthetic)
+
+
 def test_rematerializing_synthetic_videos_reuses_upstream(flywheel_run, small_pusht):
-    instance, _, _, resources = flywheel_run
+    instance, _, home, resources = flywheel_run
     adapter_before = latest(instance, "adapter")
     clips_before = latest(instance, "training_clips")
     config = {"ops": {"synthetic_videos": {"config": {"seeds": [0, 1], "max_videos": 3}}}}
@@ -142,6 +230,28 @@ def test_rematerializing_synthetic_videos_reuses_upstream(flywheel_run, small_pu
                                         resources=resources, run_config=config))
     assert again["synthetic_videos"]["reused"] is True
     assert again["synthetic_videos"]["key"] == mats["synthetic_videos"]["key"]
+    # an experiment is a Dagster run of its own: its own MLflow iteration run with one child run
+    parent, children = step_runs_of_dagster_run(home, result.run_id)
+    assert list(children) == ["synthetic_videos"] and int(parent.data.tags["flywheel.iteration"]) >= 2
+    assert mats["synthetic_videos"]["mlflow_run_id"] == children["synthetic_videos"].info.run_id
+
+
+def test_synthetic_videos_adapter_choice_base_or_registry_version(flywheel_run):
+    instance, _, _, resources = flywheel_run
+    version = latest(instance, "adapter")["mlflow_model_version"]
+    config = {"seeds": [0], "max_videos": 1}
+    for choice, label in (("base", "base"), (version, f"v{version}")):
+        run = {"ops": {"synthetic_videos": {"config": {**config, "adapter": choice}}}}
+        mats = materialized(dg.materialize(assets_named("synthetic_videos"), partition_key=DOMAIN, instance=instance,
+                                           resources=resources, run_config=run))
+        assert mats["synthetic_videos"]["generated_with"] == label
+        assert (mats["synthetic_videos"].get("mlflow_model_version") == version) is (choice != "base")
+    missing = dg.materialize(assets_named("synthetic_videos"), partition_key=DOMAIN, instance=instance,
+                             resources=resources, raise_on_error=False,
+                             run_config={"ops": {"synthetic_videos": {"config": {**config, "adapter": "999"}}}})
+    assert not missing.success
+    (failure,) = [e for e in missing.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "has no version '999'" in failure.event_specific_data.error.message
 
 
 def test_invalid_config_fails_before_any_gpu_work_and_is_not_retried(flywheel_run):

@@ -173,3 +173,5 @@ def test_bad_inputs_are_refused(pipe, image, embeds):
     with pytest.raises(ValueError, match="exactly that adapter active"):
         with fused_lora(pipe, "nothing"):
             pass
+    with pytest.raises(ValueError, match="sampler='fast'"):
+        GenerateConfig(compile=True)

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from flywheel.defs.config import stage_settings
+from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.pipes import GPU_RETRY_POLICY, GpuLauncher, only_transient_gpu_errors_retry
 from flywheel.defs.resources import FlywheelResource
@@ -30,5 +31,7 @@ def training_clips(context: dg.AssetExecutionContext, config: ClipSettings, flyw
         demos = upstream(context, "demonstrations")
         args = {"manifest": demos["path"], "clips": clip_config.model_dump(mode="json"),
                 "model": model.model_dump(mode="json")}
-        meta = gpu.run_workload(context, "clips", args, flywheel)
-    return materialize(meta, inputs=input_keys(demonstrations=demos))
+        with step_lineage(context, flywheel, stage_params(clip_config, model)) as lineage:
+            meta = gpu.run_workload(context, "clips", args, flywheel)
+            lineage.record(meta, inputs={"demonstrations": demos})
+    return materialize(meta, inputs=input_keys(demonstrations=demos), links=lineage.metadata)

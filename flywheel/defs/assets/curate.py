@@ -4,6 +4,7 @@ import dagster as dg
 
 from flywheel.defs import checks
 from flywheel.defs.config import stage_settings
+from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import input_keys, materialize, upstream
@@ -36,6 +37,11 @@ def curated_trajectories(context: dg.AssetExecutionContext, config: QualitySetti
     quality_config = config.to_core("quality")
     labels = upstream(context, "pseudo_actions")
     demos = upstream(context, "demonstrations")
-    meta = run_stage(context, "curate_stage", flywheel.home_path, labels["path"], demos["path"], quality_config)
+    params = stage_params(quality_config, gate={"min_pass_rate": config.min_pass_rate,
+                                                "max_pass_rate": config.max_pass_rate})
+    with step_lineage(context, flywheel, params) as lineage:
+        meta = run_stage(context, "curate_stage", flywheel.home_path, labels["path"], demos["path"], quality_config)
+        lineage.record(meta, inputs={"pseudo_actions": labels, "demonstrations": demos})
     check = checks.curation_check(meta, config.min_pass_rate, config.max_pass_rate)
-    return materialize(meta, inputs=input_keys(pseudo_actions=labels, demonstrations=demos), check_results=[check])
+    return materialize(meta, inputs=input_keys(pseudo_actions=labels, demonstrations=demos), check_results=[check],
+                       links=lineage.metadata)

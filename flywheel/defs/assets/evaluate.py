@@ -4,6 +4,7 @@ import dagster as dg
 
 from flywheel.defs import checks
 from flywheel.defs.config import stage_settings
+from flywheel.defs.lineage import stage_params, stage_result, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.pipes import GPU_RETRY_POLICY, GpuLauncher, only_transient_gpu_errors_retry
 from flywheel.defs.resources import FlywheelResource
@@ -28,7 +29,8 @@ EvaluateSettings = stage_settings(
     pool="gpu",
     retry_policy=GPU_RETRY_POLICY,
     check_specs=[checks.spec("adapter_evaluation", checks.EVALUATION_CHECK,
-                             "the adapter beats the base model's PSNR by at least min_psnr_gain_db")],
+                             "the registry's gate: the adapter beats the base model's PSNR by min_psnr_gain_db and trails "
+                             "the domain's champion by at most max_psnr_drop_vs_champion_db (passing promotes it)")],
     kinds={"pytorch"},
     description="PSNR/SSIM of base vs adapter generations against the real held-out clips "
                 "(<home>/evaluations/<key>, comparison.png). Blocks generation when the adapter does not pass.",
@@ -43,6 +45,28 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluateSettin
         generate_config = config.generate.to_core("generate")
         args = {"adapter": adapter["path"], "clip_set": clips["path"], "evaluate": evaluate_config.model_dump(mode="json"),
                 "generate": generate_config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
-        meta = gpu.run_workload(context, "evaluate", args, flywheel)
+        params = stage_params(evaluate_config, model, generate=generate_config.model_dump(mode="json"))
+        with step_lineage(context, flywheel, params) as lineage:
+            meta = gpu.run_workload(context, "evaluate", args, flywheel)
+            lineage.record(meta, inputs={"training_clips": clips})
+            version = registered_version(lineage, adapter, clips)
+            # base vs adapter metrics on the version; `champion` moves only when the gate passes
+            decision = lineage.lineage.gate_and_promote(version, meta, evaluate_config)
+            lineage.run.log_metrics({"gate_passed": float(decision.passed)})
+            lineage.link_model_version(version)
+            lineage.metadata["gate_passed"] = dg.MetadataValue.bool(decision.passed)
+            lineage.metadata["gate_reasons"] = dg.MetadataValue.text("; ".join(decision.reasons) or "passed")
+            context.log.info(f"adapter version {version}: gate {'passed -> champion' if decision.passed else 'failed'}"
+                             + (f" ({'; '.join(decision.reasons)})" if decision.reasons else ""))
     return materialize(meta, inputs=input_keys(adapter=adapter, training_clips=clips),
-                       check_results=[checks.evaluation_check(meta)], preview_title="base vs adapter vs real")
+                       check_results=[checks.evaluation_check(meta, decision)], preview_title="base vs adapter vs real",
+                       links=lineage.metadata)
+
+
+def registered_version(lineage, adapter: dict, clips: dict) -> str:
+    """The adapter's registry version: from its materialization, else registered now (idempotent on content)."""
+    version = adapter.get("mlflow_model_version")
+    if version:
+        return str(version)
+    result = stage_result(adapter)
+    return lineage.lineage.register_adapter(lineage.run, result, str(clips.get("latent_cache_key") or clips["key"]))

@@ -5,6 +5,7 @@ import dagster as dg
 from flywheel.defs import checks
 from flywheel.defs.config import core_config_class, stage_settings
 from flywheel.defs.domains import registration, resolve_source
+from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import materialize
@@ -50,6 +51,11 @@ def demonstrations(context: dg.AssetExecutionContext, config: IngestSettings, fl
     values = ingest_values(config, registered)
     values["source"] = resolve_source(home, flywheel.inbox_path, domain, config.source)
     ingest_config = config.to_core("ingest", **values)
-    meta = run_stage(context, "ingest_stage", home, ingest_config)
+    params = stage_params(ingest_config, gate={"min_episodes": config.min_episodes,
+                                               "min_train_episodes": config.min_train_episodes,
+                                               "min_val_episodes": config.min_val_episodes})
+    with step_lineage(context, flywheel, params) as lineage:
+        meta = run_stage(context, "ingest_stage", home, ingest_config)
+        lineage.record(meta, inputs={})
     check = checks.demonstrations_check(meta, config.min_episodes, config.min_train_episodes, config.min_val_episodes)
-    return materialize(meta, check_results=[check])
+    return materialize(meta, check_results=[check], links=lineage.metadata)

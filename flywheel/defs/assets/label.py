@@ -3,6 +3,7 @@
 import dagster as dg
 
 from flywheel.defs.config import stage_settings
+from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import input_keys, materialize, upstream
@@ -24,5 +25,8 @@ def pseudo_actions(context: dg.AssetExecutionContext, config: LabelSettings, fly
     label_config = config.to_core("label")
     synthetic = upstream(context, "synthetic_videos")
     demos = upstream(context, "demonstrations")
-    meta = run_stage(context, "label_stage", flywheel.home_path, synthetic["path"], demos["path"], label_config)
-    return materialize(meta, inputs=input_keys(synthetic_videos=synthetic, demonstrations=demos))
+    with step_lineage(context, flywheel, stage_params(label_config)) as lineage:
+        meta = run_stage(context, "label_stage", flywheel.home_path, synthetic["path"], demos["path"], label_config)
+        lineage.record(meta, inputs={"synthetic_videos": synthetic, "demonstrations": demos})
+    return materialize(meta, inputs=input_keys(synthetic_videos=synthetic, demonstrations=demos),
+                       links=lineage.metadata)

@@ -1,9 +1,17 @@
-"""refreshed_dataset: a new LeRobot dataset version, the demonstrations plus the accepted synthetic episodes."""
+"""refreshed_dataset: a new LeRobot dataset version, the demonstrations plus the accepted synthetic episodes.
+
+Its MLflow run records which synthetic set each synthetic episode came from, so `flywheel adapters lineage`
+can answer which adapter version, base model, prompt and seed produced it.
+"""
+
+import json
+from pathlib import Path
 
 import dagster as dg
 
 from flywheel.defs import checks
 from flywheel.defs.config import stage_settings
+from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import input_keys, materialize, upstream
@@ -26,6 +34,19 @@ def refreshed_dataset(context: dg.AssetExecutionContext, config: RefreshSettings
     refresh_config = config.to_core("refresh")
     curated = upstream(context, "curated_trajectories")
     demos = upstream(context, "demonstrations")
-    meta = run_stage(context, "refresh_stage", flywheel.home_path, curated["path"], demos["path"], refresh_config)
+    with step_lineage(context, flywheel, stage_params(refresh_config)) as lineage:
+        meta = run_stage(context, "refresh_stage", flywheel.home_path, curated["path"], demos["path"], refresh_config)
+        result = lineage.record(meta, inputs={"curated_trajectories": curated, "demonstrations": demos})
+        lineage.lineage.record_refreshed(lineage.run, result, synthetic_set_of(curated["path"]))
     return materialize(meta, inputs=input_keys(curated_trajectories=curated, demonstrations=demos),
-                       check_results=[checks.refresh_check(meta)])
+                       check_results=[checks.refresh_check(meta)], links=lineage.metadata)
+
+
+def synthetic_set_of(curated_path: str) -> str:
+    """The key (content digest) of the synthetic set a curation filtered: its store folder's name."""
+    links = Path(curated_path) / "curated.json"
+    try:
+        return Path(json.loads(links.read_text())["synthetic"]).name
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{links}: cannot tell which synthetic set was curated ({type(e).__name__}: {e}); "
+                         "materialize curated_trajectories again") from None

@@ -4,6 +4,7 @@ import dagster as dg
 
 from flywheel.defs import checks
 from flywheel.defs.config import stage_settings
+from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.pipes import GPU_RETRY_POLICY, GpuLauncher, only_transient_gpu_errors_retry
 from flywheel.defs.resources import FlywheelResource
@@ -40,6 +41,13 @@ def adapter(context: dg.AssetExecutionContext, config: TrainSettings, flywheel: 
         clips = upstream(context, "training_clips")
         args = {"latent_cache": clips["latent_cache"], "train": train_config.model_dump(mode="json"),
                 "model": model.model_dump(mode="json")}
-        meta = gpu.run_workload(context, "train", args, flywheel)
+        params = stage_params(train_config, model, continue_adapter_line=config.continue_adapter_line)
+        with step_lineage(context, flywheel, params) as lineage:
+            meta = gpu.run_workload(context, "train", args, flywheel)
+            result = lineage.record(meta, inputs={"training_clips": clips})
+            # a candidate version of the domain's adapter line (the same files again: the same version)
+            version = lineage.lineage.register_adapter(lineage.run, result, str(clips["latent_cache_key"]))
+            lineage.link_model_version(version)
+            context.log.info(f"registered adapter as version {version} (alias candidate)")
     return materialize(meta, inputs=input_keys(training_clips=clips), check_results=[checks.adapter_check(meta)],
-                       preview_title="loss")
+                       preview_title="loss", links=lineage.metadata)
