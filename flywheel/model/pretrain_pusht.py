@@ -396,14 +396,25 @@ class StepBudget:
 # ── VAE ──────────────────────────────────────────────────────────────────────────────────────────
 
 
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z)` before its final clamp to [-1, 1]: the clamp passes no gradient to the pixels it clips,
+    so a decoder that overshoots white (most of a PushT frame) would never learn the objects on it."""
+    chunks: list[torch.Tensor] = []
+    handle = vae.decoder.register_forward_hook(lambda module, args, output: chunks.append(output))
+    try:
+        vae.decode(z)
+    finally:
+        handle.remove()
+    return torch.cat(chunks, dim=2)
+
+
 def vae_step(vae, optimizer, lr_scheduler, video: torch.Tensor, generator: torch.Generator,
              config: VaeConfig) -> dict[str, float]:
     """One VAE step: encode, sample the posterior, decode; L1 + MSE (first frame weighted up) + kl_weight * KL;
     clip, step."""
     posterior = vae.encode(video).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=video.device)
-    reconstruction = vae.decode(z).sample
-    error = reconstruction - video
+    error = decode_unclamped(vae, z) - video
     frame_weights = torch.ones(video.shape[2], device=video.device)
     frame_weights[0] = config.first_frame_weight
     frame_weights = frame_weights / frame_weights.mean()

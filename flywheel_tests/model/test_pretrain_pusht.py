@@ -17,12 +17,14 @@ from flywheel.model.pretrain_pusht import (
     NUM_FRAMES,
     PushTFrames,
     VaeConfig,
+    build_vae,
     load_npz,
     main,
     psnr,
     rollout_metrics,
     save_npz,
     train_vae,
+    vae_step,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -131,6 +133,23 @@ def test_vae_reconstruction_loss_decreases(episodes_npz):
     losses = history["loss"]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_vae_learns_even_where_its_output_overshoots_white(episodes_npz):
+    """AutoencoderKLWan.decode clamps to [-1, 1]: a loss on the clamped output gives no gradient where the
+    decoder overshoots white, which on PushT's white floor froze an early run into blank reconstructions."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = VaeConfig(base_dim=8, dim_mult=[1, 1, 1, 1], clip_frames=5, kl_weight=0.0)
+    vae = build_vae(config)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(5.0)  # every output pixel far above white
+    before = vae.decoder.conv_out.weight.detach().clone()
+    optimizer = torch.optim.SGD(vae.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    video = torch.from_numpy(load_npz(episodes_npz).episode(0)[:5]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    vae_step(vae, optimizer, scheduler, video, torch.Generator().manual_seed(0), config)
+    assert not torch.equal(vae.decoder.conv_out.weight, before)
 
 
 def test_missing_weights_say_which_command_makes_them(tmp_path):
