@@ -11,30 +11,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from flywheel.quality.stats import gray, psnr, ssim
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 frame stacks, in dB (capped at 100 for identical frames)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM (Wang et al. 2004, 7x7 uniform window, on luma) of two uint8 stacks [T,H,W,3]."""
-
-    def luma(x):
-        x = torch.from_numpy(np.ascontiguousarray(x)).double()
-        return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]).unsqueeze(1)  # [T,1,H,W]
-
-    x, y = luma(a), luma(b)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    pool = lambda t: F.avg_pool2d(t, 7, stride=1)  # noqa: E731
-    mx, my = pool(x), pool(y)
-    vx, vy, cxy = pool(x * x) - mx * mx, pool(y * y) - my * my, pool(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean())
+def video_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-frame SSIM of two uint8 stacks [T,H,W,3], on luma."""
+    return float(np.mean([ssim(x, y) for x, y in zip(gray(a), gray(b))]))
 
 
 def evaluation_clips(clip_frame, split: str, max_clips: int):
@@ -79,7 +62,7 @@ def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, g
                 video = read_frames(gen_dir / samples.loc[f"{clip['clip_id']}-s{seed}-{name}", "video"])
                 n = min(len(video), len(real))
                 scores[f"psnr_{name}"] = psnr(video[1:n], real[1:n])
-                scores[f"ssim_{name}"] = ssim(video[1:n], real[1:n])
+                scores[f"ssim_{name}"] = video_ssim(video[1:n], real[1:n])
                 if seed == config.seeds[0]:
                     sheet_videos.append(video)
                     sheet_labels.append(f"{clip['clip_id']} {name}")
