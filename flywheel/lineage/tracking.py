@@ -172,10 +172,18 @@ def _create_or_upgrade_schema(uri: str) -> None:
 def _point_mlflow_at(uri: str) -> None:
     import mlflow
 
-    # The registry resolves `models:/<id>` sources through the process-wide tracking URI.
+    # The registry resolves `models:/<id>` sources through the process-wide tracking URI. MLflow also
+    # exports it to os.environ, where it would pass for the user's choice and override the next home's
+    # default store in this process; flywheel hands step processes the URI itself (tracking_env).
+    exported = {k: os.environ.get(k) for k in (MLFLOW_URI_ENV, "MLFLOW_REGISTRY_URI")}
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in exported.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def client(home: str | os.PathLike | None = None) -> RetryingClient:

@@ -102,6 +102,7 @@ class VaeConfig(BaseModel):
     # The first frame is decoded alone from the first latent (the conditioning frame of image-to-world):
     # weight it like the 4-frame chunks that share each later latent, or it is learnt last and worst.
     first_frame_weight: float = Field(4.0, gt=0)
+    initial_logvar: float = Field(-8.0, description="initial bias of the posterior log-variance (see build_vae)")
     max_grad_norm: float = Field(1.0, gt=0)
     encode_batch_size: int = Field(128, ge=1, description="windows per VAE call when encoding the DiT's latents")
     max_seconds: float = Field(180.0, gt=0, description="time budget of the phase (see StepBudget)")
@@ -310,8 +311,14 @@ def gather_windows(frames: torch.Tensor, starts: torch.Tensor, length: int) -> t
 def build_vae(config: VaeConfig):
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(base_dim=config.base_dim, z_dim=LATENT_CHANNELS, dim_mult=list(config.dim_mult),
-                            num_res_blocks=config.num_res_blocks, temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(base_dim=config.base_dim, z_dim=LATENT_CHANNELS, dim_mult=list(config.dim_mult),
+                           num_res_blocks=config.num_res_blocks, temperal_downsample=[False, True, True])
+    # Fresh, the posterior's log-variance is ~0: noise of std 1 on means of std ~0.4 leaves the decoder
+    # nothing to read, it settles on the mean image (a white floor) and the tiny KL weight never pulls it
+    # out. Start the noise small instead (std e^-4); training can raise it where it costs nothing.
+    with torch.no_grad():
+        vae.quant_conv.bias[LATENT_CHANNELS:].fill_(config.initial_logvar)
+    return vae
 
 
 def build_transformer(config: DitConfig):

@@ -139,4 +139,5 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
     stop(proc, timeout_s=10)  # and no code server of its group is left behind
     assert not group_alive(proc.pid)
     with socket.socket() as s:  # the port is free again: nothing left serving
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections may linger in TIME_WAIT
         s.bind(("127.0.0.1", port))
