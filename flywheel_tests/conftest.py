@@ -45,3 +45,20 @@ def tiny_pipe():
     from flywheel.model.presets import load_pipeline
 
     return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def episode_cache(tmp_path_factory) -> Path:
+    """Decoded real episodes, cached once per session so every test package decodes the videos once."""
+    path = tmp_path_factory.getbasetemp() / "flywheel_episode_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pusht_root() -> Path:
+    """The embedded sample dataset (datasets/pusht)."""
+    root = REPO_ROOT / "datasets" / "pusht"
+    if not (root / "meta" / "info.json").is_file():
+        pytest.fail(f"sample dataset not found at {root}; run `python -m flywheel.data.pusht_sample --out {root}`")
+    return root

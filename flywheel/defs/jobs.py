@@ -2,16 +2,7 @@
 
 import dagster as dg
 
-STAGE_ASSETS = [
-    "demonstrations",
-    "training_clips",
-    "adapter",
-    "adapter_evaluation",
-    "synthetic_videos",
-    "pseudo_actions",
-    "curated_trajectories",
-    "refreshed_dataset",
-]
+from flywheel.iteration import STAGE_ORDER as STAGE_ASSETS  # one list of stages for the CLI and Dagster
 
 
 STAGE_FUNCTIONS = {
