@@ -335,26 +335,21 @@ def build_vae(config: VaeConfig):
 def build_transformer(config: DitConfig):
     from diffusers import CosmosTransformer3DModel
 
-    from flywheel.model.presets import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS
+    from flywheel.model.presets import TINY_TRANSFORMER
 
-    return CosmosTransformer3DModel(
-        in_channels=LATENT_CHANNELS + 1,
-        out_channels=LATENT_CHANNELS,
-        num_attention_heads=config.num_attention_heads,
-        attention_head_dim=config.attention_head_dim,
-        num_layers=config.num_layers,
-        mlp_ratio=config.mlp_ratio,
-        text_embed_dim=config.hidden_size,
-        adaln_lora_dim=config.adaln_lora_dim,
-        max_size=(32, 32, 32),
-        patch_size=(1, 2, 2),
-        rope_scale=(1.0, 3.0, 3.0),
-        concat_padding_mask=True,
-        extra_pos_embed_type=None,
-        use_crossattn_projection=True,
-        crossattn_proj_in_channels=TINY_TEXT_HIDDEN * TINY_TEXT_LAYERS,
-        encoder_hidden_states_channels=config.hidden_size,
-    )
+    # The tiny preset's architecture (2.5 cross-attention projection of the tiny text encoder), wider and deeper.
+    return CosmosTransformer3DModel(**{
+        **TINY_TRANSFORMER,
+        "in_channels": LATENT_CHANNELS + 1,
+        "out_channels": LATENT_CHANNELS,
+        "num_attention_heads": config.num_attention_heads,
+        "attention_head_dim": config.attention_head_dim,
+        "num_layers": config.num_layers,
+        "mlp_ratio": config.mlp_ratio,
+        "text_embed_dim": config.hidden_size,
+        "adaln_lora_dim": config.adaln_lora_dim,
+        "encoder_hidden_states_channels": config.hidden_size,
+    })
 
 
 def warmup_decay(steps: int, warmup_steps: int):
