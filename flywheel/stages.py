@@ -84,6 +84,7 @@ def clips_stage(home, manifest_path, clip_config, model, progress: Progress = No
 def train_stage(home, latent_cache_path, train_config, model, progress: Progress = None) -> StageResult:
     """adapter: LoRA/DoRA on the frozen transformer; resumes from its last checkpoint if interrupted."""
     from flywheel.data.latent_cache import LatentCache
+    from flywheel.train.distributed import current_world
     from flywheel.train.lora import train_adapter
 
     store = ArtifactStore(home)
@@ -98,9 +99,12 @@ def train_stage(home, latent_cache_path, train_config, model, progress: Progress
     result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
     meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
             "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
-    with store.write("adapters", key, meta) as tmp:
-        shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
+    if world.is_main:
+        with store.write("adapters", key, meta) as tmp:
+            shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    world.barrier()
     return StageResult("adapter", key, path, meta, path / "loss.png")
 
 
@@ -134,6 +138,7 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
     """synthetic_videos: image-to-world from clip first frames, with the adapter (or the base when None)."""
     from flywheel.data.clips import load_clip_set
     from flywheel.generate.world import generate_videos, requests_from_clips, unload_adapters
+    from flywheel.train.distributed import current_world
 
     store = ArtifactStore(home)
     key = hash_json({"format": 2, "adapter": Path(adapter_path).name if adapter_path else None,
@@ -153,14 +158,21 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
     if not requests:
         raise ValueError(f"{clip_set.path}: no {split!r} clips to generate from")
     pipe = _pipeline(model)
+    adapters = {adapter_name: Path(adapter_path)} if adapter_path else None
+    world = current_world()
+    if not world.is_main:  # several GPUs (torchrun): this rank's share of the videos, into rank 0's directory
+        try:
+            generate_videos(pipe, requests, None, generate_config, adapters=adapters, progress=progress)
+        finally:
+            unload_adapters(pipe)
+        world.barrier()  # rank 0 has written the artifact
+        return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png")
     started = time.perf_counter()
     meta: dict = {}
     with store.write("synthetic", key, meta) as tmp:
         out = tmp / "out"
         try:
-            result = generate_videos(pipe, requests, out, generate_config,
-                                     adapters={adapter_name: Path(adapter_path)} if adapter_path else None,
-                                     progress=progress)
+            result = generate_videos(pipe, requests, out, generate_config, adapters=adapters, progress=progress)
         finally:
             unload_adapters(pipe)
         for item in out.iterdir():
@@ -172,6 +184,7 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
                 "seconds_per_video": round((time.perf_counter() - started) / max(len(result.frame), 1), 2),
                 **pipe.flywheel_safety})
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2))
+    world.barrier()
     return StageResult("synthetic_videos", key, path, meta, path / "contact_sheet.png")
 
 

@@ -3,7 +3,9 @@
 `GpuLauncher.run_workload(context, "train", args, flywheel)` starts `python -m flywheel.workloads.train`:
   subprocess  on this machine (PipesSubprocessClient): one GPU per step (CUDA_VISIBLE_DEVICES from a
               lock per device), logs and progress stream into the run, cancelling the run stops the
-              process group (SIGINT, then SIGKILL)
+              process group (SIGINT, then SIGKILL). `train` and `generate` take `flywheel.gpus_per_step`
+              GPUs: more than one starts `python -m torch.distributed.run --standalone --nproc-per-node N
+              -m flywheel.workloads.train ...`, one process per GPU, rank 0 talking to Pipes
   k8s         as a Kubernetes pod (PipesK8sClient) requesting `nvidia.com/gpu`, the flywheel home mounted
               from a PersistentVolumeClaim at the same path
   in_process  in the step's own process (debugging, CPU-only tests): no isolation, no device choice
@@ -33,7 +35,7 @@ from pydantic import Field
 from flywheel.defs.gpus import gpu_slot
 from flywheel.defs.resources import FlywheelResource
 from flywheel.lineage.tracking import ensure_tracking_store, tracking_env
-from flywheel.workloads import WORKLOADS
+from flywheel.workloads import MULTI_GPU_WORKLOADS, WORKLOADS
 from flywheel.workloads.entrypoint import ProgressReporter, result_metadata
 from flywheel.workloads.gpu import EXIT_TRANSIENT_GPU, describe_exit, exit_code_for, is_transient_gpu_error
 
@@ -93,9 +95,12 @@ class GpuPipesSubprocessClient(dg.PipesSubprocessClient):
                 raise
         invocation = dg.PipesClientCompletedInvocation(session)
         if process.returncode != 0:
-            errors = [m.get("error") for m in session.get_custom_messages() if isinstance(m, dict) and m.get("error")]
-            raise WorkloadExit((extras or {}).get("workload", "workload"), process.returncode,
-                               errors[-1] if errors else None)
+            reports = [m for m in session.get_custom_messages() if isinstance(m, dict) and m.get("error")]
+            # The workload's own exit code: under torchrun the process's code is torchrun's (1 for any failure),
+            # but whether a retry helps (75) or not (78) is what rank 0 reported.
+            code = reports[-1].get("exit_code", process.returncode) if reports else process.returncode
+            raise WorkloadExit((extras or {}).get("workload", "workload"), code,
+                               reports[-1]["error"] if reports else None)
         return invocation
 
 
@@ -122,9 +127,16 @@ def k8s_pod_spec(home: str, gpus_per_pod: int, volume_claim: str, service_accoun
     return spec
 
 
-def workload_command(python: str, workload: str, home: str, args: dict) -> list[str]:
-    return [python, "-m", f"flywheel.workloads.{workload}", "--home", home,
+def workload_command(python: str, workload: str, home: str, args: dict, processes: int = 1) -> list[str]:
+    """The workload's command line: `python -m flywheel.workloads.<workload>`, or under torchrun for several processes."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if processes > 1 else []
+    return [python, *launcher, "-m", f"flywheel.workloads.{workload}", "--home", home,
             "--config-json", json.dumps(args, sort_keys=True, default=str)]
+
+
+def processes_for(workload: str, flywheel: FlywheelResource) -> int:
+    """How many processes (GPUs) a workload runs as: gpus_per_step for train/generate, else one."""
+    return flywheel.gpus_per_step if workload in MULTI_GPU_WORKLOADS else 1
 
 
 def _raw(value: Any) -> Any:
@@ -151,13 +163,17 @@ class GpuLauncher(dg.ConfigurableResource):
             raise ValueError(f"unknown workload {workload!r}; workloads: {', '.join(WORKLOADS)}")
         home = str(flywheel.home_path)
         ensure_tracking_store(home)  # created once, under a lock, before the workload (or a parallel step) writes
+        processes = processes_for(workload, flywheel)
         try:
             if self.backend == "in_process":
+                if processes > 1:
+                    context.log.warning(f"gpu backend in_process runs {workload} as one process; "
+                                        f"gpus_per_step={processes} needs the subprocess or k8s backend")
                 return self._run_in_process(context, workload, home, args)
             if self.backend == "k8s":
-                invocation = self._run_k8s(context, workload, home, args)
+                invocation = self._run_k8s(context, workload, home, args, processes)
             else:
-                invocation = self._run_subprocess(context, workload, home, args, flywheel.gpus)
+                invocation = self._run_subprocess(context, workload, home, args, flywheel.gpus, processes)
         except WorkloadExit as e:
             if e.code == EXIT_TRANSIENT_GPU:
                 raise TransientGpuError(str(e)) from e
@@ -166,17 +182,18 @@ class GpuLauncher(dg.ConfigurableResource):
         result = invocation.get_materialize_result()
         return {k: _raw(v) for k, v in (result.metadata or {}).items()}
 
-    def _run_subprocess(self, context, workload: str, home: str, args: dict, gpus: int):
+    def _run_subprocess(self, context, workload: str, home: str, args: dict, gpus: int, processes: int = 1):
         client = GpuPipesSubprocessClient(forward_termination=True, termination_timeout_seconds=self.termination_timeout_s)
-        command = workload_command(self.python or sys.executable, workload, home, args)
+        command = workload_command(self.python or sys.executable, workload, home, args, processes)
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        with gpu_slot(Path(home) / "dagster" / "gpu-locks", gpus, log=context.log.info) as device:
-            context.log.info(f"running {workload} workload on {'GPU ' + device if device else 'CPU'}: "
-                             f"python -m flywheel.workloads.{workload}")
+        with gpu_slot(Path(home) / "dagster" / "gpu-locks", gpus, log=context.log.info, count=processes) as device:
+            where = (f"GPU{'s' if ',' in device else ''} {device}" if device else "CPU")
+            how = (f"torchrun, {processes} processes: " if processes > 1 else "") + f"python -m flywheel.workloads.{workload}"
+            context.log.info(f"running {workload} workload on {where}: {how}")
             env = {**tracking_env(home), "CUDA_VISIBLE_DEVICES": device, "FLYWHEEL_HOME": home, "PYTHONPATH": pythonpath}
             return client.run(context=context, command=command, env=env, extras={"workload": workload})
 
-    def _run_k8s(self, context, workload: str, home: str, args: dict):
+    def _run_k8s(self, context, workload: str, home: str, args: dict, processes: int = 1):
         from dagster_k8s import PipesK8sClient
 
         if not self.k8s_image:
@@ -186,10 +203,11 @@ class GpuLauncher(dg.ConfigurableResource):
             return client.run(
                 context=context,
                 image=self.k8s_image,
-                command=workload_command("python", workload, home, args),
+                command=workload_command("python", workload, home, args, processes),
                 namespace=self.k8s_namespace or None,
                 env={**tracking_env(home), "FLYWHEEL_HOME": home},
-                base_pod_spec=k8s_pod_spec(home, self.k8s_gpus_per_pod, self.k8s_volume_claim, self.k8s_service_account),
+                base_pod_spec=k8s_pod_spec(home, max(self.k8s_gpus_per_pod, processes), self.k8s_volume_claim,
+                                           self.k8s_service_account),
                 extras={"workload": workload},
             )
         except dg.DagsterError as e:

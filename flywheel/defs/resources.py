@@ -1,7 +1,7 @@
 """The `flywheel` resource: where the flywheel home is, which model runs, how many GPUs there are.
 
 Configured from the environment when the definitions load (FLYWHEEL_HOME, FLYWHEEL_INBOX, FLYWHEEL_GPUS,
-FLYWHEEL_EXECUTOR, MLFLOW_TRACKING_URI) and editable per run in the Launchpad (`resources: flywheel: config:`).
+FLYWHEEL_GPUS_PER_STEP, FLYWHEEL_EXECUTOR, MLFLOW_TRACKING_URI) and editable per run in the Launchpad (`resources: flywheel: config:`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ class FlywheelResource(dg.ConfigurableResource):
                                         "'' = <home>/inbox")
     mlflow_tracking_uri: str = Field("", description="MLflow tracking URI for lineage; '' = the local store in the home")
     gpus: int = Field(1, ge=0, description="GPUs on this machine: the `gpu` pool limit (0 = CPU only, one step at a time)")
+    gpus_per_step: int = Field(1, ge=1, description="GPUs of one train / generate step: > 1 runs the workload under "
+                                                    "torchrun, one process per GPU (data-parallel training: "
+                                                    "train.batch_size is the global batch and must be a multiple; "
+                                                    "generation: videos split over the GPUs). With gpus=0: that "
+                                                    "many CPU processes (gloo), for tests")
     executor: Literal["multiprocess", "k8s"] = Field("multiprocess", description="set at load time (FLYWHEEL_EXECUTOR)")
     inbox_settle_seconds: float = Field(10.0, ge=0, description="the sensor waits until a dataset in the inbox "
                                                                 "has not changed for this long (a copy in progress)")
@@ -54,5 +59,6 @@ class FlywheelResource(dg.ConfigurableResource):
             inbox=os.environ.get("FLYWHEEL_INBOX", ""),
             mlflow_tracking_uri=os.environ.get("FLYWHEEL_MLFLOW_URI", os.environ.get("MLFLOW_TRACKING_URI", "")),
             gpus=int(os.environ.get("FLYWHEEL_GPUS", "1")),
+            gpus_per_step=int(os.environ.get("FLYWHEEL_GPUS_PER_STEP", "1")),
             executor=executor,
         )

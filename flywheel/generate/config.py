@@ -45,6 +45,13 @@ class GenerateConfig(BaseModel):
     compile: bool = Field(False, description="fast sampler: torch.compile each DiT block (regional compile)")
     fuse_lora: bool = Field(False, description="fold the active adapter into the base weights while its "
                             "requests run (exact base weights restored after)")
+    fp8: bool = Field(False, description="fast sampler: the DiT blocks' large projections as torchao float8 matmuls "
+                      "(per-row scales) during each video, bf16 weights restored after; needs torchao and a CUDA GPU "
+                      "with compute capability >= 8.9. With fuse_lora the adapter is fused first, then quantized")
+    step_cache_threshold: float | None = Field(
+        None, ge=0, description="fast sampler: First Block Cache (diffusers hooks) on the DiT: a step whose first-block "
+        "residual changed by less than this relative amount since the last computed step reuses the other blocks' "
+        "residual; higher is faster and less exact; 0 installs the cache but never skips; None: off")
 
     @field_validator("seeds")
     @classmethod
@@ -122,9 +129,13 @@ class GenerateConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _compile_needs_fast_sampler(self) -> "GenerateConfig":
-        if self.compile and self.sampler != "fast":
-            raise ValueError("compile=True applies to our sampler only; set sampler='fast' (or compile=False)")
+    def _speed_settings_need_fast_sampler(self) -> "GenerateConfig":
+        if self.sampler == "fast":
+            return self
+        asked = [name for name, on in (("compile=True", self.compile), ("fp8=True", self.fp8),
+                                       ("step_cache_threshold", self.step_cache_threshold is not None)) if on]
+        if asked:
+            raise ValueError(f"{', '.join(asked)} applies to our sampler only; set sampler='fast' (or turn it off)")
         return self
 
     def resolved(self, preset: "ModelPreset") -> "GenerateConfig":

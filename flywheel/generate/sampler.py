@@ -9,7 +9,12 @@ on the pipeline's own vae / scheduler / transformer / video_processor, with four
   blank frames, but the Wan VAE is causal in time (latent frame 0 sees pixel frame 0 only) and the
   condition mask keeps only latent frame 0 of the result, so the other 92 frames' encode is waste;
 - optional regional torch.compile of the DiT blocks (flywheel.train.speed.RegionalCompile), and
-  `fused_lora` to fold the active adapter into the base weights for the duration of a group.
+  `fused_lora` to fold the active adapter into the base weights for the duration of a group;
+- optional float8 matmuls in the DiT blocks (`fp8`, flywheel.model.fp8.float8_inference: torchao,
+  bf16 weights restored after the loop) and step caching (`step_cache_threshold`,
+  flywheel.generate.step_cache: diffusers' First Block Cache, hooks removed after the loop). These
+  two change the numbers, not only the speed: measure PSNR against the stock call
+  (benchmarks/cosmos_predict25.py) before relying on them.
 
 Output: the stock call's `CosmosPipelineOutput` (frames as `output_type` says), so callers swap one
 for the other. From the same latents the frames match the stock call's up to float rounding
@@ -83,8 +88,14 @@ def sample_image_to_world(
     callback_on_step_end: Callable | None = None,
     compile: bool = False,
     compile_backend: str = "inductor",
+    fp8: bool = False,
+    step_cache_threshold: float | None = None,
 ):
-    """One image-to-world video; arguments and result as the stock `pipe(image=..., prompt_embeds=...)` call."""
+    """One image-to-world video; arguments and result as the stock `pipe(image=..., prompt_embeds=...)` call.
+
+    With `step_cache_threshold` set, what the cache did is left in `pipe.flywheel_last_step_cache`
+    (StepCacheStats.as_dict(): steps computed / skipped); None there otherwise.
+    """
     stock = _stock_module()
     guidance = guidance_scale > 1.0
     _check_inputs(pipe, prompt_embeds, negative_prompt_embeds, guidance, height, width)
@@ -115,8 +126,17 @@ def sample_image_to_world(
     text = text.to(device=device, dtype=transformer_dtype)
     batch_mask = cond_mask.expand(passes, -1, -1, -1, -1)
 
-    compiled = (_regional_compile(transformer, compile_backend) if compile else contextlib.nullcontext())
-    with compiled:
+    pipe.flywheel_last_step_cache = None
+    with contextlib.ExitStack() as speedups:
+        # Order matters: weights quantized before the blocks are compiled; the cache hooks go around
+        # the compiled block code (flywheel.generate.step_cache). Leaving undoes them in reverse.
+        if fp8:
+            speedups.enter_context(_float8(transformer))
+        if compile:
+            speedups.enter_context(_regional_compile(transformer, compile_backend))
+        cache_stats = None
+        if step_cache_threshold is not None:
+            cache_stats = speedups.enter_context(_step_cache(transformer, step_cache_threshold))
         for i, t in enumerate(timesteps):
             pipe._current_timestep = t.cpu().item()
             sigma_t = pipe.scheduler.sigmas[i].expand(1).to(device=device, dtype=torch.float32)
@@ -142,6 +162,8 @@ def sample_image_to_world(
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(pipe, i, t, {"latents": latents})
                 latents = (outputs or {}).pop("latents", latents)
+    if cache_stats is not None:
+        pipe.flywheel_last_step_cache = cache_stats.as_dict()
     pipe._current_timestep = None
     return _decode(pipe, latents, num_frames, output_type, device)
 
@@ -151,6 +173,20 @@ def _regional_compile(transformer: torch.nn.Module, backend: str):
     from flywheel.train.speed import RegionalCompile
 
     return RegionalCompile(transformer, backend=backend)
+
+
+def _float8(transformer: torch.nn.Module):
+    """The DiT blocks' large projections as float8 matmuls for the duration of one sampling loop."""
+    from flywheel.model.fp8 import float8_inference
+
+    return float8_inference(transformer, field="GenerateConfig.fp8")
+
+
+def _step_cache(transformer: torch.nn.Module, threshold: float):
+    """First Block Cache for the duration of one sampling loop (a fresh cache per video)."""
+    from flywheel.generate.step_cache import StepCache
+
+    return StepCache(transformer, threshold)
 
 
 def _decode(pipe, latents: torch.Tensor, num_frames: int, output_type: str, device: torch.device):

@@ -10,8 +10,14 @@ Output directory (written into a temp dir, renamed into place when complete):
     videos/<request_id>.mp4   H.264 (write_video: deterministic), num_frames at fps, height x width
     samples.parquet           one row per video, SAMPLE_COLUMNS (frames_sha256: hash of the generated
                               uint8 frames before mp4 encoding: identical rollouts have equal hashes)
-    generation.json           resolved settings, model, adapters, negative prompt
+    generation.json           resolved settings, model, adapters, negative prompt, processes
     contact_sheet.png         the first CONTACT_SHEET_MAX_VIDEOS videos, one row each
+
+Several GPUs (`torchrun`, flywheel.train.distributed): every rank calls `generate_videos` with the same
+requests and generates requests[rank::world_size] into rank 0's temp dir; rank 0 gathers the rows, writes
+the tables and the contact sheet and renames the directory into place; every rank returns the same result.
+A video depends only on its (first frame, prompt, seed, adapter, settings): each request seeds its own
+generator, so the videos (frames_sha256) do not depend on the number of GPUs.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from PIL import Image
 
 from flywheel.data.video import write_video
 from flywheel.generate.config import GenerateConfig
+from flywheel.train.distributed import World, current_world
 
 SAMPLE_COLUMNS = (
     "request_id", "video", "adapter", "adapter_path", "seed", "prompt", "prompt_variant", "negative_prompt",
@@ -241,7 +248,7 @@ def generate_one(pipe, image: Image.Image, prompt_embeds: torch.Tensor, negative
             height=settings.height, width=settings.width, num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="np",
             conditional_frame_timestep=settings.conditional_frame_timestep, callback_on_step_end=callback,
-            compile=settings.compile)
+            compile=settings.compile, fp8=settings.fp8, step_cache_threshold=settings.step_cache_threshold)
         return _to_uint8(output.frames[0])
     output = pipe(
         image=image,
@@ -270,26 +277,82 @@ def _maybe_fused(pipe, adapter: str | None, settings: GenerateConfig):
     return fused_lora(pipe, adapter)
 
 
-def _adapter_groups(requests: list[GenerationRequest]) -> list[tuple[str | None, list[int]]]:
-    """Request indices grouped by adapter (in order of first appearance), so each adapter is switched to once."""
+def _adapter_groups(requests: list[GenerationRequest], indices: list[int]) -> list[tuple[str | None, list[int]]]:
+    """`indices` of `requests` grouped by adapter (in order of first appearance): each adapter is switched to once."""
     groups: dict[str | None, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.adapter, []).append(i)
+    for i in indices:
+        groups.setdefault(requests[i].adapter, []).append(i)
     return list(groups.items())
 
 
-def _prepare_out_dir(out_dir: Path) -> Path:
+def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty directory; "
                               "generation outputs are immutable, choose a new directory")
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp / "videos").mkdir(parents=True)
     return tmp
 
 
-def _reporter(progress: Progress, total: int):
-    """(report(event), close()): the progress callback when given, else a tqdm bar over videos."""
+def _shared_out_dir(out_dir: Path | None, world: World) -> tuple[Path, Path]:
+    """(out_dir, temp dir) of rank 0, on every rank: the temp dir all ranks write their videos into."""
+    if world.is_main:
+        if out_dir is None:
+            raise ValueError("generate_videos: out_dir is required (on rank 0)")
+        out_dir = Path(out_dir)
+        try:
+            shared = (out_dir, _prepare_out_dir(out_dir))
+        except Exception as e:
+            world.broadcast_object(e)  # the other ranks raise it too instead of waiting for a directory
+            raise
+    else:
+        shared = None
+    shared = world.broadcast_object(shared)
+    if isinstance(shared, Exception):
+        raise shared
+    return shared
+
+
+def _my_requests(count: int, world: World) -> list[int]:
+    """This rank's request indices: every world_size-th, from its rank (a balanced share of every adapter)."""
+    return list(range(world.rank, count, world.world_size))
+
+
+def _preview(request: GenerationRequest, video: np.ndarray) -> tuple[str, np.ndarray]:
+    keep = np.linspace(0, len(video) - 1, CONTACT_SHEET_FRAMES).round().astype(int)
+    return f"{request.request_id} [{request.adapter or BASE}]", video[keep].copy()
+
+
+def _gather_previews(tmp: Path, previews: dict[int, tuple[str, np.ndarray]], world: World
+                     ) -> list[tuple[str, np.ndarray]]:
+    """The contact-sheet frames of every rank, in request order, on rank 0 (through files in the temp dir:
+    up to 24 x 6 full-size frames would be a large object to send through the process group)."""
+    share = tmp / ".previews"
+    if world.is_distributed and not world.is_main:
+        share.mkdir(exist_ok=True)
+        for i, (label, frames) in previews.items():
+            np.save(share / f"{i:06d}.npy", frames)
+            (share / f"{i:06d}.txt").write_text(label)
+    world.barrier()
+    if not world.is_main:
+        return []
+    merged = dict(previews)
+    if share.is_dir():
+        for path in share.glob("*.npy"):
+            merged[int(path.stem)] = (path.with_suffix(".txt").read_text(), np.load(path))
+        shutil.rmtree(share)
+    return [merged[i] for i in sorted(merged)]
+
+
+def _reporter(progress: Progress, total: int, world: World):
+    """(report(event), close()): the progress callback when given, else a tqdm bar over videos; rank 0 only."""
+    if not world.is_main:
+        return (lambda event: None), (lambda: None)
     if progress is not None:
         return progress, lambda: None
     from tqdm.auto import tqdm
@@ -344,14 +407,18 @@ def _write_contact_sheet(path: Path, previews: list[tuple[str, np.ndarray]]) -> 
                          frames_per_video=CONTACT_SHEET_FRAMES)
 
 
-def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path, config: GenerateConfig, *,
+def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path | None, config: GenerateConfig, *,
                     adapters: dict[str, Path] | None = None, progress: Progress = None) -> GenerationResult:
     """Generate every request's video into `out_dir` (new or empty), with samples.parquet and a contact sheet.
 
     Adapters stay loaded in `pipe` afterwards (a later call reuses them); `unload_adapters(pipe)`
-    restores the bare base.
+    restores the bare base. Under torchrun every rank passes the same requests and takes its share;
+    rank 0's `out_dir` is the output (the other ranks may pass None) and every rank returns its result.
+    Progress is reported by rank 0, for its own share (`done`/`total`), with `processes` = world size.
     """
-    out_dir = Path(out_dir)
+    world = current_world()
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir))
     adapters = {name: Path(path) for name, path in (adapters or {}).items()}
     preset = getattr(pipe, "flywheel_preset", None)
     if preset is None:
@@ -364,19 +431,20 @@ def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path, conf
 
     guidance = settings.guidance_scale > 1.0
     negative_prompt = _negative_prompt(settings) if guidance else None
-    tmp = _prepare_out_dir(out_dir)
-    report, close = _reporter(progress, len(requests))
-    rows: list[dict | None] = [None] * len(requests)
-    previews: list[tuple[str, np.ndarray] | None] = [None] * len(requests)
+    out_dir, tmp = _shared_out_dir(out_dir, world)
+    mine = _my_requests(len(requests), world)
+    report, close = _reporter(progress, len(mine), world)
+    rows: dict[int, dict] = {}
+    previews: dict[int, tuple[str, np.ndarray]] = {}
     try:
         embeddings = PromptEmbeddings(pipe, preset.max_sequence_length, negative_prompt or "", guidance)
         done = 0
-        for adapter, indices in _adapter_groups(requests):
+        for adapter, indices in _adapter_groups(requests, mine):
             use_adapter(pipe, adapter)
             with _maybe_fused(pipe, adapter, settings):
                 for i in indices:
                     request = requests[i]
-                    callback = (_step_callback(report, done, len(requests), request.request_id,
+                    callback = (_step_callback(report, done, len(mine), request.request_id,
                                                settings.num_inference_steps) if progress is not None else None)
                     started = time.perf_counter()
                     video = generate_one(pipe, _load_image(request), embeddings(request.prompt), embeddings.negative,
@@ -385,23 +453,29 @@ def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path, conf
                     write_video(tmp / "videos" / f"{request.request_id}.mp4", video, fps=settings.fps)
                     rows[i] = _sample_row(request, adapters, settings, negative_prompt, pipe, seconds, video)
                     if i < CONTACT_SHEET_MAX_VIDEOS:
-                        keep = np.linspace(0, len(video) - 1, CONTACT_SHEET_FRAMES).round().astype(int)
-                        previews[i] = (f"{request.request_id} [{request.adapter or BASE}]", video[keep].copy())
+                        previews[i] = _preview(request, video)
                     done += 1
-                    report({"event": "video", "done": done, "total": len(requests), "request_id": request.request_id,
-                            "adapter": request.adapter or BASE, "seconds": round(seconds, 3)})
-        frame = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
-        frame.to_parquet(tmp / "samples.parquet", index=False)
-        (tmp / "generation.json").write_text(json.dumps(dict(
-            settings=settings.model_dump(mode="json"), negative_prompt=negative_prompt,
-            model=preset.as_dict(), safety=getattr(pipe, "flywheel_safety", {}),
-            adapters={name: str(Path(p).resolve()) for name, p in adapters.items() if name in used},
-            videos=len(rows), unique_prompts=len(embeddings.cache),
-        ), indent=2, sort_keys=True))
-        _write_contact_sheet(tmp / "contact_sheet.png", [p for p in previews if p is not None])
-        os.rename(tmp, out_dir)  # replaces out_dir when it is an empty directory
+                    report({"event": "video", "done": done, "total": len(mine), "request_id": request.request_id,
+                            "adapter": request.adapter or BASE, "seconds": round(seconds, 3),
+                            **({"processes": world.world_size} if world.is_distributed else {})})
+        for share in world.all_gather_object(rows):
+            rows.update(share)
+        frame = pd.DataFrame([rows[i] for i in range(len(requests))], columns=list(SAMPLE_COLUMNS))
+        sheet = _gather_previews(tmp, previews, world)
+        if world.is_main:
+            frame.to_parquet(tmp / "samples.parquet", index=False)
+            (tmp / "generation.json").write_text(json.dumps(dict(
+                settings=settings.model_dump(mode="json"), negative_prompt=negative_prompt,
+                model=preset.as_dict(), safety=getattr(pipe, "flywheel_safety", {}),
+                adapters={name: str(Path(p).resolve()) for name, p in adapters.items() if name in used},
+                videos=len(frame), unique_prompts=len({r.prompt for r in requests}), processes=world.world_size,
+            ), indent=2, sort_keys=True))
+            _write_contact_sheet(tmp / "contact_sheet.png", sheet)
+            os.rename(tmp, out_dir)  # replaces out_dir when it is an empty directory
+        world.barrier()  # the other ranks return once the directory is in place
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         close()

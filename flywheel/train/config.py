@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     compile_backend: Literal["inductor", "aot_eager"] = Field(
         "inductor", description="inductor: fast kernels (GPU); aot_eager: same graphs without codegen (CPU tests)")
     fused_optimizer: bool | None = Field(None, description="AdamW(fused=True); None: fused on CUDA only")
+    fp8: bool = Field(False, description="run the frozen base projections of the LoRA layers as torchao float8 "
+                      "matmuls (Float8Linear; needs torchao and a CUDA GPU with compute capability >= 8.9); the "
+                      "adapter's tensors and matmuls keep their precision")
     checkpoint_every: int = Field(500, gt=0, description="write a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints to keep")
     seed: int = Field(0, ge=0)

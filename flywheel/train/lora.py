@@ -13,6 +13,13 @@ a run killed and resumed ends with the same adapter, bit for bit, as one that ra
 `training_step` is the whole step; `flow_matching_loss` is the loss alone (for evaluation and for a
 compiled GPU path). How fast the step runs (activation checkpointing, regional compile, fused AdamW)
 is flywheel.train.speed, switched by config fields; the math is the same either way.
+
+Several GPUs (`torchrun --nproc-per-node N`, see flywheel.train.distributed): data parallel, and
+`config.batch_size` is the GLOBAL batch. Every rank draws the same global batch of clips and the same
+global noise/sigma/conditioning/dropout, takes its contiguous shard, and the adapter gradients are
+averaged over ranks before clipping and the optimizer step. So N processes compute what one process
+computes on the whole batch (up to float summation order), the LR schedule is unchanged, and the
+checkpoints (written by rank 0) hold nothing rank-dependent: a run resumes on any number of GPUs.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from flywheel.train.adapter_io import (
     save_adapter,
 )
 from flywheel.train.config import TrainConfig
+from flywheel.train.distributed import SINGLE, World, current_world
 from flywheel.train.loss_plot import write_loss_plot
 from flywheel.train.speed import apply_training_speedups, build_optimizer_and_scheduler
 
@@ -70,6 +78,11 @@ class FlowDraw:
     sigma: torch.Tensor  # [B], in (0, 1)
     num_cond_frames: torch.Tensor  # [B] long, 1 or 2
     drop_text: torch.Tensor  # [B] bool
+
+    def shard(self, index: slice) -> FlowDraw:
+        """The draws of samples `index` of the batch (one rank's share of the global batch)."""
+        return FlowDraw(noise=self.noise[index], sigma=self.sigma[index], num_cond_frames=self.num_cond_frames[index],
+                        drop_text=self.drop_text[index])
 
 
 def sample_flow_draw(latent_shape: torch.Size | tuple[int, ...], config: TrainConfig, generator: torch.Generator) -> FlowDraw:
@@ -144,17 +157,25 @@ def training_step(
     padding_mask: torch.Tensor,
     generator: torch.Generator,
     config: TrainConfig,
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    """One optimizer step: draw noise/sigma/conditioning/dropout, velocity loss, backward, clip, step."""
-    draw = sample_flow_draw(latents.shape, config, generator)
+    """One optimizer step: draw noise/sigma/conditioning/dropout, velocity loss, backward, clip, step.
+
+    `latents` / `prompt_embeds` are this rank's shard of the global batch. The draws are made for the
+    whole global batch on every rank (the generator stays in step everywhere) and sharded like the clips;
+    the gradients are averaged over ranks, so every rank takes the same optimizer step.
+    """
+    global_shape = (latents.shape[0] * world.world_size, *latents.shape[1:])
+    draw = sample_flow_draw(global_shape, config, generator).shard(world.shard(global_shape[0]))
     loss = flow_matching_loss(transformer, latents, prompt_embeds, draw, padding_mask, config.conditional_frame_timestep)
     loss.backward()
+    world.average_gradients(params)  # only the adapter's parameters have gradients; no-op on one process
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     lr = lr_scheduler.get_last_lr()[0]
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+    return {"loss": world.mean(loss).item(), "grad_norm": float(grad_norm), "lr": lr}
 
 
 # --- data order ---------------------------------------------------------------------------------
@@ -312,9 +333,13 @@ class RunState:
         self.step = int(state["step"])
 
 
-def resume_latest(work_dir: Path, transformer: torch.nn.Module, run: RunState, config_json: dict) -> None:
-    """Load the newest complete checkpoint of `work_dir` (if any) into the adapter and `run`."""
-    latest = ckpt.latest_checkpoint(work_dir)
+def resume_latest(work_dir: Path, transformer: torch.nn.Module, run: RunState, config_json: dict,
+                  world: World = SINGLE) -> None:
+    """Load the newest complete checkpoint of `work_dir` (if any) into the adapter and `run`.
+
+    Every rank reads rank 0's choice of checkpoint (a rank that looked later could see a newer one).
+    """
+    latest = world.broadcast_object(ckpt.latest_checkpoint(work_dir))
     if latest is None:
         return
     weights, state, saved_config = ckpt.load_checkpoint(latest)
@@ -423,18 +448,25 @@ def train_adapter(
     and, at the end, `adapter/` (written atomically): pytorch_lora_weights.safetensors,
     adapter_card.json, loss.csv, loss.png. A finished `work_dir` returns its adapter without training.
     The pipeline is left as it came: no adapter layers, same train/eval mode, caller's RNG untouched.
+
+    Under torchrun every rank calls this with the same arguments (its own pipeline on its own GPU):
+    config.batch_size is the global batch, rank 0 alone writes checkpoints and the adapter and reports
+    progress, and every rank returns the same result.
     """
     started = time.perf_counter()
+    world = current_world()
+    world.shard(config.batch_size)  # an indivisible global batch fails here, before any work
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     final_dir = work_dir / ADAPTER_DIR
-    if (final_dir / ADAPTER_WEIGHTS).is_file():
+    if world.broadcast_object((final_dir / ADAPTER_WEIGHTS).is_file()):
         return _finished_result(final_dir, config)
     clip_ids = cache.clip_ids("train")
     if not clip_ids:
         raise ValueError(f"{cache.root}: latent cache has no clips in the 'train' split; nothing to train on")
     base_model = base_model_record(cache, pipe)
-    ckpt.remove_partial_checkpoints(work_dir)
+    if world.is_main:
+        ckpt.remove_partial_checkpoints(work_dir)
 
     transformer = pipe.transformer
     device = transformer.device
@@ -451,44 +483,55 @@ def train_adapter(
             optimizer, lr_scheduler = build_optimizer_and_scheduler(params, config, device)
             run = RunState(optimizer, lr_scheduler, ClipSampler(clip_ids, seed=config.seed),
                            torch.Generator(device=device).manual_seed(config.seed + 1))
-            resume_latest(work_dir, transformer, run, config.model_dump(mode="json"))
+            resume_latest(work_dir, transformer, run, config.model_dump(mode="json"), world)
             resumed_from_step = run.step
             undo_speedups = apply_training_speedups(transformer, config)  # checkpointing / compile (speed.py)
             transformer.train()
-            _train_loop(cache, transformer, params, run, config, work_dir, progress)
+            _train_loop(cache, transformer, params, run, config, work_dir, progress, world)
+            # Same on every rank: the logged losses are means over ranks, the weights are in step.
             card = adapter_card(config, base_model, training_data_record(cache, clip_ids), run.losses,
                                 sum(p.numel() for p in params), config.init_adapter)
-            write_adapter_dir(transformer, final_dir, card, run.losses, run.lrs)
+            if world.is_main:
+                write_adapter_dir(transformer, final_dir, card, run.losses, run.lrs)
+            world.barrier()  # the other ranks return once the adapter is in place
         finally:
             undo_speedups()
             remove_adapter(pipe)
             transformer.train(was_training)
-    for _, path in ckpt.list_checkpoints(work_dir):  # the adapter is final; optimizer states are dead weight
-        shutil.rmtree(path, ignore_errors=True)
+    if world.is_main:
+        for _, path in ckpt.list_checkpoints(work_dir):  # the adapter is final; optimizer states are dead weight
+            shutil.rmtree(path, ignore_errors=True)
     return TrainResult(adapter_dir=final_dir, card=card, losses=run.losses, resumed_from_step=resumed_from_step,
                        seconds=time.perf_counter() - started)
 
 
 def _train_loop(cache: LatentCache, transformer: torch.nn.Module, params: list[torch.nn.Parameter], run: RunState,
-                config: TrainConfig, work_dir: Path, progress: Callable[[dict], None] | None) -> None:
+                config: TrainConfig, work_dir: Path, progress: Callable[[dict], None] | None,
+                world: World = SINGLE) -> None:
     device = transformer.device
     padding_mask = torch.zeros(1, 1, cache.meta["height"], cache.meta["width"], device=device)
+    shard = world.shard(config.batch_size)
     bar = None
-    if progress is None:
+    if not world.is_main:
+        progress = lambda _: None  # noqa: E731  (rank 0 reports for all)
+    elif progress is None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=run.step, desc=f"train {config.method} r={config.rank}")
     with torch.enable_grad():
         while run.step < config.steps:
-            latents, prompt_embeds = load_batch(cache, run.sampler.next_batch(config.batch_size), device)
+            clip_ids = run.sampler.next_batch(config.batch_size)  # the global batch, the same on every rank
+            latents, prompt_embeds = load_batch(cache, clip_ids[shard], device)
             stats = training_step(transformer, params, run.optimizer, run.lr_scheduler, latents, prompt_embeds,
-                                  padding_mask, run.generator, config)
+                                  padding_mask, run.generator, config, world)
             run.step += 1
             run.losses.append(stats["loss"])
             run.lrs.append(stats["lr"])
             if run.step % config.checkpoint_every == 0 and run.step < config.steps:
-                ckpt.save_checkpoint(work_dir, run.step, training_adapter_weights(transformer), run.state_dict(),
-                                     config.model_dump(mode="json"), keep=config.keep_checkpoints)
+                if world.is_main:
+                    ckpt.save_checkpoint(work_dir, run.step, training_adapter_weights(transformer), run.state_dict(),
+                                         config.model_dump(mode="json"), keep=config.keep_checkpoints)
+                world.barrier()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")

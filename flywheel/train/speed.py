@@ -13,7 +13,9 @@ kernels run. The knobs are TrainConfig fields, applied around the transformer by
 - regional compile: one `torch.compile` of the per-block function, shared by all 28 blocks (the
   blocks have one structure, so Dynamo compiles once and reuses the code). Checkpointing sits inside
   the compiled function, which is how torch.compile supports selective checkpointing;
-- AdamW with `fused=True` (one kernel for all adapter tensors) on CUDA.
+- AdamW with `fused=True` (one kernel for all adapter tensors) on CUDA;
+- fp8 (TrainConfig.fp8): the frozen base projections inside the LoRA layers run torchao float8
+  matmuls (flywheel.model.fp8.float8_training); the adapter's own matmuls and everything else as before.
 
 The runner functions and policies are module-level singletons: a second training run in the same
 process finds the compiled code already cached instead of recompiling.
@@ -22,6 +24,7 @@ process finds the compiled code already cached instead of recompiling.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -41,7 +44,8 @@ _ATTENTION_OP_NAMES = (
 )
 ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _ATTENTION_OP_NAMES
                           if hasattr(torch.ops.aten, name))
-MATMUL_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
+# _scaled_mm: the float8 matmul of TrainConfig.fp8 (torchao's Float8Linear), arguments ordered like mm's.
+MATMUL_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default})
 # A projection's output is worth keeping when both its input and output widths are large: that keeps
 # to_q/k/v/out and the MLP, and leaves out the rank-r LoRA products and the 256-wide AdaLN bottleneck
 # (whose 6144-wide output per token would cost 1.1 GB a block and is cheap to recompute).
@@ -117,19 +121,34 @@ def block_runner(checkpointing: str, selective_save: str | None = None, compile_
 
 
 def apply_training_speedups(transformer: torch.nn.Module, config: TrainConfig) -> Callable[[], None]:
-    """Install the config's checkpointing / compile on `transformer`; returns the function that undoes it.
+    """Install the config's fp8 / checkpointing / compile on `transformer`; returns the function that undoes it.
 
-    Plain eager without checkpointing installs nothing. Otherwise the runner goes into diffusers'
-    per-block gradient-checkpointing hook, which diffusers only calls when grad is enabled: evaluation
-    under no_grad runs the blocks as before.
+    Call it after the adapter is added (fp8 converts the adapter's base layers). Plain eager without
+    checkpointing or fp8 installs nothing. Otherwise the runner goes into diffusers' per-block
+    gradient-checkpointing hook, which diffusers only calls when grad is enabled: evaluation under
+    no_grad runs the blocks as before (with fp8, in float8).
     """
-    mode = config.resolved_activation_checkpointing
-    backend = config.compile_backend if config.compile else None
-    if mode == "none" and backend is None:
-        return lambda: None
-    transformer.enable_gradient_checkpointing(
-        gradient_checkpointing_func=block_runner(mode, config.selective_save, backend))
-    return transformer.disable_gradient_checkpointing
+    undo_steps: list[Callable[[], None]] = []
+
+    def undo() -> None:
+        while undo_steps:
+            undo_steps.pop()()
+
+    try:
+        if config.fp8:
+            from flywheel.model.fp8 import float8_training
+
+            undo_steps.append(float8_training(transformer))
+        mode = config.resolved_activation_checkpointing
+        backend = config.compile_backend if config.compile else None
+        if mode != "none" or backend is not None:
+            transformer.enable_gradient_checkpointing(
+                gradient_checkpointing_func=block_runner(mode, config.selective_save, backend))
+            undo_steps.append(transformer.disable_gradient_checkpointing)
+    except BaseException:
+        undo()
+        raise
+    return undo
 
 
 def use_fused_optimizer(config: TrainConfig, device: torch.device) -> bool:
@@ -148,12 +167,21 @@ def build_optimizer_and_scheduler(params: list[torch.nn.Parameter], config: Trai
 # --- regional compile for inference (the fast sampler) ----------------------------------------
 
 
-class RegionalCompile:
-    """Context manager: each DiT block compiled (`nn.Module.compile`, code shared by all blocks) inside, eager after.
+@functools.cache
+def compiled_forward(block_class: type, backend: str) -> Callable:
+    """One torch.compile of a block class's forward function, shared by every block and every entry."""
+    return torch.compile(block_class.forward, backend=backend)
 
-    For no-grad forwards, where diffusers calls the blocks directly. Leaving restores the eager
-    blocks, so a later training run or stock call sees the model as it was; entering again reuses
-    Dynamo's cached code.
+
+class RegionalCompile:
+    """Context manager: each DiT block's forward compiled (one compiled function for all blocks) inside, eager after.
+
+    For no-grad forwards, where diffusers calls the blocks directly. The compiled function replaces the
+    block's `forward` (an instance attribute, removed on exit), not `nn.Module.__call__`: hooks that
+    wrap `forward` afterwards (the step cache, flywheel.generate.step_cache) then run eagerly around
+    compiled block code, instead of being traced into it (their Python state would make Dynamo
+    recompile per block and per cache decision). Leaving restores the eager blocks, so a later
+    training run or stock call sees the model as it was; entering again reuses Dynamo's cached code.
     """
 
     def __init__(self, transformer: torch.nn.Module, backend: str = "inductor"):
@@ -161,11 +189,15 @@ class RegionalCompile:
         self.backend = backend
 
     def __enter__(self):
+        replaced = [i for i, block in enumerate(self.blocks) if "forward" in vars(block)]
+        if replaced:
+            raise RuntimeError(f"DiT blocks {replaced} already have their forward replaced (by a hook?); "
+                               "enter RegionalCompile before installing forward hooks")
         for block in self.blocks:
-            block.compile(backend=self.backend)
+            block.forward = types.MethodType(compiled_forward(type(block), self.backend), block)
         return self
 
     def __exit__(self, *exc):
         for block in self.blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile set; None is the eager default
+            vars(block).pop("forward", None)
         return False

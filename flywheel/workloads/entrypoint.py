@@ -3,6 +3,10 @@
 Under Dagster Pipes (the orchestrator set DAGSTER_PIPES_CONTEXT) progress goes to the Dagster run log
 and the result becomes the asset's materialization; standalone, progress is printed and the result is
 written to stdout as JSON. Either way the exit code says whether a retry can help (flywheel.workloads.gpu).
+
+Under torchrun (WORLD_SIZE > 1; `train` and `generate` only) every rank joins the process group
+(flywheel.train.distributed) and runs the same stage. Rank 0 behaves as above; the other ranks inherit
+DAGSTER_PIPES_CONTEXT too but ignore it: they run silently and only print an error if they fail.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flywheel.workloads import MULTI_GPU_WORKLOADS
 from flywheel.workloads.gpu import EXIT_OK, describe_exit, exit_code_for
 
 # Metadata keys whose values are paths on the flywheel home (rendered as paths in the Dagster UI).
@@ -118,13 +123,69 @@ def format_progress(event: dict) -> str:
 
 
 def main(workload: str, run: StageRun, argv: list[str] | None = None) -> int:
-    """Run `run(home, args, progress)` as a process; returns the exit code."""
+    """Run `run(home, args, progress)` as a process (or as one rank of a torchrun job); returns the exit code."""
     ns = parse_args(workload, argv)
+    rank = _torchrun_env("RANK", 0)
+    if _torchrun_env("WORLD_SIZE", 1) > 1:
+        run = _in_process_group(workload, run)
     from dagster_pipes import PipesEnvVarParamsLoader
 
+    if rank != 0:  # the environment (DAGSTER_PIPES_CONTEXT included) is every rank's: only rank 0 reports
+        return _main_other_rank(workload, run, ns, rank)
     if PipesEnvVarParamsLoader().is_dagster_pipes_process():
         return _main_under_pipes(workload, run, ns)
     return _main_standalone(workload, run, ns)
+
+
+def _torchrun_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else default
+
+
+def _in_process_group(workload: str, run: StageRun) -> StageRun:
+    """`run` as one rank of a torchrun job: join the process group first, leave it after."""
+
+    def run_as_rank(home: Path, args: dict, progress: Callable[[dict], None]):
+        if workload not in MULTI_GPU_WORKLOADS:
+            raise ValueError(f"the {workload} workload runs as one process; start it without torchrun "
+                             f"(several GPUs: {', '.join(MULTI_GPU_WORKLOADS)})")
+        device = (args.get("model") or {}).get("device")
+        if device and str(device).startswith("cuda:"):
+            raise ValueError(f"model.device {device!r} would put every rank on one GPU; leave it unset or 'cuda' "
+                             "under torchrun (each rank uses cuda:LOCAL_RANK)")
+        _die_with_launcher()
+        from flywheel.train.distributed import init_world, shutdown_world
+
+        init_world(device)
+        result = run(home, args, progress)
+        shutdown_world()  # not on error: leaving the group could wait on ranks that are still in a collective
+        return result
+
+    return run_as_rank
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own: if torchrun is killed (a cancelled run), the ranks
+    must not live on holding their GPUs. Linux: ask for SIGKILL when the parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (torchrun spawns from its main thread)
+
+
+def _main_other_rank(workload: str, run: StageRun, ns: argparse.Namespace, rank: int) -> int:
+    """Ranks 1..N-1 of a torchrun job: the same stage, no progress, no result (rank 0 reports both)."""
+    try:
+        run(Path(ns.home), load_args(ns), lambda event: None)
+    except Exception as e:
+        code = exit_code_for(e)
+        traceback.print_exc()
+        print(f"[{workload} rank {rank}] {type(e).__name__}: {e}\n[{workload} rank {rank}] {describe_exit(code)}",
+              file=sys.stderr)
+        return code
+    return EXIT_OK
 
 
 def _main_standalone(workload: str, run: StageRun, ns: argparse.Namespace) -> int:
@@ -145,7 +206,9 @@ def _main_under_pipes(workload: str, run: StageRun, ns: argparse.Namespace) -> i
 
     with open_dagster_pipes() as pipes:
         progress = ProgressReporter(pipes.log.info, custom=pipes.report_custom_message)
-        pipes.log.info(f"{workload} workload started (pid {os.getpid()})")
+        processes = _torchrun_env("WORLD_SIZE", 1)
+        pipes.log.info(f"{workload} workload started (pid {os.getpid()}"
+                       + (f", rank 0 of {processes} processes)" if processes > 1 else ")"))
         try:
             result = run(Path(ns.home), load_args(ns), progress)
         except Exception as e:

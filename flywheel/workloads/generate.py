@@ -1,6 +1,9 @@
 """Generate synthetic videos from clip first frames, with an adapter or the base model (GPU).
 
     python -m flywheel.workloads.generate --home H --config-json '{"adapter": "..." | null, "clip_set": "...", "generate": {...}, "model": {...}}'
+
+On several GPUs (`torchrun --standalone --nproc-per-node N -m flywheel.workloads.generate ...`) the videos are
+split over the ranks and gathered into one artifact by rank 0; each video is the same as on one GPU.
 """
 
 import sys

@@ -1,0 +1,1 @@
+"""Tests of the workload entrypoints (flywheel.workloads) and how the Dagster layer launches them."""
