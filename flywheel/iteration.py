@@ -110,7 +110,8 @@ def _run_stage(name, config: FlywheelConfig, home, done: dict, state: IterationS
         return stages.train_stage(home, cache, config.train, config.model, progress)
     if name == "adapter_evaluation":
         return stages.evaluate_stage(home, done["adapter"].path, done["training_clips"].path, config.evaluate,
-                                     config.model, progress, generate_config=config.generate)
+                                     config.model, progress, generate_config=config.generate,
+                                     filter_config=config.quality)
     if name == "synthetic_videos":
         champion = lineage.champion()
         if champion is not None:
@@ -123,7 +124,7 @@ def _run_stage(name, config: FlywheelConfig, home, done: dict, state: IterationS
                                   config.label, progress)
     if name == "curated_trajectories":
         return stages.curate_stage(home, done["pseudo_actions"].path, done["demonstrations"].path,
-                                   config.quality, progress)
+                                   config.quality, progress, model=config.model)
     if name == "refreshed_dataset":
         return stages.refresh_stage(home, done["curated_trajectories"].path, done["demonstrations"].path,
                                     config.refresh, progress)
@@ -155,7 +156,12 @@ def _headline(name: str, result) -> str:
         return f"  (final loss {m['final_loss']:.4f}, registered v{m.get('registered_version')})"
     if name == "adapter_evaluation" and "psnr_gain_db" in m:
         gate = "passed -> champion" if m.get("gate_passed") else f"failed ({m.get('gate_reasons', '')})"
-        return f"  (PSNR {m['psnr_base']:.2f} -> {m['psnr_adapter']:.2f} dB, gate {gate})"
+        kept = ""
+        if "video_filter_pass_rate_base" in m:
+            kept = (f", video filters keep {m['video_filter_pass_rate_base']:.0%} -> "
+                    f"{m['video_filter_pass_rate_adapter']:.0%}")
+        return (f"  (PSNR {m['psnr_base']:.2f} -> {m['psnr_adapter']:.2f} dB, SSIM {m['ssim_base']:.3f} -> "
+                f"{m['ssim_adapter']:.3f}{kept}, gate {gate})")
     if name == "curated_trajectories" and "pass_rate" in m:
         return f"  (accepted {m['accepted']}/{m['clips']}, pass rate {m['pass_rate']:.0%})"
     if name == "refreshed_dataset":

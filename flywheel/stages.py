@@ -109,7 +109,7 @@ def train_stage(home, latent_cache_path, train_config, model, progress: Progress
 
 
 def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, progress: Progress = None,
-                   generate_config=None) -> StageResult:
+                   generate_config=None, filter_config=None) -> StageResult:
     """adapter_evaluation: base vs adapter on held-out clips (PSNR/SSIM against the real frames)."""
     from flywheel.data.clips import load_clip_set
     from flywheel.generate.config import GenerateConfig
@@ -120,7 +120,8 @@ def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, pr
     key = hash_json({"adapter": Path(adapter_path).name, "clips": Path(clip_set_path).name,
                      "evaluate": evaluate_config.model_dump(mode="json"),
                      "generate": generate_config.model_dump(mode="json"),
-                     "model": model.model_dump(mode="json", exclude={"device"})})[:24]
+                     "model": model.model_dump(mode="json", exclude={"device"}),
+                     **({"filters": filter_config.model_dump(mode="json")} if filter_config else {})})[:24]
     path = store.path("evaluations", key)
     if store.exists("evaluations", key):
         return StageResult("adapter_evaluation", key, path, store.meta("evaluations", key), path / "comparison.png",
@@ -129,7 +130,7 @@ def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, pr
     metrics: dict = {}  # filled inside; the store writes it as the artifact's metadata on completion
     with store.write("evaluations", key, metrics) as tmp:
         metrics.update(evaluate_adapter(_pipeline(model), Path(adapter_path), clip_set, evaluate_config, tmp,
-                                        generate_config, progress=progress))
+                                        generate_config, progress=progress, filter_config=filter_config))
     return StageResult("adapter_evaluation", key, path, metrics, path / "comparison.png")
 
 
@@ -288,8 +289,10 @@ def _synthetic_clips(labels_path: Path):
     return table, synthetic, Path(links["idm"])
 
 
-def curate_stage(home, labels_path, manifest_path, filter_config, progress: Progress = None) -> StageResult:
-    """curated_trajectories: the filter stack, thresholds calibrated on held-out real episodes.
+def curate_stage(home, labels_path, manifest_path, filter_config, progress: Progress = None,
+                 model=None) -> StageResult:
+    """curated_trajectories: the filter stack, thresholds calibrated on held-out real episodes (as the
+    base model's VAE renders them when filter_config.calibrate_on is "model_codec"; `model` names it).
 
     Rejected clips stay in the artifact with every score and the reasons they failed."""
     import numpy as np
@@ -306,8 +309,13 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
 
     store = ArtifactStore(home)
     labels_path = Path(labels_path)
+    codec = filter_config.calibrate_on == "model_codec"
+    if codec and model is None:
+        raise ValueError("quality.calibrate_on is 'model_codec': curate_stage needs the model config whose VAE "
+                         "renders the calibration clips (pass model=...)")
     key = hash_json({"labels": labels_path.name, "manifest": Path(manifest_path).name,
-                     "filters": filter_config.model_dump(mode="json")})[:24]
+                     "filters": filter_config.model_dump(mode="json"),
+                     **({"codec": model.model_dump(mode="json", exclude={"device"})} if codec else {})})[:24]
     path = store.path("curated", key)
     if store.exists("curated", key):
         return StageResult("curated_trajectories", key, path, store.meta("curated", key), path / "scores.png",
@@ -319,8 +327,12 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
     idm = InverseDynamicsModel.load(idm_dir)
     fps, num_frames = float(table["fps"].iloc[0]), int(table["num_frames"].iloc[0])
     real = load_episodes(root, held_out, image_size=filter_config.analysis_size)
-    thresholds = calibrate(real_clips(real, num_frames, fps), filter_config, load_actions(root), idm=idm,
-                           source={"dataset_root": str(root), "episodes": held_out})
+    calibration_clips = real_clips(real, num_frames, fps)
+    if codec:
+        calibration_clips = _through_model_codec(calibration_clips, model)
+    thresholds = calibrate(calibration_clips, filter_config, load_actions(root), idm=idm,
+                           source={"dataset_root": str(root), "episodes": held_out,
+                                   "calibrate_on": filter_config.calibrate_on})
     videos = [read_frames(synthetic / v) for v in table["video"]]
     first_frames = [np.asarray(Image.open(synthetic / f).convert("RGB")) for f in table["first_frame"]]
     labels = [np.load(labels_path / a) for a in table["actions"]]
@@ -343,6 +355,17 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
                      "rejected_by": json.dumps({r: reasons.count(r) for r in sorted(set(reasons))}),
                      "calibrated_on_real_clips": thresholds.num_real_clips})
     return StageResult("curated_trajectories", key, path, meta, path / "scores.png")
+
+
+def _through_model_codec(clips: list, model) -> list:
+    """The calibration clips as the base model's VAE renders them (conditioning frames stay raw, as they
+    are for generated clips)."""
+    import dataclasses
+
+    from flywheel.model.encode import codec_roundtrip
+
+    pipe = _pipeline(model)
+    return [dataclasses.replace(c, frames=codec_roundtrip(pipe, c.frames)) for c in clips]
 
 
 def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None) -> StageResult:
@@ -400,20 +423,28 @@ def _simulator_features(root: Path, row, actions, fps: float) -> dict | None:
     """Per-frame features a video cannot carry, from the domain's simulator when it has one.
 
     The sample PushT datasets store `observation.environment_state`; it is recovered by replaying the
-    pseudo-actions from the source episode's recorded initial state, which is only known for clips that
-    start at their episode's first frame (clip ids end in `-f<start frame>`). Other domains need nothing
-    here (their extra features must come from the caller), and a clip that cannot be completed returns None.
+    pseudo-actions in the simulator from where the source clip starts: the episode's recorded initial
+    state, then (for a clip that starts later; clip ids end in `-f<start frame>`, in clip-fps frames) the
+    episode's own recorded actions up to that moment. Other domains need nothing here (their extra
+    features must come from the caller); a clip whose start cannot be found returns None.
     """
     info_path = root / "meta" / "pusht_sample.json"
     if not info_path.is_file():
         return {}
+    from flywheel.label.episodes import dataset_info, recorded_actions
     from flywheel.quality.pusht_replay import PushTReplayVerifier
 
     clip_start = int(str(row.source_clip_id).rsplit("-f", 1)[-1])
     episode_index = int(str(row.source_episode_id).rsplit("/", 1)[-1])
     episodes = {e["episode_index"]: e for e in json.loads(info_path.read_text())["episodes"]}
-    if clip_start != 0 or episode_index not in episodes:
+    if episode_index not in episodes:
         return None
+    lead_in = None
+    if clip_start:
+        source_frame = int(round(clip_start * float(dataset_info(root)["fps"]) / fps))
+        lead_in = recorded_actions(root, episode_index)[:source_frame]
+        if len(lead_in) < source_frame:
+            return None
     source = {"initial_state": episodes[episode_index]["initial_state"],
               "reset_seed": episodes[episode_index].get("reset_seed")}
-    return {"observation.environment_state": PushTReplayVerifier().environment_states(source, actions, fps)}
+    return {"observation.environment_state": PushTReplayVerifier().environment_states(source, actions, fps, lead_in)}

@@ -11,8 +11,9 @@ from flywheel.config import ConfigError, load_config
 
 def test_default_config_is_valid():
     config = load_config(DEFAULT_CONFIG)
-    assert config.model.preset == "tiny"
-    assert config.ingest.source == "datasets/pusht"
+    assert config.model.preset == "tiny-pusht"
+    assert config.ingest.source == "datasets/pusht_rotated"
+    assert config.quality.calibrate_on == "model_codec"
 
 
 def test_unknown_key_is_named(tmp_path):

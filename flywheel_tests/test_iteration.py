@@ -1,10 +1,10 @@
-"""The main job end to end: one flywheel iteration on the embedded PushT sample with the tiny preset."""
+"""The main job end to end: one flywheel iteration on the embedded default (tiny-pusht base, rotated-camera PushT)."""
 
 import json
 
 import pandas as pd
 
-from flywheel.cli import DEFAULT_CONFIG, REPO_ROOT
+from flywheel.cli import DEFAULT_CONFIG
 from flywheel.config import load_config
 from flywheel.iteration import STAGE_ORDER, run_iteration
 
@@ -19,7 +19,7 @@ FAST = {
 
 
 def test_full_iteration_runs_every_stage_and_reruns_from_cache(tmp_path):
-    overrides = {**FAST, "home": str(tmp_path / "home"), "ingest": {"source": str(REPO_ROOT / "datasets" / "pusht")}}
+    overrides = {**FAST, "home": str(tmp_path / "home")}
     config = load_config(DEFAULT_CONFIG, overrides)
     lines = []
     results = run_iteration(config, log=lines.append)
@@ -27,14 +27,15 @@ def test_full_iteration_runs_every_stage_and_reruns_from_cache(tmp_path):
     assert list(results) == STAGE_ORDER
     for name, result in results.items():
         assert result.path.exists(), name
-    assert results["demonstrations"].metadata["episodes"] == 20
+    assert config.domain == "pusht-rotated" and config.model.preset == "tiny-pusht"
+    assert results["demonstrations"].metadata["episodes"] == 10
     assert (results["adapter"].path / "pytorch_lora_weights.safetensors").is_file()
     samples = pd.read_parquet(results["synthetic_videos"].path / "samples.parquet")
     assert len(samples) == 3 and all((results["synthetic_videos"].path / v).is_file() for v in samples["video"])
     curated = pd.read_parquet(results["curated_trajectories"].path / "results.parquet")
     assert len(curated) == 3 and "reasons" in curated and "accepted" in curated
     assert results["refreshed_dataset"].metadata["synthetic_episodes"] == int(curated["accepted"].sum())
-    summary = json.loads(sorted((tmp_path / "home" / "iterations" / "pusht").glob("*.json"))[-1].read_text())
+    summary = json.loads(sorted((tmp_path / "home" / "iterations" / "pusht-rotated").glob("*.json"))[-1].read_text())
     assert summary["iteration"] == 1 and summary["adapter_version"] == "1"
     assert any("gate" in line for line in lines)
 
@@ -46,4 +47,4 @@ def test_full_iteration_runs_every_stage_and_reruns_from_cache(tmp_path):
         k: v.key for k, v in results.items() if k != "synthetic_videos"}
     from flywheel.lineage.registry import list_adapters
 
-    assert [str(v["version"]) for v in list_adapters(tmp_path / "home", "pusht")] == ["1"]
+    assert [str(v["version"]) for v in list_adapters(tmp_path / "home", "pusht-rotated")] == ["1"]

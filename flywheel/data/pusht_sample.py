@@ -7,7 +7,7 @@ pusher that walks around the T block and pushes it toward the target pose. Every
 the config: the same config gives the same frame data (parquet) on every run.
 
 Per frame (LeRobot features):
-  observation.image              video, [S, S, 3] RGB render (S = image_size), as the variant colours it
+  observation.image              video, [S, S, 3] RGB render (S = image_size), as the variant colours and views it
   observation.state              float32 [2]  agent x, y (simulator pixels, 0..512)
   action                         float32 [2]  the agent's target x, y for the next 0.1 s (the env action)
   observation.environment_state  float32 [5]  agent x, y, block x, y, block angle (rad, in [0, 2pi))
@@ -47,7 +47,7 @@ PREVIEW_FILE = "meta/preview.png"  # the first PREVIEW_EPISODES episodes, PREVIE
 PREVIEW_EPISODES, PREVIEW_FRAMES = 4, 8
 
 
-# ── Variants: the same scenes, differently coloured ──────────────────────────────────────────────
+# ── Variants: the same scenes, differently coloured or seen ──────────────────────────────────────────────
 
 # The colours PushTEnv paints with (measured on its renders): background, goal, block fill, agent.
 RENDER_PALETTE = ((255, 255, 255), (144, 238, 144), (143, 163, 184), (65, 105, 225))
@@ -57,11 +57,19 @@ RENDER_PALETTE = ((255, 255, 255), (144, 238, 144), (143, 163, 184), (65, 105, 2
 class Variant:
     """One look of the PushT scene. `palette` None keeps the simulator's colours; otherwise the four
     render colours (background, goal, block, agent) are sent to `palette` by one affine colour map, so
-    anti-aliased edges between two colours become the same blend of the new colours."""
+    anti-aliased edges between two colours become the same blend of the new colours. `quarter_turns`
+    turns the top-down camera about its axis (counter-clockwise in the image): the world, its states
+    and actions are unchanged, only the view is."""
 
     name: str
     task: str
     palette: tuple[tuple[int, int, int], ...] | None = None
+    quarter_turns: int = 0
+
+    def show(self, frame: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] simulator render as this variant's camera records it."""
+        frame = self.colour(frame)
+        return np.ascontiguousarray(np.rot90(frame, self.quarter_turns)) if self.quarter_turns % 4 else frame
 
     def colour(self, frame: np.ndarray) -> np.ndarray:
         """uint8 [..., 3] frame as this variant shows it."""
@@ -86,6 +94,9 @@ VARIANTS: dict[str, Variant] = {
         "Push the T-shaped block onto the orange T-shaped target.",
         palette=((38, 42, 56), (235, 150, 50), (40, 170, 160), (220, 50, 60)),
     ),
+    # The same table filmed by a camera mounted a quarter turn round: every object and motion is where
+    # the default camera would put it turned by 90 degrees; same colours, same task.
+    "rotated": Variant("rotated", "Push the T-shaped block onto the green T-shaped target.", quarter_turns=1),
 }
 
 
@@ -99,7 +110,7 @@ class PushTSampleConfig(BaseModel):
 
     episodes: int = Field(20, ge=1, le=1000, description="number of episodes")
     seed: int = Field(0, ge=0, lt=2**32, description="master seed; episode i starts from episode_reset_seed(seed, i)")
-    variant: Literal["default", "recolored"] = "default"
+    variant: Literal["default", "recolored", "rotated"] = "default"
     max_steps: int = Field(200, ge=2, le=300, description="frames per episode at most (it ends early when solved)")
     image_size: int = Field(96, ge=32, le=512, description="square render size of observation.image")
 
@@ -310,7 +321,7 @@ def rollout_episode(env, reset_seed: int, max_steps: int, variant: Variant) -> E
     coverage, max_coverage, success = 0.0, 0.0, False
     for _ in range(max_steps):
         action = pusher.act(info["pos_agent"], info["block_pose"])
-        images.append(variant.colour(obs["pixels"]))
+        images.append(variant.show(obs["pixels"]))
         states.append(np.asarray(obs["agent_pos"], np.float32))
         actions.append(action)
         env_states.append(environment_state(info))

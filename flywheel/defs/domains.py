@@ -19,8 +19,8 @@ from flywheel.store import atomic_write_bytes, resolve_home
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # The embedded sample: registered on first start so a fresh UI has something to materialize.
-SAMPLE_DOMAIN = "pusht"
-SAMPLE_DATASET = Path(__file__).resolve().parents[2] / "datasets" / "pusht"
+SAMPLE_DOMAIN = "pusht-rotated"  # the embedded default config's domain
+SAMPLE_DATASET = Path(__file__).resolve().parents[2] / "datasets" / "pusht_rotated"
 
 
 def check_domain_name(name: str) -> str:

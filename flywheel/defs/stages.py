@@ -24,9 +24,9 @@ def stage_function(name: str) -> Callable[..., Any]:
     return fn
 
 
-def run_stage(context: dg.AssetExecutionContext, name: str, *args: Any) -> dict[str, Any]:
-    """Call flywheel.stages.<name>(*args, progress=...) with progress in the run log; its result metadata."""
-    result = stage_function(name)(*args, progress=ProgressReporter(context.log.info))
+def run_stage(context: dg.AssetExecutionContext, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Call flywheel.stages.<name>(*args, progress=..., **kwargs) with progress in the run log; its result metadata."""
+    result = stage_function(name)(*args, progress=ProgressReporter(context.log.info), **kwargs)
     meta = result_metadata(result)
     context.log.info(f"{result.stage}: {result.path}{' (reused)' if result.reused else ''}")
     return meta

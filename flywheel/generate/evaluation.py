@@ -2,7 +2,9 @@
 
 For each held-out clip and seed, generate from the clip's first frame and prompt with the base model
 and with the adapter (same initial noise), and compare both with the real frames that followed:
-PSNR and SSIM over the predicted frames (the conditioning frame excluded).
+PSNR and SSIM over the predicted frames (the conditioning frame excluded). With a filter config, also
+the share of each side's videos the quality stack's video filters keep (thresholds calibrated on the
+clip set's real clips; the action filters need the domain's IDM and run later, in the curate stage).
 """
 
 from __future__ import annotations
@@ -29,7 +31,36 @@ def evaluation_clips(clip_frame, split: str, max_clips: int):
     return rows.head(max_clips), used
 
 
-def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, generate_config, progress=None) -> dict:
+def video_filter_results(pipe, clip_set, videos: dict[str, np.ndarray], first_frames: dict[str, np.ndarray],
+                         fps: float, filter_config):
+    """(thresholds, per-video filter results) for generated `videos` by request id: the quality stack's
+    video filters, calibrated on every real clip of the clip set (through the model's VAE first when
+    filter_config.calibrate_on is "model_codec")."""
+    from PIL import Image
+
+    from flywheel.data.video import read_frames
+    from flywheel.model.encode import codec_roundtrip
+    from flywheel.quality.calibration import Clip, calibrate
+    from flywheel.quality.filters import run_filters
+
+    real = []
+    for _, clip in clip_set.frame.iterrows():
+        frames = read_frames(clip_set.path / clip["video"])
+        if filter_config.calibrate_on == "model_codec":
+            frames = codec_roundtrip(pipe, frames)
+        first = np.asarray(Image.open(clip_set.path / clip["first_frame"]).convert("RGB"))
+        real.append(Clip(clip_id=clip["clip_id"], frames=frames, first_frame=first, fps=float(clip["fps"]),
+                         group=clip["clip_id"], kind="good"))
+    thresholds = calibrate(real, filter_config, source={"clip_set": str(clip_set.path),
+                                                        "calibrate_on": filter_config.calibrate_on})
+    ids = list(videos)
+    results = run_filters([videos[i] for i in ids], [first_frames[i] for i in ids], None, thresholds, filter_config,
+                          fps=fps, clip_ids=ids)
+    return thresholds, results.set_index("clip_id")
+
+
+def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, generate_config, progress=None,
+                     filter_config=None) -> dict:
     """Generate base vs adapter on held-out clips, score against real frames, write metrics + a contact sheet."""
     from flywheel.data.video import read_frames
     from flywheel.generate.preview import contact_sheet
@@ -54,12 +85,13 @@ def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, g
         unload_adapters(pipe)
     rows, sheet_videos, sheet_labels = [], [], []
     samples = result.frame.set_index("request_id")
+    generated = {rid: read_frames(gen_dir / samples.loc[rid, "video"]) for rid in samples.index}
     for _, clip in clips.iterrows():
         real = read_frames(clip_set.path / clip["video"])
         for seed in config.seeds:
             scores = {"clip_id": clip["clip_id"], "seed": seed}
             for name in ("base", "candidate"):
-                video = read_frames(gen_dir / samples.loc[f"{clip['clip_id']}-s{seed}-{name}", "video"])
+                video = generated[f"{clip['clip_id']}-s{seed}-{name}"]
                 n = min(len(video), len(real))
                 scores[f"psnr_{name}"] = psnr(video[1:n], real[1:n])
                 scores[f"ssim_{name}"] = video_ssim(video[1:n], real[1:n])
@@ -84,6 +116,21 @@ def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, g
     metrics["ssim_gain"] = metrics["ssim_adapter"] - metrics["ssim_base"]
     metrics["min_psnr_gain_db"] = config.min_psnr_gain_db
     metrics["passed"] = bool(metrics["psnr_gain_db"] >= config.min_psnr_gain_db)
+    if filter_config is not None:
+        from PIL import Image
+
+        first_frames = {rid: np.asarray(Image.open(clip_set.path / clips.set_index("clip_id").loc[
+            samples.loc[rid, "source_clip_id"], "first_frame"]).convert("RGB")) for rid in generated}
+        thresholds, kept = video_filter_results(pipe, clip_set, generated, first_frames,
+                                                float(clips["fps"].iloc[0]), filter_config)
+        for row in rows:
+            for name in ("base", "candidate"):
+                rid = f"{row['clip_id']}-s{row['seed']}-{name}"
+                row[f"kept_{name}"] = bool(kept.loc[rid, "accepted"])
+                row[f"rejected_by_{name}"] = kept.loc[rid, "reasons"]
+        metrics["video_filter_pass_rate_base"] = float(np.mean([r["kept_base"] for r in rows]))
+        metrics["video_filter_pass_rate_adapter"] = float(np.mean([r["kept_candidate"] for r in rows]))
+        metrics["video_filters_calibrated_on"] = f"{thresholds.num_real_clips} real clips ({filter_config.calibrate_on})"
     (out_dir / "metrics.json").write_text(json.dumps({"summary": metrics, "per_clip": rows}, indent=2))
     contact_sheet(sheet_videos, sheet_labels, out_dir / "comparison.png")
     return metrics

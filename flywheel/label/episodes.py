@@ -74,6 +74,17 @@ def _data_table(root: Path, columns: list[str]) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f, columns=columns) for f in files]).sort_values("index")
 
 
+def recorded_column(root: str | Path, episode_index: int, column: str) -> np.ndarray:
+    """One per-frame column of one episode, [T, D] in frame order (empty when the episode has no frames)."""
+    table = _data_table(Path(root), ["index", "episode_index", "frame_index", column])
+    rows = table[table["episode_index"] == episode_index].sort_values("frame_index")
+    return np.stack(rows[column].to_numpy()) if len(rows) else np.zeros((0, 0), np.float32)
+
+
+def recorded_actions(root: str | Path, episode_index: int) -> np.ndarray:
+    return recorded_column(root, episode_index, "action")
+
+
 def list_episodes(root: str | Path) -> list[int]:
     return [int(i) for i in _episode_table(Path(root)).index]
 

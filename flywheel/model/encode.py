@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -95,6 +96,25 @@ def encode_videos(pipe, videos: list[list[Image.Image]], height: int, width: int
     latents_mean = pipe.latents_mean.to(device=device, dtype=torch.float32)
     inverse_std = pipe.latents_std.to(device=device, dtype=torch.float32)
     return (mu.float() - latents_mean) * inverse_std
+
+
+@torch.no_grad()
+def codec_roundtrip(pipe, frames: np.ndarray) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] as the model's VAE renders them: resized to the preset's size, encoded to
+    the posterior mean, decoded, resized back. What a generated video of the same scene can at best look
+    like, since every generated frame leaves through this decoder."""
+    preset = pipe.flywheel_preset
+    count, height, width = len(frames), frames.shape[1], frames.shape[2]
+    padded = count + (-(count - 1)) % 4  # the Wan VAE takes 1 + 4k frames: repeat the last one, trim after
+    images = [Image.fromarray(frames[min(i, count - 1)]) for i in range(padded)]
+    vae = pipe.vae
+    video = pipe.video_processor.preprocess_video([images], preset.height, preset.width).to(
+        device=pipe._execution_device, dtype=vae.dtype)
+    decoded = vae.decode(vae.encode(video).latent_dist.mean).sample[0, :, :count]
+    out = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    if (preset.height, preset.width) != (height, width):
+        out = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in out])
+    return out
 
 
 def encode_prompt(pipe, prompt: str, max_sequence_length: int) -> torch.Tensor:

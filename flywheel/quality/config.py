@@ -3,6 +3,8 @@ thresholds and validation reports are stored with it, and thresholds of another 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 FILTER_VERSION = "1"
@@ -23,6 +25,13 @@ class FilterConfig(BaseModel):
         default_factory=lambda: {"static_fraction": 0.34, "action_range": 2.0},
         description="'at most' thresholds never go below these (stats that are ~0 on every real clip)",
     )
+    # A generated video is decoded by the model's VAE, so it carries the codec's blur in every frame, the
+    # first included; a threshold calibrated on raw real frames then rejects the codec rather than the
+    # generation (measured on tiny-pusht: every video failed first-frame PSNR and sharpness, with the same
+    # values for base and adapter). "model_codec" passes the real calibration clips through the same VAE
+    # (encode, decode) first, so the thresholds judge what the generator adds.
+    calibrate_on: Literal["real", "model_codec"] = Field(
+        "real", description="real: raw held-out real clips; model_codec: the same clips after the base model's VAE")
     overrides: dict[str, float] = Field(default_factory=dict, description="stat -> threshold, replaces the calibrated one")
     duplicate_max_hamming: int = Field(8, ge=0, le=128, description="perceptual-hash distance (of 128 bits) at or below which two clips of one group are duplicates")
     disabled: list[str] = Field(default_factory=list, description="filters to skip, by name")

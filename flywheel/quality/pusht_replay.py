@@ -68,13 +68,20 @@ class PushTReplayVerifier:
             obs, _, _, _, info = env.step(np.clip(a, 0, WORLD_SIZE))
         return np.stack(frames), np.stack(states)
 
-    def environment_states(self, source: dict, actions: np.ndarray, fps: float) -> np.ndarray:
+    def environment_states(self, source: dict, actions: np.ndarray, fps: float,
+                           lead_in: np.ndarray | None = None) -> np.ndarray:
         """The simulator's state along the pseudo-actions, [T, 5] at the clip's fps: what a refreshed PushT
-        dataset stores as observation.environment_state for a synthetic episode."""
+        dataset stores as observation.environment_state for a synthetic episode. `lead_in`: the source
+        episode's recorded actions (at the simulator's 10 Hz) before the clip starts, replayed first, since a
+        mid-episode state cannot be reset to directly (gym-pusht's reset_to_state is not the recorded pose)."""
         n = len(actions)
         idx = nearest_indices(n, fps, ENV_FPS)
         acts = resample_actions(actions, fps, ENV_FPS, len(idx)) if abs(fps - ENV_FPS) > 1e-6 else np.asarray(actions)
+        skip = 0 if lead_in is None else len(lead_in)
+        if skip:
+            acts = np.concatenate([np.asarray(lead_in, np.float64).reshape(-1, 2), np.asarray(acts, np.float64)])
         _, states = self.rollout(source, acts)
+        states = states[skip:]
         return resample_actions(states, ENV_FPS, fps, n) if abs(fps - ENV_FPS) > 1e-6 else states.astype(np.float32)
 
     def verify(self, source: dict, frames: np.ndarray, actions: np.ndarray, fps: float) -> dict[str, float]:

@@ -184,3 +184,16 @@ def test_config_rejects_bad_fields():
         PushTSampleConfig(variant="sepia")
     with pytest.raises(ValidationError, match="extra"):
         PushTSampleConfig(fps=30)
+
+
+def test_rotated_variant_is_the_same_world_seen_a_quarter_turn_round(recolored_ds):
+    """datasets/pusht_rotated: the episodes of pusht_recolored (same seed), only the camera differs."""
+    rotated_ds = load(REPO_ROOT / "datasets" / "pusht_rotated", "flywheel/pusht_rotated")
+    assert rotated_ds.meta.total_episodes == recolored_ds.meta.total_episodes == 10
+    for i in (0, 57, 300):
+        a, b = rotated_ds[i], recolored_ds[i]
+        assert np.array_equal(a["observation.state"].numpy(), b["observation.state"].numpy())
+        assert np.array_equal(a["action"].numpy(), b["action"].numpy())
+    frame = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert np.array_equal(VARIANTS["rotated"].show(frame), np.rot90(frame))
+    assert VARIANTS["default"].show(frame) is frame

@@ -109,7 +109,7 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
         job_name="flywheel_iteration",
         asset_selection=["demonstrations", "training_clips"],
         run_config={"ops": {"training_clips": {"config": {"max_clips_per_episode": 1}}}},
-        tags={"dagster/partition": "pusht"},  # the embedded sample, registered on first start
+        tags={"dagster/partition": "pusht-rotated"},  # the embedded sample, registered on first start
     )
     print(f"submitted after {time.time() - started:.0f}s")
     deadline = time.time() + RUN_TIMEOUT_S
@@ -128,9 +128,9 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
     data = client._execute(MATERIALIZATIONS, {"runId": run_id})["runOrError"]
     mats = {m["assetKey"]["path"][-1]: m for m in data["assetMaterializations"]}
     assert set(mats) == {"demonstrations", "training_clips"}
-    assert {m["partition"] for m in mats.values()} == {"pusht"}
+    assert {m["partition"] for m in mats.values()} == {"pusht-rotated"}
     entries = {m: {e["label"]: e.get("path", e.get("intValue")) for e in mats[m]["metadataEntries"]} for m in mats}
-    assert entries["demonstrations"]["episodes"] == 20
+    assert entries["demonstrations"]["episodes"] == 10
     assert entries["training_clips"]["latent_cache"].startswith(str(home))
     assert os.path.isdir(entries["training_clips"]["latent_cache"])
 

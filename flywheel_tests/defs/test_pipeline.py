@@ -17,7 +17,9 @@ import pytest
 from flywheel.defs.assets import FLYWHEEL_ASSETS
 from flywheel.defs.jobs import iteration_assets
 from flywheel.defs.pipes import GpuLauncher
-from flywheel.defs.resources import FlywheelResource
+from flywheel.defs.resources import FlywheelResource, ModelSettings
+
+TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset, not the default tiny-pusht
 
 DOMAIN = "pusht-small"
 FAST = {
@@ -79,7 +81,7 @@ def flywheel_run(small_pusht, tmp_path_factory):
 
     torch.set_num_threads(1)
     home = tmp_path_factory.mktemp("home")
-    resources = {"flywheel": FlywheelResource(home=str(home)), "gpu": GpuLauncher(backend="in_process")}
+    resources = {"flywheel": FlywheelResource(model=TINY, home=str(home)), "gpu": GpuLauncher(backend="in_process")}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("domain", [DOMAIN])
         result = dg.materialize(assets_named(*iteration_assets()), partition_key=DOMAIN, instance=instance,
@@ -272,7 +274,7 @@ def test_train_workload_through_pipes_streams_logs_and_metadata(flywheel_run, mo
     # the workload is a fresh Python importing torch: let it cache bytecode (the suite may disable writing it)
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "flywheel-test-pycache"))
-    resources = {"flywheel": FlywheelResource(home=str(home), gpus=1), "gpu": GpuLauncher(backend="subprocess")}
+    resources = {"flywheel": FlywheelResource(model=TINY, home=str(home), gpus=1), "gpu": GpuLauncher(backend="subprocess")}
     config = {"ops": {"adapter": {"config": {"steps": 3, "checkpoint_every": 2, "rank": 4, "alpha": 4}}}}
     result = dg.materialize(assets_named("adapter"), partition_key=DOMAIN, instance=instance, resources=resources,
                             run_config=config)
@@ -288,7 +290,7 @@ def test_train_workload_through_pipes_streams_logs_and_metadata(flywheel_run, mo
 
 
 def test_a_failing_blocking_gate_stops_downstream_assets(small_pusht, tmp_path):
-    resources = {"flywheel": FlywheelResource(home=str(tmp_path / "home")), "gpu": GpuLauncher(backend="in_process")}
+    resources = {"flywheel": FlywheelResource(model=TINY, home=str(tmp_path / "home")), "gpu": GpuLauncher(backend="in_process")}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("domain", [DOMAIN])
         selected = ["demonstrations", "training_clips", "adapter"]

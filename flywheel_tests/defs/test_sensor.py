@@ -10,7 +10,9 @@ import dagster as dg
 import pytest
 
 from flywheel.defs.domains import add_domain, registration, resolve_source, scan_inbox
-from flywheel.defs.resources import FlywheelResource
+from flywheel.defs.resources import FlywheelResource, ModelSettings
+
+TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset, not the default tiny-pusht
 from flywheel.defs.schedules import flywheel_iteration_schedule
 from flywheel.defs.sensors import inbox_sensor
 
@@ -38,7 +40,7 @@ def apply(instance, result: dg.SensorResult) -> None:
 
 
 def test_new_dataset_adds_the_domain_and_requests_a_run(inbox_dataset, tmp_path):
-    flywheel = FlywheelResource(home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=5)
+    flywheel = FlywheelResource(model=TINY, home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=5)
     with dg.instance_for_test() as instance:
         result = evaluate(instance, flywheel)
         (request,) = result.dynamic_partitions_requests
@@ -66,7 +68,7 @@ def test_new_dataset_adds_the_domain_and_requests_a_run(inbox_dataset, tmp_path)
 
 
 def test_a_copy_in_progress_waits_and_bad_names_are_reported(inbox_dataset, tmp_path):
-    flywheel = FlywheelResource(home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=600)
+    flywheel = FlywheelResource(model=TINY, home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=600)
     (inbox_dataset / "g1-cell" / "meta" / "info.json").touch()  # just written
     shutil.copytree(inbox_dataset / "g1-cell", inbox_dataset / "Bad Name")
     with dg.instance_for_test() as instance:

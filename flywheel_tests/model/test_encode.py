@@ -125,3 +125,20 @@ def test_batched_encoding_gives_the_same_latents(encoded, tiny_pipe, tmp_path):
         torch.testing.assert_close(load_file(batched.path / f"latents/{clip_id}.safetensors")["latent"],
                                    load_file(result.path / f"latents/{clip_id}.safetensors")["latent"],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_codec_roundtrip_renders_frames_as_the_vae_does(tiny_pipe):
+    """What the quality filters calibrate on with calibrate_on=model_codec: real frames through the VAE."""
+    import numpy as np
+
+    from flywheel.model.encode import codec_roundtrip
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (7, 48, 40, 3), dtype=np.uint8)  # not 1 + 4k frames, not the preset's size
+    out = codec_roundtrip(tiny_pipe, frames)
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, frames)  # the random-weight tiny VAE cannot reproduce noise
+    # the same frames through the pipeline's own preprocess/encode/decode give the same pixels
+    again = codec_roundtrip(tiny_pipe, frames)
+    assert np.array_equal(out, again)

@@ -20,7 +20,9 @@ from flywheel.model.pretrain_pusht import (
     build_vae,
     load_npz,
     main,
+    mixed_looks,
     psnr,
+    recolour,
     rollout_metrics,
     save_npz,
     train_vae,
@@ -128,7 +130,7 @@ def test_vae_reconstruction_loss_decreases(episodes_npz):
     torch.set_num_threads(1)
     data = load_npz(episodes_npz)
     config = VaeConfig(base_dim=8, dim_mult=[1, 1, 1, 1], steps=12, batch_size=1, clip_frames=5,
-                       learning_rate=2e-3, warmup_steps=0)
+                       learning_rate=2e-3, warmup_steps=0, looks=["default"])
     _, history = train_vae(torch.from_numpy(data.frames), data, range(2), config, seed=0)
     losses = history["loss"]
     assert len(losses) == 12
@@ -150,6 +152,24 @@ def test_vae_learns_even_where_its_output_overshoots_white(episodes_npz):
     video = torch.from_numpy(load_npz(episodes_npz).episode(0)[:5]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     vae_step(vae, optimizer, scheduler, video, torch.Generator().manual_seed(0), config)
     assert not torch.equal(vae.decoder.conv_out.weight, before)
+
+
+def test_vae_windows_are_recoloured_exactly_as_the_recolored_dataset_is_rendered(episodes_npz):
+    """The VAE learns the recolored look from default frames through the generator's own colour map."""
+    from flywheel.data.pusht_sample import VARIANTS
+
+    frames = load_npz(episodes_npz).episode(0)[:5]
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    shown = recolour(video, "recolored")
+    expected = VARIANTS["recolored"].colour(frames)
+    assert np.array_equal(((shown[0] + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy(), expected)
+    assert torch.equal(recolour(video, "default"), video)
+    # a batch split between the looks: every window is one look or the other, both occur
+    batch = video.repeat(8, 1, 1, 1, 1)
+    mixed = mixed_looks(batch, ["default", "recolored"], torch.Generator().manual_seed(0))
+    is_default = [torch.equal(w, video[0]) for w in mixed]
+    is_recoloured = [torch.equal(w, shown[0]) for w in mixed]
+    assert all(a != b for a, b in zip(is_default, is_recoloured)) and any(is_default) and any(is_recoloured)
 
 
 def test_missing_weights_say_which_command_makes_them(tmp_path):

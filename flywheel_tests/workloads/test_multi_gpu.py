@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from flywheel.defs.pipes import GpuLauncher, workload_command
-from flywheel.defs.resources import FlywheelResource
+from flywheel.defs.resources import FlywheelResource, ModelSettings
+
+TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset, not the default tiny-pusht
 from flywheel.train.config import TrainConfig
 from flywheel.workloads.gpu import EXIT_CONFIG
 from flywheel_tests.train import tiny_latent_cache  # noqa: F401  (session fixture)
@@ -41,7 +43,7 @@ def _launch(cache_root: Path):
 def test_a_train_step_on_two_processes_through_pipes_and_by_hand(tiny_latent_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     home = tmp_path / "home"
-    resources = {"flywheel": FlywheelResource(home=str(home), gpus=0, gpus_per_step=2),
+    resources = {"flywheel": FlywheelResource(model=TINY, home=str(home), gpus=0, gpus_per_step=2),
                  "gpu": GpuLauncher(backend="subprocess")}
     trained = _launch(tiny_latent_cache.root)
     with dg.instance_for_test() as instance:
@@ -70,7 +72,7 @@ def test_a_train_step_on_two_processes_through_pipes_and_by_hand(tiny_latent_cac
 
 def test_a_config_error_on_two_processes_keeps_its_exit_code_and_is_not_retried(tiny_latent_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    resources = {"flywheel": FlywheelResource(home=str(tmp_path / "home"), gpus=0, gpus_per_step=2),
+    resources = {"flywheel": FlywheelResource(model=TINY, home=str(tmp_path / "home"), gpus=0, gpus_per_step=2),
                  "gpu": GpuLauncher(backend="subprocess")}
     with dg.instance_for_test() as instance:
         result = dg.materialize([_launch(tiny_latent_cache.root)], instance=instance, resources=resources,

@@ -40,7 +40,8 @@ def curated_trajectories(context: dg.AssetExecutionContext, config: QualitySetti
     params = stage_params(quality_config, gate={"min_pass_rate": config.min_pass_rate,
                                                 "max_pass_rate": config.max_pass_rate})
     with step_lineage(context, flywheel, params) as lineage:
-        meta = run_stage(context, "curate_stage", flywheel.home_path, labels["path"], demos["path"], quality_config)
+        meta = run_stage(context, "curate_stage", flywheel.home_path, labels["path"], demos["path"], quality_config,
+                         model=flywheel.model_config_core())
         lineage.record(meta, inputs={"pseudo_actions": labels, "demonstrations": demos})
     check = checks.curation_check(meta, config.min_pass_rate, config.max_pass_rate)
     return materialize(meta, inputs=input_keys(pseudo_actions=labels, demonstrations=demos), check_results=[check],

@@ -3,12 +3,13 @@
 import dagster as dg
 
 from flywheel.defs import checks
-from flywheel.defs.config import stage_settings
+from flywheel.defs.config import default_sections, stage_settings
 from flywheel.defs.lineage import stage_params, stage_result, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.pipes import GPU_RETRY_POLICY, GpuLauncher, only_transient_gpu_errors_retry
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import input_keys, materialize, upstream
+from flywheel.quality.config import FilterConfig
 
 # The sampler settings of the base/adapter generations: the generate section, as synthetic_videos has it.
 SamplerSettings = stage_settings("generate", "EvaluateSamplerSettings")
@@ -43,8 +44,12 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluateSettin
         adapter = upstream(context, "adapter")
         clips = upstream(context, "training_clips")
         generate_config = config.generate.to_core("generate")
+        # the video filters' pass rates of both sides use the embedded default filter settings (the curate
+        # step's Launchpad settings apply to curation itself)
+        quality = FilterConfig.model_validate(default_sections().get("quality", {}))
         args = {"adapter": adapter["path"], "clip_set": clips["path"], "evaluate": evaluate_config.model_dump(mode="json"),
-                "generate": generate_config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
+                "generate": generate_config.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+                "quality": quality.model_dump(mode="json")}
         params = stage_params(evaluate_config, model, generate=generate_config.model_dump(mode="json"))
         with step_lineage(context, flywheel, params) as lineage:
             meta = gpu.run_workload(context, "evaluate", args, flywheel)
