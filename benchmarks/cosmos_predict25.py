@@ -436,6 +436,43 @@ def _generation_notes(variant: GenerateVariant, compile: bool, cache: dict | Non
     return f"ours: {', '.join(means)}; baseline: stock call with prompt strings (text encode included); {tflops}"
 
 
+PRECOMPUTE = "precompute_clip"
+
+
+def bench_precompute(bench: Bench, pipe) -> None:
+    """The latent cache's work per clip, with the functions the clips stage calls (flywheel.model.encode):
+    frames preprocessed and VAE-encoded, and the prompt text-encoded (once per unique prompt in a real
+    clip set). Reported as clips per minute, against the training step it feeds."""
+    from PIL import Image
+
+    from flywheel.model.encode import encode_prompt, encode_videos
+
+    if not selected(bench.args, PRECOMPUTE, True):
+        return
+    preset = pipe.flywheel_preset
+    pipe.text_encoder.to(bench.device)
+    pipe.vae.to(bench.device)
+    bench.free()
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (preset.height, preset.width, 3), dtype=np.uint8))
+              for _ in range(preset.num_frames)]
+    reps = 2 if bench.args.quick else 3
+    bench.log(f"{PRECOMPUTE}: VAE encode of one {preset.num_frames}x{preset.height}x{preset.width} clip "
+              f"(+ preprocessing) and one {preset.max_sequence_length}-token prompt, {reps} reps")
+    with torch.inference_mode():
+        vae_s, vae_peak, _ = bench.measure(lambda: encode_videos(pipe, [frames], preset.height, preset.width), 1, reps)
+        text_s, text_peak, _ = bench.measure(lambda: encode_prompt(pipe, PROMPT, preset.max_sequence_length), 1, reps)
+    per_clip = vae_s + text_s
+    train = bench.workloads.get("train_lora", {}).get("ours_s")
+    bench.record(PRECOMPUTE, workload(
+        None, per_clip, max(p for p in (vae_peak, text_peak) if p is not None) if vae_peak is not None else None,
+        None, "latent cache: VAE encode + text encode of one clip (a prompt shared by many clips is encoded once)",
+        vae_s=vae_s, text_s=text_s, clips_per_minute=60.0 / per_clip,
+        clips_per_minute_shared_prompt=60.0 / vae_s))
+    bench.log(f"  {PRECOMPUTE}: VAE {vae_s:.3f} s + text {text_s:.3f} s per clip = {60.0 / per_clip:.1f} clips/min "
+              f"({60.0 / vae_s:.1f} with a shared prompt){'' if not train else f'; a LoRA step takes {train} s'}")
+
+
 def bench_generation(bench: Bench, pipe) -> None:
     from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
     from PIL import Image
@@ -561,7 +598,7 @@ def markdown_table(workloads: dict) -> str:
     rows = []
     for name, w in workloads.items():
         notes = w["notes"]
-        for key in ("psnr_db", "psnr_vs_fast_db", "dora_over_lora"):
+        for key in ("psnr_db", "psnr_vs_fast_db", "dora_over_lora", "clips_per_minute", "clips_per_minute_shared_prompt"):
             if w.get(key) is not None:
                 notes = f"{key}={w[key]}; {notes}"
         rows.append(f"| {name} | {w['baseline_s']} | {w['ours_s']} | {w['speedup']} | {w['peak_gib']} | "
@@ -571,7 +608,7 @@ def markdown_table(workloads: dict) -> str:
 
 def variant_names(args) -> list[str]:
     thresholds = [float(t) for t in args.step_cache_thresholds.split(",") if t.strip()]
-    return [v.name for v in generate_variants(thresholds)] + [v.name for v in TRAIN_VARIANTS]
+    return [PRECOMPUTE] + [v.name for v in generate_variants(thresholds)] + [v.name for v in TRAIN_VARIANTS]
 
 
 def parse_args(argv=None):
@@ -620,6 +657,7 @@ def main(argv=None) -> dict:
         tflop_per_training_step=tflop_step, args=vars(args),
         stem=gpu_slug(device) if args.preset == "cosmos-predict2.5-2b-random" else f"{gpu_slug(device)}-{args.preset}")
 
+    bench_precompute(bench, pipe)
     bench_generation(bench, pipe)
     bench_training(bench, pipe, tflop_step)
 

@@ -21,17 +21,18 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flywheel.data.clips import ClipSet
 from flywheel.data.latent_cache import LatentCache, LatentCacheWriter
-from flywheel.data.video import VideoError, read_frames
 from flywheel.store import ArtifactStore, hash_json
+
+if TYPE_CHECKING:  # the encoders themselves run where PyAV is not installed (the GPU benchmark)
+    from flywheel.data.clips import ClipSet
 
 # Bump when what gets cached changes (preprocessing, normalisation), so old caches are not reused.
 CACHE_FORMAT = 1
@@ -79,6 +80,8 @@ def latent_cache_key(clip_set: ClipSet, pipe) -> str:
 
 
 def load_clip_video(clip_set: ClipSet, row, expected_frames: int) -> list[Image.Image]:
+    from flywheel.data.video import VideoError, read_frames
+
     """A clip's frames as PIL images: the input type the recipe hands to preprocess_video."""
     frames = read_frames(clip_set.path / row["video"])
     if len(frames) != expected_frames:
