@@ -140,8 +140,23 @@ def _flagged_base(base_root: Path, info: dict, dst: Path, config: RefreshConfig)
         return base_root
     base = LeRobotDataset(config.repo_id + "_base", root=base_root, video_backend="pyav")
     flags = np.zeros((info["total_frames"], 1), dtype=bool)
-    add_features(base, {SYNTHETIC_FLAG: (flags, dict(FLAG_FEATURE))}, output_dir=dst, repo_id=config.repo_id + "_real")
+    # add_features opens its output without a video backend, so LeRobot probes torchcodec and logs its whole
+    # native-library traceback before falling back to PyAV; nothing here decodes video, flywheel always uses PyAV.
+    with _quiet_logger("lerobot.utils.import_utils"):
+        add_features(base, {SYNTHETIC_FLAG: (flags, dict(FLAG_FEATURE))}, output_dir=dst,
+                     repo_id=config.repo_id + "_real")
     return dst
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _frames_for_dataset(ep: SyntheticEpisode, fps: int, hw: tuple[int, int]):
