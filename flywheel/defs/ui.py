@@ -1,7 +1,7 @@
 """`flywheel ui`: the Dagster UI (webserver + daemon) and, when lineage is in the build, the MLflow UI.
 
 Both run on the flywheel home: DAGSTER_HOME=<home>/dagster (persistent runs, schedules, partitions) and the
-MLflow store of flywheel.lineage.tracking. The embedded PushT sample is registered as the `pusht` domain on
+MLflow store of flywheel.lineage.tracking. The embedded PushT sample is registered as the `pusht-rotated` domain on
 first start, so a fresh UI has something to materialize. Ctrl-C stops both.
 """
 
