@@ -24,7 +24,7 @@ from flywheel.train.config import TrainConfig
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("tiny", description="tiny | cosmos-predict2.5-2b | cosmos-predict2.5-2b-random | a local diffusers dir")
+    preset: str = Field("tiny", description="tiny | tiny-pusht | cosmos-predict2.5-2b | cosmos-predict2.5-2b-random | a local diffusers dir")
     safety: Literal["auto", "guardrail", "opt-out"] = "auto"
     seed: int = Field(0, ge=0, description="seed of the random-weight presets")
     device: str | None = Field(None, description="torch device; None = cuda if available else cpu")

@@ -61,15 +61,21 @@ def clips_stage(home, manifest_path, clip_config, model, progress: Progress = No
     """training_clips: episodes -> fixed-size clips + cached VAE latents and text embeddings."""
     from flywheel.data.clips import prepare_clips
     from flywheel.data.ingest import load_manifest
-    from flywheel.model.encode import encode_clip_set
-    from flywheel.model.presets import get_preset
+    from flywheel.data.latent_cache import LatentCache
+    from flywheel.model.encode import LatentCacheResult, encode_clip_set, latent_cache_key
+    from flywheel.model.presets import get_preset, resolved_preset
 
     store = ArtifactStore(home)
     manifest = load_manifest(manifest_path)
     preset = get_preset(model.preset)
     started = time.perf_counter()
     clip_set = prepare_clips(manifest.frame, manifest.key, store, clip_config, preset, progress=progress)
-    cache = encode_clip_set(clip_set, _pipeline(model), store, progress=progress)
+    cache_key = latent_cache_key(clip_set, resolved_preset(model.preset, seed=model.seed))
+    if store.exists("latents", cache_key):  # encoded before: no need to load the model (minutes for the 2B one)
+        path = store.path("latents", cache_key)
+        cache = LatentCacheResult(path, cache_key, LatentCache(path).meta, reused=True)
+    else:
+        cache = encode_clip_set(clip_set, _pipeline(model), store, progress=progress)
     meta = {
         **clip_set.summary,
         "latent_cache": str(cache.path),

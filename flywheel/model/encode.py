@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flywheel.data.latent_cache import LatentCache, LatentCacheWriter
+from flywheel.model.presets import ModelPreset
 from flywheel.store import ArtifactStore, hash_json
 
 if TYPE_CHECKING:  # the encoders themselves run where PyAV is not installed (the GPU benchmark)
@@ -66,8 +67,11 @@ def pipeline_preset(pipe):
     return preset
 
 
-def latent_cache_key(clip_set: ClipSet, pipe) -> str:
-    preset = pipeline_preset(pipe)
+def latent_cache_key(clip_set: ClipSet, pipe_or_preset) -> str:
+    """The cache's identity: the clip set and the model (a pipeline, or the ModelPreset `resolved_preset`
+    gives for it, so a cached clip set is found without building the model). The VAE runs in the preset's
+    dtype (encode_clip_set checks it)."""
+    preset = pipe_or_preset if isinstance(pipe_or_preset, ModelPreset) else pipeline_preset(pipe_or_preset)
     return hash_json({
         "format": CACHE_FORMAT,
         "clip_set": clip_set.key,
@@ -75,7 +79,7 @@ def latent_cache_key(clip_set: ClipSet, pipe) -> str:
         "revision": preset.revision,
         **clip_geometry(clip_set),
         "max_sequence_length": preset.max_sequence_length,
-        "vae_dtype": str(pipe.vae.dtype),
+        "vae_dtype": f"torch.{preset.dtype}",
     })[:24]
 
 
@@ -150,6 +154,9 @@ def encode_clip_set(
     if clip_set.frame.empty:
         raise ValueError(f"{clip_set.path}: the clip set has no clips to encode")
     key = latent_cache_key(clip_set, pipe)
+    if str(pipe.vae.dtype) != f"torch.{pipeline_preset(pipe).dtype}":
+        raise ValueError(f"the pipeline's VAE runs in {pipe.vae.dtype}, its preset says {pipeline_preset(pipe).dtype}; "
+                         "build it with flywheel.model.presets.load_pipeline (the cache key assumes the preset's dtype)")
     if store.exists("latents", key):
         path = store.path("latents", key)
         return LatentCacheResult(path, key, LatentCache(path).meta, reused=True)

@@ -381,6 +381,19 @@ def _toy_safety(preset: ModelPreset, safety: SafetyChoice) -> tuple[object | Non
     return resolve_safety_checker(preset, safety)
 
 
+def resolved_preset(preset: ModelPreset | str, *, seed: int = 0, weights_dir: str | Path | None = None) -> ModelPreset:
+    """The preset exactly as `load_pipeline` will stamp it on the pipeline (revision filled in: the
+    weights' hash for tiny-pusht, `seed-<seed>` for random weights), without building anything."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if preset.name == "tiny-pusht":
+        return dataclasses.replace(preset, revision=tiny_pusht_revision(
+            Path(weights_dir) if weights_dir is not None else TINY_PUSHT_DIR))
+    if preset.random_weights:
+        # The seed is the identity of random weights: it goes into the revision (lineage, cache keys).
+        return dataclasses.replace(preset, revision=f"seed-{seed}")
+    return preset
+
+
 def load_pipeline(
     preset: ModelPreset | str,
     *,
@@ -405,13 +418,12 @@ def load_pipeline(
     if preset.name == "tiny-pusht":
         weights_dir = Path(weights_dir) if weights_dir is not None else TINY_PUSHT_DIR
         components, meta = _build_tiny_pusht_components(weights_dir, device)
-        preset = dataclasses.replace(preset, revision=tiny_pusht_revision(weights_dir))
+        preset = resolved_preset(preset, weights_dir=weights_dir)
         pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
         pipe.flywheel_preset = preset
         _check_text_encoder(pipe, meta, weights_dir)
     elif preset.random_weights:
-        # The seed is the identity of random weights: it goes into the revision (lineage, cache keys).
-        preset = dataclasses.replace(preset, revision=f"seed-{seed}")
+        preset = resolved_preset(preset, seed=seed)
         components = _build_random_components(preset, seed, device)
         pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
     else:
