@@ -37,13 +37,13 @@ class StageResult:
         return d
 
 
-def _pipeline(model):
+def _pipeline(model, vae_only: bool = False):
     import torch
 
     from flywheel.model.presets import load_pipeline
 
     device = model.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety)
+    return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety, vae_only=vae_only)
 
 
 def ingest_stage(home, config, progress: Progress = None) -> StageResult:
@@ -370,7 +370,7 @@ def _through_model_codec(clips: list, model) -> list:
 
     from flywheel.model.encode import codec_roundtrip
 
-    pipe = _pipeline(model)
+    pipe = _pipeline(model, vae_only=True)  # the 2B model's VAE without its 7B text encoder
     return [dataclasses.replace(c, frames=codec_roundtrip(pipe, c.frames)) for c in clips]
 
 

@@ -401,8 +401,13 @@ def load_pipeline(
     device: torch.device | str | None = None,
     safety: SafetyChoice = "auto",
     weights_dir: str | Path | None = None,
+    vae_only: bool = False,
 ):
     """Build or load the `Cosmos2_5_PredictBasePipeline` of a preset.
+
+    `vae_only`: a downloaded / local model is loaded without its transformer and text encoder (diffusers
+    skips components passed as None): all a codec roundtrip needs, without the 7B text encoder. The toy
+    presets are built whole either way (they are small).
 
     Returns the pipeline; `pipe.flywheel_safety` records which safety checker is in use (it goes
     into run metadata, so an opt-out is never silent). `weights_dir` (tiny-pusht only) loads
@@ -430,6 +435,8 @@ def load_pipeline(
         kwargs: dict[str, Any] = dict(torch_dtype=preset.torch_dtype, safety_checker=checker)
         if preset.revision:
             kwargs["revision"] = preset.revision
+        if vae_only:
+            kwargs.update(transformer=None, text_encoder=None)
         pipe = Cosmos2_5_PredictBasePipeline.from_pretrained(preset.model_id, **kwargs)
         if device is not None:
             pipe.to(device)

@@ -71,3 +71,18 @@ def test_released_weights_need_a_safety_checker_or_an_explicit_opt_out():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model preset 'nope'.*tiny"):
         get_preset("nope")
+
+
+def test_a_local_model_loads_vae_only_for_a_codec_roundtrip(tiny_pipe, tmp_path):
+    """Filter calibration through the model's VAE must not load a 7B text encoder: diffusers skips the
+    components given as None. A saved tiny pipeline stands in for a local diffusers directory."""
+    from flywheel.model.encode import codec_roundtrip
+
+    torch.set_num_threads(1)
+    tiny_pipe.save_pretrained(tmp_path / "model", safe_serialization=True)
+    pipe = load_pipeline(str(tmp_path / "model"), device="cpu", safety="opt-out", vae_only=True)
+    assert pipe.transformer is None and pipe.text_encoder is None
+    assert isinstance(pipe.vae, AutoencoderKLWan) and pipe.flywheel_preset.name == "local"
+    frames = np.random.default_rng(0).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
+    out = codec_roundtrip(pipe, frames)
+    assert out.shape == frames.shape and out.dtype == np.uint8
