@@ -407,7 +407,9 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
             continue
         episodes.append(SyntheticEpisode(frames=read_frames(synthetic / row.video), actions=z["actions"],
                                          fps=float(row.fps), provenance=provenance, features=features))
-    version, dataset_root = refresh_dataset(root, episodes, store, refresh_config.dataset, progress=progress)
+    base_ids = manifest.frame.sort_values("episode_index")["episode_id"].tolist()
+    version, dataset_root = refresh_dataset(root, episodes, store, refresh_config.dataset, progress=progress,
+                                            base_episode_ids=base_ids)
     meta = {"version_id": version, "dataset_root": str(dataset_root), "real_episodes": int(manifest.frame.shape[0]),
             "synthetic_episodes": len(episodes), "base_root": str(root),
             "accepted_but_not_refreshable": len(not_refreshable)}

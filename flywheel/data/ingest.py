@@ -37,7 +37,7 @@ from flywheel.store import ArtifactStore, hash_json, hash_tree
 __all__ = ["IngestConfig", "IngestError", "Manifest", "detect_format", "ingest", "load_manifest"]
 
 SourceFormat = Literal["lerobot-v3.0", "lerobot-v2.1", "raw-videos"]
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2  # 2: is_synthetic; episode ids kept through refreshed versions
 KEY_LENGTH = 24
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -280,7 +280,8 @@ def write_new_manifest(store: ArtifactStore, key: str, config: IngestConfig, sou
         rows.append(row)
     splits = assign_splits([r["episode_id"] for r in rows], config.val_fraction, config.test_fraction)
     for row, split in zip(rows, splits):
-        row["split"] = split
+        # Generated episodes only ever train: evaluation and filter calibration compare against real ones.
+        row["split"] = "train" if row.get("is_synthetic") else split
     frame = as_manifest_frame(rows)
     summary = {**summarize(frame), "key": key, "input_hash": input_hash, "config": config.model_dump(mode="json")}
     with store.write("manifests", key, {"episodes": summary["episodes"], "source": source}) as tmp:

@@ -145,6 +145,7 @@ def read_lerobot_v3(root: Path, camera_key: str | None, dataset_name: str, repor
             content_hash=hashlib.sha256(f"{hash_rows(episode_rows)}:{video_hash}".encode()).hexdigest(),
         ))
         report.advance(what)
+    _keep_episode_ids(root, rows)
     # Decoding every frame would take longer than everything else together; every packet was demuxed
     # above, so decoding each file's first and last used frame proves the codec reads it end to end.
     for path in scans:
@@ -152,6 +153,23 @@ def read_lerobot_v3(root: Path, camera_key: str | None, dataset_name: str, repor
         check_decodes(path, float(episodes.loc[used, f"videos/{camera}/from_timestamp"].min()),
                       float(episodes.loc[used, f"videos/{camera}/to_timestamp"].max()), fps)
     return rows
+
+
+def _keep_episode_ids(root: Path, rows: list[dict]) -> None:
+    """A refreshed dataset (flywheel's provenance.parquet at its root) keeps the episode ids its real
+    episodes had in the dataset they came from, so their train/val/test split never changes between
+    versions; its generated episodes are flagged (they only ever train)."""
+    path = root / "provenance.parquet"
+    if not path.is_file():
+        return
+    provenance = pd.read_parquet(path).set_index("episode_index")
+    for row in rows:
+        if row["episode_index"] not in provenance.index:
+            raise IngestError(f"{path}: no row for episode {row['episode_index']}; the refreshed dataset is inconsistent")
+        entry = provenance.loc[row["episode_index"]]
+        row["is_synthetic"] = bool(entry["is_synthetic"])
+        if "episode_id" in provenance.columns and isinstance(entry["episode_id"], str):
+            row["episode_id"] = entry["episode_id"]
 
 
 def load_episodes(root: Path) -> pd.DataFrame:

@@ -37,6 +37,7 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "to_timestamp": "float64",
     "content_hash": "object",    # sha256 of the episode's data rows + video packets (raw: video file + caption)
     "split": "object",           # "train" | "val" | "test"
+    "is_synthetic": "bool",      # a generated episode of a refreshed dataset (always in the train split)
 }
 
 
@@ -71,6 +72,8 @@ def summarize(frame: pd.DataFrame) -> dict[str, Any]:
 def as_manifest_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows -> a frame with exactly the contract's columns, dtypes and order."""
     frame = pd.DataFrame(rows)
+    if "is_synthetic" not in frame.columns:  # only a refreshed dataset's provenance says otherwise
+        frame["is_synthetic"] = False
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"manifest rows lack columns {missing}")

@@ -63,8 +63,11 @@ def version_id(base_root: str | Path, episodes: list[SyntheticEpisode], config: 
 
 def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], store: ArtifactStore,
                     config: RefreshConfig | None = None,
-                    progress: Callable[[dict], None] | None = None) -> tuple[str, Path]:
-    """Write (or find) the new dataset version; returns (version id, dataset root)."""
+                    progress: Callable[[dict], None] | None = None,
+                    base_episode_ids: list[str] | None = None) -> tuple[str, Path]:
+    """Write (or find) the new dataset version; returns (version id, dataset root). `base_episode_ids`
+    (the ingest manifest's, by episode_index) go into the provenance, so ingesting the new version keeps
+    every real episode's id and split."""
     config = config or RefreshConfig()
     base_root = Path(base_root)
     info = dataset_info(base_root)
@@ -87,7 +90,8 @@ def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], sto
             shutil.move(str(child), str(tmp / child.name))
         num_real = json.loads((real / "meta" / "info.json").read_text())["total_episodes"]
         shutil.rmtree(build)
-        table = provenance_table(num_real, [e.provenance for e in episodes], read_provenance(base_root))
+        table = provenance_table(num_real, [e.provenance for e in episodes], read_provenance(base_root),
+                                 base_episode_ids, vid)
         write_provenance(tmp, table, {"version_id": vid, "base_root": str(base_root),
                                       "base_tree_hash": hash_tree(base_root), "num_real_episodes": num_real,
                                       "num_synthetic_episodes": len(episodes), "config": config.model_dump()})

@@ -1,6 +1,8 @@
 """Provenance of a refreshed dataset: one row per episode saying where it came from.
 
-`provenance.parquet` at the dataset root: episode_index, is_synthetic, and for synthetic episodes
+`provenance.parquet` at the dataset root: episode_index, episode_id (what ingest calls the episode: a real
+one keeps the id it had in the first dataset, so its split never changes; a synthetic one is
+"synthetic/<version that added it>/<clip_id>"), is_synthetic, and for synthetic episodes
 clip_id, adapter_version, seed, prompt, source_episode, filter_scores (JSON); real episodes carry
 base_episode (their index in the base dataset). `provenance.json`: version id, base dataset and hash,
 counts. LeRobot ignores both files.
@@ -21,12 +23,17 @@ PROVENANCE_JSON = "provenance.json"
 SYNTHETIC_FIELDS = ("clip_id", "adapter_version", "seed", "prompt", "source_episode", "filter_scores")
 
 
-def provenance_table(num_real: int, synthetic: list[dict], base_provenance: pd.DataFrame | None = None) -> pd.DataFrame:
+def provenance_table(num_real: int, synthetic: list[dict], base_provenance: pd.DataFrame | None = None,
+                     base_episode_ids: list[str] | None = None, version_id: str = "") -> pd.DataFrame:
+    if base_episode_ids is not None and len(base_episode_ids) != num_real:
+        raise ValueError(f"{len(base_episode_ids)} base episode ids for {num_real} base episodes")
     rows = []
     for i in range(num_real):
         inherited = {}
         if base_provenance is not None and i in set(base_provenance["episode_index"]):
             inherited = base_provenance.set_index("episode_index").loc[i].to_dict()
+        if not isinstance(inherited.get("episode_id"), str):
+            inherited["episode_id"] = base_episode_ids[i] if base_episode_ids is not None else None
         rows.append({**{k: None for k in SYNTHETIC_FIELDS}, "is_synthetic": False, "base_episode": i, **inherited,
                      "episode_index": i})
     for j, p in enumerate(synthetic):
@@ -35,11 +42,13 @@ def provenance_table(num_real: int, synthetic: list[dict], base_provenance: pd.D
         row["seed"] = None if row["seed"] is None else int(row["seed"])
         for k in ("adapter_version", "prompt", "source_episode", "clip_id"):
             row[k] = None if row[k] is None else str(row[k])
-        rows.append({**row, "is_synthetic": True, "base_episode": None, "episode_index": num_real + j})
+        rows.append({**row, "is_synthetic": True, "base_episode": None, "episode_index": num_real + j,
+                     "episode_id": f"synthetic/{version_id}/{row['clip_id']}"})
     df = pd.DataFrame(rows)
     df["base_episode"] = df["base_episode"].astype("Int64")
     df["seed"] = df["seed"].astype("Int64")
-    return df[["episode_index", "is_synthetic", "base_episode", *SYNTHETIC_FIELDS]]
+    df["episode_id"] = df["episode_id"].astype(object)
+    return df[["episode_index", "episode_id", "is_synthetic", "base_episode", *SYNTHETIC_FIELDS]]
 
 
 def write_provenance(root: str | Path, table: pd.DataFrame, summary: dict) -> None:

@@ -82,6 +82,31 @@ def test_next_iteration_refreshes_and_lerobot_aggregate_merges(pusht_root, episo
     assert merged.num_episodes == ds2.num_episodes + base_episodes + 1
 
 
+def test_ingesting_a_refreshed_version_keeps_real_episode_ids_and_splits(pusht_root, episode_cache, store):
+    """The next iteration ingests the refreshed dataset: real episodes keep their ids (so their split, and
+    what evaluation holds out, never changes between versions) and generated ones only ever train."""
+    from flywheel.data.ingest import IngestConfig, ingest
+
+    config = dict(val_fraction=0.3, test_fraction=0.1)
+    base = ingest(IngestConfig(source=str(pusht_root), **config), store).frame
+    eps = load_episodes(pusht_root, [0, 1], image_size=96, cache_dir=episode_cache)
+    _, root1 = refresh_dataset(pusht_root, [pusht_synthetic(pusht_root, eps[0], 0, seed=0)], store,
+                               base_episode_ids=base["episode_id"].tolist())
+    v1 = ingest(IngestConfig(source=str(root1), **config), store).frame
+    _, root2 = refresh_dataset(root1, [pusht_synthetic(pusht_root, eps[1], 0, seed=1)], store,
+                               base_episode_ids=v1["episode_id"].tolist())
+    v2 = ingest(IngestConfig(source=str(root2), **config), store).frame
+
+    assert len(v2) == len(base) + 2 and v2["is_synthetic"].tolist() == [False] * len(base) + [True, True]
+    real = v2[~v2["is_synthetic"]]
+    assert real["episode_id"].tolist() == base["episode_id"].tolist()
+    assert real["split"].tolist() == base["split"].tolist() and {"val", "test"} & set(base["split"])
+    synthetic = v2[v2["is_synthetic"]]
+    assert set(synthetic["split"]) == {"train"}
+    assert all(e.startswith("synthetic/") and e.endswith(c) for e, c in zip(synthetic["episode_id"], ["clip-0-0", "clip-1-1"]))
+    assert synthetic["episode_id"].iloc[0] == v1["episode_id"].iloc[-1]  # an episode keeps its id once added
+
+
 def test_crash_mid_write_leaves_no_version(pusht_root, episode_cache, store):
     eps = load_episodes(pusht_root, [0], image_size=96, cache_dir=episode_cache)
 
