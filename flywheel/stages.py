@@ -443,7 +443,10 @@ def _simulator_features(root: Path, row, actions, fps: float) -> dict | None:
     from flywheel.quality.pusht_replay import PushTReplayVerifier
 
     clip_start = int(str(row.source_clip_id).rsplit("-f", 1)[-1])
-    episode_index = int(str(row.source_episode_id).rsplit("/", 1)[-1])
+    index_text = str(row.source_episode_id).rsplit("/", 1)[-1]
+    if not index_text.isdigit():  # a synthetic source episode: the simulator never recorded its start
+        return None
+    episode_index = int(index_text)
     episodes = {e["episode_index"]: e for e in json.loads(info_path.read_text())["episodes"]}
     if episode_index not in episodes:
         return None

@@ -90,6 +90,7 @@ def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], sto
             shutil.move(str(child), str(tmp / child.name))
         num_real = json.loads((real / "meta" / "info.json").read_text())["total_episodes"]
         shutil.rmtree(build)
+        _carry_sidecars(base_root, tmp)
         table = provenance_table(num_real, [e.provenance for e in episodes], read_provenance(base_root),
                                  base_episode_ids, vid)
         write_provenance(tmp, table, {"version_id": vid, "base_root": str(base_root),
@@ -133,6 +134,19 @@ def _check_episode(i: int, ep: SyntheticEpisode, info: dict, camera: str, config
             continue
         raise ValueError(f"{where}: the dataset has feature {key!r} {feat['shape']} and the clip has no value for it; "
                          f"pass it in SyntheticEpisode.features (e.g. from a simulator replay)")
+
+
+# Files next to LeRobot's own metadata that describe the base's real episodes by index (the real episodes
+# keep their indices in the new version): the PushT sample's reset states, which the simulator replay of
+# the next iteration's synthetic clips starts from.
+SIDECAR_FILES = ("meta/pusht_sample.json",)
+
+
+def _carry_sidecars(base_root: Path, dst: Path) -> None:
+    for name in SIDECAR_FILES:
+        if (base_root / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(base_root / name, dst / name)
 
 
 def _flagged_base(base_root: Path, info: dict, dst: Path, config: RefreshConfig) -> Path:

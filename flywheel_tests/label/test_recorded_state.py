@@ -29,3 +29,5 @@ def test_mid_episode_clip_continues_the_recorded_episode():
                                recorded[0], atol=1e-3)
     unknown = SimpleNamespace(source_clip_id="pusht_rotated-000042-f00016", source_episode_id="pusht_rotated/000042")
     assert _simulator_features(ROOT, unknown, pseudo, fps=16.0) is None
+    synthetic = SimpleNamespace(source_clip_id="synthetic-f00000", source_episode_id="synthetic/0a1b/clip-3-adapter")
+    assert _simulator_features(ROOT, synthetic, pseudo, fps=16.0) is None

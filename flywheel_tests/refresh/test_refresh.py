@@ -105,6 +105,8 @@ def test_ingesting_a_refreshed_version_keeps_real_episode_ids_and_splits(pusht_r
     assert set(synthetic["split"]) == {"train"}
     assert all(e.startswith("synthetic/") and e.endswith(c) for e, c in zip(synthetic["episode_id"], ["clip-0-0", "clip-1-1"]))
     assert synthetic["episode_id"].iloc[0] == v1["episode_id"].iloc[-1]  # an episode keeps its id once added
+    # the simulator's record of the real episodes travels with them (the next replay starts from it)
+    assert (root2 / "meta" / "pusht_sample.json").read_bytes() == (pusht_root / "meta" / "pusht_sample.json").read_bytes()
 
 
 def test_crash_mid_write_leaves_no_version(pusht_root, episode_cache, store):
