@@ -119,8 +119,7 @@ def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, g
     if filter_config is not None:
         from PIL import Image
 
-        first_frames = {rid: np.asarray(Image.open(clip_set.path / clips.set_index("clip_id").loc[
-            samples.loc[rid, "source_clip_id"], "first_frame"]).convert("RGB")) for rid in generated}
+        first_frames = {r.request_id: np.asarray(Image.open(r.first_frame).convert("RGB")) for r in requests}
         thresholds, kept = video_filter_results(pipe, clip_set, generated, first_frames,
                                                 float(clips["fps"].iloc[0]), filter_config)
         for row in rows:

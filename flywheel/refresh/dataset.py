@@ -260,9 +260,9 @@ def _aggregate(roots: list[Path], out: Path, config: RefreshConfig) -> None:
     from lerobot.datasets.aggregate import aggregate_datasets
 
     # LeRobot logs a warning per differing encoder setting; they are expected (real AV1 + synthetic encodes).
-    logging.getLogger("lerobot.datasets.aggregate").setLevel(logging.ERROR)
-    aggregate_datasets(repo_ids=[f"{config.repo_id}_part{i}" for i in range(len(roots))], aggr_repo_id=config.repo_id,
-                       roots=roots, aggr_root=out, concatenate_videos=False)
+    with _quiet_logger("lerobot.datasets.aggregate"):
+        aggregate_datasets(repo_ids=[f"{config.repo_id}_part{i}" for i in range(len(roots))],
+                           aggr_repo_id=config.repo_id, roots=roots, aggr_root=out, concatenate_videos=False)
 
 
 def load_refreshed(root: str | Path, repo_id: str = "flywheel/refreshed"):
