@@ -124,7 +124,7 @@ def test_the_global_batch_must_split_evenly_over_the_processes():
 
 
 def test_the_multi_gpu_benchmark_reports_weak_scaling():
-    """benchmarks/multi_gpu.py's arithmetic (its CPU run, `--dry-run`, is flywheel_tests/test_benchmarks.py)."""
+    """benchmarks/multi_gpu.py's arithmetic (its CPU run, `--dry-run`, takes ~30 s: run by hand)."""
     from benchmarks.multi_gpu import markdown_table, parse_args, summarize
 
     args = parse_args(["--dry-run"])
