@@ -73,12 +73,14 @@ class TrainVariant:
     save: str = "attention"  # what selective keeps
     compile: bool = False
     fp8: bool = False  # TrainConfig.fp8: float8 base projections (torchao)
+    autocast: bool = False  # TrainConfig.autocast: the fp32 adapter's products in bf16 (False: in fp32, as before)
     core: bool = True  # core variants always run (unless --skip-core); the rest while the budget lasts
 
     @property
     def name(self) -> str:
         ckpt = f"selective({self.save})" if self.checkpointing == "selective" else self.checkpointing
-        return f"train_{self.method}[{'compile' if self.compile else 'eager'}+{ckpt}{'+fp8' if self.fp8 else ''}]"
+        suffix = ("+fp8" if self.fp8 else "") + ("+autocast" if self.autocast else "")
+        return f"train_{self.method}[{'compile' if self.compile else 'eager'}+{ckpt}{suffix}]"
 
 
 # Core first, then the optional ones in the order they run: the most informative first.
@@ -86,6 +88,11 @@ TRAIN_VARIANTS = [
     TrainVariant("lora", "full"),
     TrainVariant("lora", "selective", compile=True),
     TrainVariant("dora", "selective", compile=True),
+    TrainVariant("lora", "selective", save="attention_matmul", compile=True, autocast=True),
+    TrainVariant("lora", "selective", compile=True, autocast=True),
+    TrainVariant("dora", "selective", compile=True, autocast=True),
+    TrainVariant("dora", "selective", save="attention_matmul", compile=True, autocast=True),
+    TrainVariant("lora", "selective", save="attention_matmul", compile=True, fp8=True, autocast=True, core=False),
     TrainVariant("lora", "selective", compile=True, fp8=True, core=False),
     TrainVariant("lora", "selective", save="attention_matmul", compile=True, core=False),
     TrainVariant("lora", "selective", save="attention_matmul", compile=True, fp8=True, core=False),
@@ -246,12 +253,13 @@ def _error(e: BaseException) -> str:
 
 
 def train_config(method: str, checkpointing: str, save: str = "attention", compile: bool = False,
-                 compile_backend: str = "inductor", fused: bool | None = None, fp8: bool = False):
+                 compile_backend: str = "inductor", fused: bool | None = None, fp8: bool = False,
+                 autocast: bool = False):
     from flywheel.train.config import TrainConfig
 
     return TrainConfig(method=method, rank=32, alpha=32, steps=10_000, activation_checkpointing=checkpointing,
                        selective_save=save, compile=compile, compile_backend=compile_backend, fused_optimizer=fused,
-                       fp8=fp8)
+                       fp8=fp8, autocast=autocast)
 
 
 def run_training(bench: Bench, pipe, config, batch_fn, warmup: int, reps: int) -> dict:
@@ -347,11 +355,13 @@ def bench_training(bench: Bench, pipe, tflop_per_step: float | None) -> None:
             continue
         bench.log(f"{name}: warm-up{' (compile)' if variant.compile else ''} + {reps} reps")
         config = train_config(variant.method, variant.checkpointing, variant.save, variant.compile,
-                              args.compile_backend, fp8=variant.fp8)
+                              args.compile_backend, fp8=variant.fp8, autocast=variant.autocast)
         result = run_training(bench, pipe, config, lambda: bench.batch, 2 if variant.compile else 1, reps)
         notes = ("precomputed latents+embeddings, fused AdamW" if device.type == "cuda" else "precomputed latents+embeddings")
         if variant.fp8:
             notes += ", float8 base projections (torchao Float8Linear, tensorwise)"
+        if variant.autocast:
+            notes += ", autocast: fp32 adapter's products in bf16"
         if result["error"]:
             notes = f"{result['error']}; {notes}"
         extra = {}

@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     compile_backend: Literal["inductor", "aot_eager"] = Field(
         "inductor", description="inductor: fast kernels (GPU); aot_eager: same graphs without codegen (CPU tests)")
     fused_optimizer: bool | None = Field(None, description="AdamW(fused=True); None: fused on CUDA only")
+    autocast: bool = Field(True, description="on a bf16/fp16 base, run the forward under torch.autocast to the "
+                           "base's dtype, so the fp32 adapter's matmuls run in bf16 on fp32 master weights (what "
+                           "accelerate's mixed precision does); False: they run in fp32. No effect on an fp32 base")
     fp8: bool = Field(False, description="run the frozen base projections of the LoRA layers as torchao float8 "
                       "matmuls (Float8Linear; needs torchao and a CUDA GPU with compute capability >= 8.9); the "
                       "adapter's tensors and matmuls keep their precision")

@@ -51,7 +51,7 @@ from flywheel.train.adapter_io import (
 from flywheel.train.config import TrainConfig
 from flywheel.train.distributed import SINGLE, World, current_world
 from flywheel.train.loss_plot import write_loss_plot
-from flywheel.train.speed import apply_training_speedups, build_optimizer_and_scheduler
+from flywheel.train.speed import adapter_autocast, apply_training_speedups, build_optimizer_and_scheduler
 
 ADAPTER_DIR = "adapter"
 CARD_FORMAT = "flywheel-adapter/1"
@@ -167,7 +167,9 @@ def training_step(
     """
     global_shape = (latents.shape[0] * world.world_size, *latents.shape[1:])
     draw = sample_flow_draw(global_shape, config, generator).shard(world.shard(global_shape[0]))
-    loss = flow_matching_loss(transformer, latents, prompt_embeds, draw, padding_mask, config.conditional_frame_timestep)
+    with adapter_autocast(transformer, config):
+        loss = flow_matching_loss(transformer, latents, prompt_embeds, draw, padding_mask,
+                                  config.conditional_frame_timestep)
     loss.backward()
     world.average_gradients(params)  # only the adapter's parameters have gradients; no-op on one process
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

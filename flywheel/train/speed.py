@@ -14,6 +14,10 @@ kernels run. The knobs are TrainConfig fields, applied around the transformer by
   blocks have one structure, so Dynamo compiles once and reuses the code). Checkpointing sits inside
   the compiled function, which is how torch.compile supports selective checkpointing;
 - AdamW with `fused=True` (one kernel for all adapter tensors) on CUDA;
+- autocast (TrainConfig.autocast, `adapter_autocast`): the adapter's tensors are fp32 (diffusers'
+  `cast_training_params`), so on a bf16 base peft runs every LoRA product in fp32, casting each
+  31k-token activation to fp32 first (0.17 s of a 2.2 s step at 2B in the profile). Under autocast those
+  products run in bf16 while the optimizer still updates fp32 weights;
 - fp8 (TrainConfig.fp8): the frozen base projections inside the LoRA layers run torchao float8
   matmuls (flywheel.model.fp8.float8_training); the adapter's own matmuls and everything else as before.
 
@@ -23,6 +27,7 @@ process finds the compiled code already cached instead of recompiling.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable
@@ -149,6 +154,13 @@ def apply_training_speedups(transformer: torch.nn.Module, config: TrainConfig) -
         undo()
         raise
     return undo
+
+
+def adapter_autocast(transformer: torch.nn.Module, config: TrainConfig) -> contextlib.AbstractContextManager:
+    """Where the forward runs its fp32 adapter in the base's half precision: torch.autocast, else nothing."""
+    if not config.autocast or transformer.dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(transformer.device.type, dtype=transformer.dtype)
 
 
 def use_fused_optimizer(config: TrainConfig, device: torch.device) -> bool:

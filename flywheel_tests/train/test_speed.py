@@ -8,6 +8,7 @@ the GPU benchmark script runs end to end on the tiny preset and writes its repor
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flywheel.train import TrainConfig, flow_matching_loss, sample_flow_draw, train_adapter
+from flywheel.train.adapter_io import TRAINING_ADAPTER_NAME
 from flywheel.train.lora import add_training_adapter
 from flywheel.train.speed import ATTENTION_OPS, apply_training_speedups, build_optimizer_and_scheduler
 from flywheel_tests.train import tiny_latent_cache  # noqa: F401  (session fixture)
@@ -170,6 +172,37 @@ def test_compiled_selective_checkpointing_keeps_attention_out_of_the_backward_gr
         forward_attention = [n for n in graph.graph.nodes if n.op == "call_function"
                              and (n.target in ATTENTION_OPS or any(a in ATTENTION_OPS for a in n.args[:2]))]
         assert len(forward_attention) == recomputed_per_block, graph.graph
+
+
+def test_autocast_runs_the_fp32_adapter_in_the_bf16_base_dtype_with_the_fp32_result():
+    """On a bf16 base the adapter's products run in bf16 under TrainConfig.autocast, not in fp32; the loss and
+    gradients stay those of the fp32-adapter step within bf16 rounding; on an fp32 base it changes nothing."""
+    from flywheel.train.speed import adapter_autocast
+
+    transformer, params, batch = make_adapted("lora")
+    transformer.to(torch.bfloat16)
+    for p in params:
+        p.data = p.data.float()  # the adapter stays fp32, as add_training_adapter leaves it on a bf16 base
+    lora_a = next(m for name, m in transformer.named_modules() if name.endswith(f"lora_A.{TRAINING_ADAPTER_NAME}"))
+    seen = []
+    lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+
+    def step(autocast: bool):
+        seen.clear()
+        with adapter_autocast(transformer, TrainConfig(autocast=autocast)):
+            return loss_and_grads(transformer, params, batch)
+
+    fp32_loss, fp32_grads = step(False)
+    assert seen == [torch.float32]
+    mixed_loss, mixed_grads = step(True)
+    assert seen == [torch.bfloat16], "under autocast the adapter's product must run in the base's bf16"
+    assert mixed_loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in mixed_grads)
+    torch.testing.assert_close(mixed_loss, fp32_loss, rtol=2e-2, atol=0)
+    flat = torch.cat([g.flatten() for g in fp32_grads]), torch.cat([g.flatten() for g in mixed_grads])
+    assert flat[0].abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+    assert isinstance(adapter_autocast(make_adapted("lora")[0], TrainConfig()), contextlib.nullcontext), \
+        "an fp32 base has nothing to autocast"
 
 
 def test_config_checkpointing_fields():
