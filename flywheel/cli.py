@@ -1,6 +1,7 @@
 """The `flywheel` command: run a whole iteration or one stage, inspect config, start the UIs.
 
     flywheel iterate                      # a full iteration on the embedded default (tiny preset, PushT)
+    flywheel iterate --iterations 3       # three in a row, each on the dataset version the last one refreshed
     flywheel iterate --config my.yaml     # your data, your model
     flywheel train --set train.steps=200  # run up to one stage (upstream stages are reused from cache)
     flywheel config --show-defaults       # the default config as YAML
@@ -64,10 +65,22 @@ def load_run_config(args):
 
 
 def cmd_run(args, until: str | None) -> int:
-    from flywheel.iteration import run_iteration
+    from flywheel.iteration import run_iteration, run_iterations
 
     config = load_run_config(args)
-    results = run_iteration(config, until=until)
+    count = getattr(args, "iterations", 1)
+    if count < 1:
+        raise SystemExit(f"--iterations {count}: give 1 or more")
+    if count == 1:
+        results = run_iteration(config, until=until)
+    else:
+        history = run_iterations(config, count)
+        print("\niterations:")
+        for turn, done in enumerate(history, 1):
+            demos, refreshed = done["demonstrations"], done["refreshed_dataset"]
+            print(f"  {turn}: {demos.metadata.get('episodes')} episodes in -> "
+                  f"+{refreshed.metadata.get('synthetic_episodes', 0)} synthetic -> {refreshed.path}")
+        results = history[-1]
     print("\noutputs:")
     for name, r in results.items():
         print(f"  {name:22s} {r.path}")
@@ -125,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("iterate", help="run a whole flywheel iteration")
     add_run_args(p)
+    p.add_argument("--iterations", type=int, default=1, metavar="N",
+                   help="run N iterations in a row, each ingesting the dataset version the previous one refreshed")
     p.set_defaults(func=lambda a: cmd_run(a, None))
     for command, (stage, help_text) in STAGE_COMMANDS.items():
         p = sub.add_parser(command, help=f"{help_text} (runs upstream stages first, reusing cached results)")

@@ -1,5 +1,8 @@
 """A whole flywheel iteration, stage after stage, without Dagster (the CLI's `flywheel iterate`).
 
+`run_iterations` turns the wheel several times: each iteration ingests the dataset version the previous
+one refreshed (its real episodes keep their ids and split; its synthetic ones go to train).
+
 Each stage is content-addressed, so running again reuses every stage whose inputs did not change;
 `until` stops after a given stage (the CLI's per-stage commands). Every stage is logged to MLflow
 as a child of the iteration's run; the adapter is registered as a candidate and promoted to
@@ -91,6 +94,29 @@ def run_iteration(
     atomic_write_bytes(out, json.dumps(summary, indent=2, default=str).encode())
     log(f"iteration summary: {out}")
     return results
+
+
+def run_iterations(
+    config: FlywheelConfig,
+    count: int,
+    log: Callable[[str], None] = print,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict[str, stages.StageResult]]:
+    """`count` full iterations in a row, each on the dataset version the one before it refreshed."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1 iterations, got {count}")
+    history: list[dict[str, stages.StageResult]] = []
+    for turn in range(count):
+        if history:
+            refreshed = history[-1]["refreshed_dataset"]
+            config = config.model_copy(deep=True)
+            config.ingest.source = str(refreshed.path)
+            if config.iteration is not None:
+                config.iteration += 1
+            log(f"[iterations] {turn + 1}/{count}: ingesting the refreshed version {refreshed.path} "
+                f"({refreshed.metadata.get('synthetic_episodes', 0)} synthetic episodes added last time)")
+        history.append(run_iteration(config, log=log, progress=progress))
+    return history
 
 
 class IterationState:

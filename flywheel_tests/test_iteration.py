@@ -1,10 +1,13 @@
-"""The main job end to end: one flywheel iteration on the embedded default (tiny-pusht base, rotated-camera PushT)."""
+"""The main job end to end: one flywheel iteration on the embedded default (tiny-pusht base, rotated-camera PushT),
+its rerun from cache, and `flywheel iterate --iterations 2` turning the wheel once more."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
-from flywheel.cli import DEFAULT_CONFIG
+from flywheel.cli import DEFAULT_CONFIG, main
+from flywheel.data.ingest import load_manifest
 from flywheel.config import load_config
 from flywheel.iteration import STAGE_ORDER, run_iteration
 
@@ -18,7 +21,7 @@ FAST = {
 }
 
 
-def test_full_iteration_runs_every_stage_and_reruns_from_cache(tmp_path):
+def test_full_iteration_runs_every_stage_reruns_from_cache_and_chains(tmp_path):
     overrides = {**FAST, "home": str(tmp_path / "home")}
     config = load_config(DEFAULT_CONFIG, overrides)
     lines = []
@@ -48,3 +51,23 @@ def test_full_iteration_runs_every_stage_and_reruns_from_cache(tmp_path):
     from flywheel.lineage.registry import list_adapters
 
     assert [str(v["version"]) for v in list_adapters(tmp_path / "home", "pusht-rotated")] == ["1"]
+
+
+    # `flywheel iterate --iterations 2` with the same settings: the first iteration is the one above (all
+    # reused); the second ingests its refreshed dataset version and trains adapter v2 on it.
+    sets = [f"--set={section}.{name}={json.dumps(value)}" for section, values in FAST.items()
+            for name, value in values.items()]
+    assert main(["iterate", "--iterations", "2", "--home", str(tmp_path / "home"), *sets]) == 0
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "home" / "iterations" / "pusht-rotated").glob("*.json"))]
+    chained_first, chained_second = summaries[-2], summaries[-1]
+    assert chained_second["iteration"] == chained_first["iteration"] + 1
+    assert chained_first["stages"]["refreshed_dataset"]["key"] == results["refreshed_dataset"].key
+    assert chained_second["adapter_version"] == "2"
+    demos = load_manifest(chained_second["stages"]["demonstrations"]["path"])
+    assert Path(demos.summary["dataset_root"]).resolve() == results["refreshed_dataset"].path.resolve()
+    synthetic = results["refreshed_dataset"].metadata["synthetic_episodes"]
+    assert len(demos.frame) == 10 + synthetic and int(demos.frame["is_synthetic"].sum()) == synthetic
+    assert (demos.frame.loc[demos.frame["is_synthetic"], "split"] == "train").all()
+    real = demos.frame[~demos.frame["is_synthetic"]].set_index("episode_id")["split"].sort_index()
+    before = load_manifest(results["demonstrations"].path).frame.set_index("episode_id")["split"].sort_index()
+    assert real.to_dict() == before.to_dict(), "real episodes must keep their train/val/test split"

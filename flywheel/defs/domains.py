@@ -1,9 +1,12 @@
 """Domains: a robot cell, a camera view or a task family, each with its own data and adapter line.
 
 A domain is a partition key of every asset. Where its demonstrations come from, in this order:
-the `source` set in the Launchpad for `demonstrations`; the domain's registration
+the `source` set in the Launchpad for `demonstrations`; the domain's newest refreshed dataset version
+(recorded in its registration by `refreshed_dataset`, unless the Launchpad sets `follow_refreshed: false`),
+so that each iteration builds on the one before; the source in the domain's registration
 (`<home>/domains/<domain>.json`, written by `add_domain`); the inbox folder `<inbox>/<domain>`.
-The inbox sensor registers every LeRobot dataset dropped into the inbox as a domain of that name.
+The inbox sensor registers every LeRobot dataset dropped into the inbox as a domain of that name; a
+registration (new real data) starts the domain's line of refreshed versions again from that data.
 """
 
 from __future__ import annotations
@@ -58,11 +61,29 @@ def registration(home: str | Path, domain: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e}); fix or delete it and register the domain again") from None
 
 
-def resolve_source(home: str | Path, inbox: str | Path, domain: str, configured: str | None) -> str:
-    """Where the domain's demonstrations are: the configured source, the registration, or the inbox."""
+def record_refreshed_version(home: str | Path, domain: str, dataset_root: str | Path) -> Path:
+    """Make a refreshed dataset version the domain's next demonstrations (the registered source is kept)."""
+    entry = registration(home, domain) or {"domain": check_domain_name(domain)}
+    entry.update(refreshed=str(Path(dataset_root).resolve()), refreshed_at=time.time())
+    path = registration_path(home, domain)
+    return atomic_write_bytes(path, (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode())
+
+
+def resolve_source(home: str | Path, inbox: str | Path, domain: str, configured: str | None,
+                   follow_refreshed: bool = True) -> str:
+    """Where the domain's demonstrations are: the configured source, its newest refreshed version, the
+    registered source, or the inbox."""
     if configured:
         return configured
-    registered = registration(home, domain).get("source")
+    entry = registration(home, domain)
+    if follow_refreshed and entry.get("refreshed"):
+        if not Path(entry["refreshed"]).is_dir():
+            raise FileNotFoundError(
+                f"domain {domain!r}: its newest refreshed dataset version {entry['refreshed']} is gone; "
+                f"materialize refreshed_dataset again, set follow_refreshed: false in the demonstrations config, "
+                f"or register the domain's source again ({registration_path(home, domain)})")
+        return str(entry["refreshed"])
+    registered = entry.get("source")
     if registered:
         return str(registered)
     in_inbox = Path(inbox) / domain

@@ -215,6 +215,32 @@ def test_adapter_registered_gated_and_generation_uses_the_champion(flywheel_run)
                                                episode_index=first_synthetic)
 
 
+def test_the_domains_next_demonstrations_are_its_refreshed_version(flywheel_run):
+    """refreshed_dataset records itself in the domain's registration; demonstrations without a Launchpad
+    source ingest it (the wheel turns); follow_refreshed: false goes back to the registered source."""
+    from flywheel.defs.domains import registration
+
+    instance, _, home, resources = flywheel_run
+    refreshed = latest(instance, "refreshed_dataset")
+    assert registration(home, DOMAIN)["refreshed"] == str(Path(refreshed["path"]).resolve())
+    gate = {"min_episodes": 2, "min_val_episodes": 0}
+    mats = materialized(dg.materialize(assets_named("demonstrations"), partition_key=DOMAIN, instance=instance,
+                                       resources=resources, run_config={"ops": {"demonstrations": {"config": gate}}}))
+    demos = mats["demonstrations"]
+    assert Path(demos["dataset_root"]).resolve() == Path(refreshed["path"]).resolve()
+    assert demos["episodes"] == refreshed["real_episodes"] + refreshed["synthetic_episodes"]
+    assert demos["key"] != latest(instance, "refreshed_dataset")["inputs"]["demonstrations"]
+
+    # This domain has no registered source and no inbox folder: without the refreshed version there is nothing.
+    back = dg.materialize(assets_named("demonstrations"), partition_key=DOMAIN, instance=instance,
+                          resources=resources, raise_on_error=False,
+                          run_config={"ops": {"demonstrations": {"config": {**gate, "follow_refreshed": False}}}})
+    assert not back.success
+    (failure,) = [e for e in back.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.event_specific_data.error
+    assert error.cause.cls_name == "FileNotFoundError" and "has no demonstrations" in error.cause.message
+
+
 def test_rematerializing_synthetic_videos_reuses_upstream(flywheel_run, small_pusht):
     instance, _, home, resources = flywheel_run
     adapter_before = latest(instance, "adapter")

@@ -9,7 +9,7 @@ import time
 import dagster as dg
 import pytest
 
-from flywheel.defs.domains import add_domain, registration, resolve_source, scan_inbox
+from flywheel.defs.domains import add_domain, record_refreshed_version, registration, resolve_source, scan_inbox
 from flywheel.defs.resources import FlywheelResource, ModelSettings
 
 TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset, not the default tiny-pusht
@@ -92,6 +92,24 @@ def test_add_domain_registers_its_source_and_the_partition(shared_datasets, tmp_
         resolve_source(home, home / "inbox", "nowhere", None)
     with pytest.raises(ValueError, match="lower-case letters"):
         add_domain("Cell 3", home=home)
+
+
+def test_a_refreshed_version_is_the_domains_next_source_until_it_is_registered_again(shared_datasets, tmp_path):
+    home, source = tmp_path / "home", shared_datasets / "g1_pick_bottle"
+    add_domain("g1", source, home=home, instance=dg.DagsterInstance.ephemeral(), camera_key="observation.images.cam_high")
+    version = tmp_path / "datasets" / "v2"
+    version.mkdir(parents=True)
+    record_refreshed_version(home, "g1", version)
+    assert registration(home, "g1")["source"] == str(source.resolve()), "the registered source is kept"
+    assert registration(home, "g1")["camera_key"] == "observation.images.cam_high"
+    assert resolve_source(home, home / "inbox", "g1", None) == str(version.resolve())
+    assert resolve_source(home, home / "inbox", "g1", None, follow_refreshed=False) == str(source.resolve())
+    assert resolve_source(home, home / "inbox", "g1", "/elsewhere") == "/elsewhere"
+    version.rmdir()
+    with pytest.raises(FileNotFoundError, match="refreshed dataset version .* is gone"):
+        resolve_source(home, home / "inbox", "g1", None)
+    add_domain("g1", source, home=home, instance=dg.DagsterInstance.ephemeral())  # new real data: a new line
+    assert resolve_source(home, home / "inbox", "g1", None) == str(source.resolve())
 
 
 def test_schedule_requests_one_run_per_domain():

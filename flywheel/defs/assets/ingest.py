@@ -18,6 +18,9 @@ IngestSettings = stage_settings(
         "min_episodes": (int, 2, "gate: fewest episodes the manifest may have"),
         "min_train_episodes": (int, 1, "gate: fewest train episodes"),
         "min_val_episodes": (int, 1, "gate: fewest val episodes (the adapter evaluation uses them)"),
+        "follow_refreshed": (bool, True, "ingest the domain's newest refreshed dataset version (recorded by "
+                                         "refreshed_dataset) rather than its registered source, so each "
+                                         "iteration builds on the last; false: the registered source"),
     },
 )
 # Ingest settings a domain registration may carry (the Launchpad value wins when it is not the default).
@@ -42,14 +45,15 @@ def ingest_values(config, registered: dict) -> dict:
                              "manifest schema and episode counts (total, train, val) within the gate")],
     kinds={"lerobot", "parquet"},
     description="The domain's demonstrations, checked episode by episode, as an episode manifest "
-                "(<home>/manifests/<key>). Source: the Launchpad `source`, the domain registration, or <inbox>/<domain>.",
+                "(<home>/manifests/<key>). Source: the Launchpad `source`, the domain's newest refreshed version, its "
+                "registered source, or <inbox>/<domain>.",
 )
 def demonstrations(context: dg.AssetExecutionContext, config: IngestSettings, flywheel: FlywheelResource):
     home = flywheel.home_path
     domain = context.partition_key
     registered = registration(home, domain)
     values = ingest_values(config, registered)
-    values["source"] = resolve_source(home, flywheel.inbox_path, domain, config.source)
+    values["source"] = resolve_source(home, flywheel.inbox_path, domain, config.source, config.follow_refreshed)
     ingest_config = config.to_core("ingest", **values)
     params = stage_params(ingest_config, gate={"min_episodes": config.min_episodes,
                                                "min_train_episodes": config.min_train_episodes,

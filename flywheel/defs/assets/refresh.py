@@ -11,6 +11,7 @@ import dagster as dg
 
 from flywheel.defs import checks
 from flywheel.defs.config import stage_settings
+from flywheel.defs.domains import record_refreshed_version
 from flywheel.defs.lineage import stage_params, step_lineage
 from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.resources import FlywheelResource
@@ -28,7 +29,8 @@ RefreshSettings = stage_settings("refresh", "RefreshSettings")
     check_specs=[checks.spec("refreshed_dataset", checks.REFRESH_CHECK,
                              "the new dataset version loads with lerobot's LeRobotDataset and its counts match")],
     kinds={"lerobot"},
-    description="The domain's next LeRobot dataset version (v3.0): real demonstrations + accepted synthetic episodes.",
+    description="The domain's next LeRobot dataset version (v3.0): real demonstrations + accepted synthetic episodes. "
+                "The domain's next iteration ingests it (see demonstrations' follow_refreshed).",
 )
 def refreshed_dataset(context: dg.AssetExecutionContext, config: RefreshSettings, flywheel: FlywheelResource):
     refresh_config = config.to_core("refresh")
@@ -38,6 +40,9 @@ def refreshed_dataset(context: dg.AssetExecutionContext, config: RefreshSettings
         meta = run_stage(context, "refresh_stage", flywheel.home_path, curated["path"], demos["path"], refresh_config)
         result = lineage.record(meta, inputs={"curated_trajectories": curated, "demonstrations": demos})
         lineage.lineage.record_refreshed(lineage.run, result, synthetic_set_of(curated["path"]))
+    # The next iteration of this domain ingests this version (demonstrations' follow_refreshed).
+    record_refreshed_version(flywheel.home_path, context.partition_key, meta["path"])
+    context.log.info(f"domain {context.partition_key!r}: the next iteration ingests {meta['path']}")
     return materialize(meta, inputs=input_keys(curated_trajectories=curated, demonstrations=demos),
                        check_results=[checks.refresh_check(meta)], links=lineage.metadata)
 
