@@ -78,7 +78,7 @@ def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], sto
     if store.exists(KIND, vid):
         return vid, store.path(KIND, vid)
     meta = {"base_root": str(base_root), "num_synthetic": len(episodes), "config": config.model_dump()}
-    with store.write(KIND, vid, meta) as tmp:
+    with store.write(KIND, vid, meta) as tmp, _pyav_logging_kept():
         build = tmp / "_build"
         real = _flagged_base(base_root, info, build / "real", config)
         synth = _write_synthetic(base_root, info, camera, episodes, build / "synthetic", config, progress)
@@ -175,6 +175,20 @@ def _quiet_logger(name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _pyav_logging_kept():
+    """LeRobot's video encoder ends with `av.logging.restore_default_callback()`, which hands FFmpeg's
+    logging back to FFmpeg: every later encode in this process (the next iteration's clips) would print
+    x264's statistics to the terminal. Put PyAV's level back as it was."""
+    import av.logging
+
+    level = av.logging.get_level()
+    try:
+        yield
+    finally:
+        av.logging.set_level(level)
 
 
 def _frames_for_dataset(ep: SyntheticEpisode, fps: int, hw: tuple[int, int]):

@@ -64,11 +64,18 @@ def test_g1_refresh_roundtrips_through_lerobot(shared_datasets, episode_cache, s
     assert hash_tree(base) == base_hash
 
 
-def test_next_iteration_refreshes_and_lerobot_aggregate_merges(pusht_root, episode_cache, store, tmp_path):
+def test_next_iteration_refreshes_and_lerobot_aggregate_merges(pusht_root, episode_cache, store, tmp_path, capfd):
     from lerobot.datasets.dataset_tools import merge_datasets
+
+    from flywheel.data.video import write_video
 
     eps = load_episodes(pusht_root, [0, 1], image_size=96, cache_dir=episode_cache)
     v1, root1 = refresh_dataset(pusht_root, [pusht_synthetic(pusht_root, eps[0], 0, seed=0)], store)
+    # LeRobot's encoder hands FFmpeg's logging back to FFmpeg; the next encode in this process (the next
+    # iteration's clips) must stay as quiet as before it, not print x264's statistics on stderr.
+    capfd.readouterr()
+    write_video(tmp_path / "after_refresh.mp4", np.zeros((4, 64, 64, 3), np.uint8), fps=16)
+    assert "libx264" not in capfd.readouterr().err
     v2, root2 = refresh_dataset(root1, [pusht_synthetic(pusht_root, eps[1], 0, seed=1, fps=16, size=64)], store)
     assert v1 != v2 and store.exists("datasets", v1)
     ds2 = load_refreshed(root2)
