@@ -96,19 +96,38 @@ def run_iteration(
     return results
 
 
+def why_not_build_on(refreshed_metadata: dict) -> str | None:
+    """Why the next iteration must not ingest this refreshed version (None: it may).
+
+    A version whose synthetic episodes failed the usefulness gate (they made the held-out real episodes'
+    action error worse) would feed the next adapter data known to hurt: the wheel stops there instead.
+    """
+    if refreshed_metadata.get("usefulness_gate_passed") is False:
+        report = refreshed_metadata.get("usefulness_report")
+        return ("its synthetic episodes failed the usefulness gate (real+synthetic held-out action error above "
+                f"real-only x (1 + tolerance)){f'; see {report}' if report else ''}")
+    return None
+
+
 def run_iterations(
     config: FlywheelConfig,
     count: int,
     log: Callable[[str], None] = print,
     progress: Callable[[dict], None] | None = None,
 ) -> list[dict[str, stages.StageResult]]:
-    """`count` full iterations in a row, each on the dataset version the one before it refreshed."""
+    """Up to `count` full iterations in a row, each on the dataset version the one before it refreshed;
+    stops early when a version must not be built on (`why_not_build_on`)."""
     if count < 1:
         raise ValueError(f"count must be >= 1 iterations, got {count}")
     history: list[dict[str, stages.StageResult]] = []
     for turn in range(count):
         if history:
             refreshed = history[-1]["refreshed_dataset"]
+            refused = why_not_build_on(refreshed.metadata)
+            if refused:
+                log(f"[iterations] stopping after {turn} of {count}: the next iteration would ingest "
+                    f"{refreshed.path}, but {refused}")
+                break
             config = config.model_copy(deep=True)
             config.ingest.source = str(refreshed.path)
             if config.iteration is not None:

@@ -71,3 +71,12 @@ def test_full_iteration_runs_every_stage_reruns_from_cache_and_chains(tmp_path):
     real = demos.frame[~demos.frame["is_synthetic"]].set_index("episode_id")["split"].sort_index()
     before = load_manifest(results["demonstrations"].path).frame.set_index("episode_id")["split"].sort_index()
     assert real.to_dict() == before.to_dict(), "real episodes must keep their train/val/test split"
+
+
+def test_a_version_that_failed_the_usefulness_gate_is_not_built_on():
+    from flywheel.iteration import why_not_build_on
+
+    failed = {"synthetic_episodes": 2, "usefulness_gate_passed": False, "usefulness_report": "/home/reports/u/v1"}
+    assert "failed the usefulness gate" in why_not_build_on(failed) and "/home/reports/u/v1" in why_not_build_on(failed)
+    assert why_not_build_on({"synthetic_episodes": 2, "usefulness_gate_passed": True}) is None
+    assert why_not_build_on({"synthetic_episodes": 0}) is None  # no report asked for: nothing known against it

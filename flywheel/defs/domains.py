@@ -2,8 +2,8 @@
 
 A domain is a partition key of every asset. Where its demonstrations come from, in this order:
 the `source` set in the Launchpad for `demonstrations`; the domain's newest refreshed dataset version
-(recorded in its registration by `refreshed_dataset`, unless the Launchpad sets `follow_refreshed: false`),
-so that each iteration builds on the one before; the source in the domain's registration
+(recorded in its registration by `refreshed_dataset` when it loads and passed the usefulness gate; unless
+the Launchpad sets `follow_refreshed: false`), so that each iteration builds on the one before; the source in the domain's registration
 (`<home>/domains/<domain>.json`, written by `add_domain`); the inbox folder `<inbox>/<domain>`.
 The inbox sensor registers every LeRobot dataset dropped into the inbox as a domain of that name; a
 registration (new real data) starts the domain's line of refreshed versions again from that data.

@@ -1,7 +1,7 @@
 """How fast a training step runs: activation checkpointing, regional torch.compile, the fused optimizer.
 
 None of this changes the math of `training_step`; it changes what the DiT keeps in memory and which
-kernels run. The knobs are TrainConfig fields, applied around the transformer by `apply_training_speedups`:
+kernels run (autocast and fp8 also the precision some products are computed in). The knobs are TrainConfig fields, applied around the transformer by `apply_training_speedups`:
 
 - activation checkpointing per DiT block, through the hook diffusers already calls for every block
   (`transformer.enable_gradient_checkpointing(gradient_checkpointing_func=...)`):

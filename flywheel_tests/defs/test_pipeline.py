@@ -222,6 +222,7 @@ def test_the_domains_next_demonstrations_are_its_refreshed_version(flywheel_run)
 
     instance, _, home, resources = flywheel_run
     refreshed = latest(instance, "refreshed_dataset")
+    assert refreshed["next_iteration_ingests_it"] is True
     assert registration(home, DOMAIN)["refreshed"] == str(Path(refreshed["path"]).resolve())
     gate = {"min_episodes": 2, "min_val_episodes": 0}
     mats = materialized(dg.materialize(assets_named("demonstrations"), partition_key=DOMAIN, instance=instance,

@@ -17,6 +17,7 @@ from flywheel.defs.partitions import domain_partitions
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import input_keys, materialize, upstream
 from flywheel.defs.stages import run_stage
+from flywheel.iteration import why_not_build_on
 
 RefreshSettings = stage_settings("refresh", "RefreshSettings")
 
@@ -40,11 +41,20 @@ def refreshed_dataset(context: dg.AssetExecutionContext, config: RefreshSettings
         meta = run_stage(context, "refresh_stage", flywheel.home_path, curated["path"], demos["path"], refresh_config)
         result = lineage.record(meta, inputs={"curated_trajectories": curated, "demonstrations": demos})
         lineage.lineage.record_refreshed(lineage.run, result, synthetic_set_of(curated["path"]))
-    # The next iteration of this domain ingests this version (demonstrations' follow_refreshed).
-    record_refreshed_version(flywheel.home_path, context.partition_key, meta["path"])
-    context.log.info(f"domain {context.partition_key!r}: the next iteration ingests {meta['path']}")
+    check = checks.refresh_check(meta)
+    # The domain's next iteration ingests this version (demonstrations' follow_refreshed), unless it does
+    # not load or its synthetic episodes failed the usefulness gate.
+    refused = why_not_build_on(meta) or (None if check.passed else "it does not pass the loads_with_lerobot check")
+    if refused:
+        context.log.warning(f"domain {context.partition_key!r}: the next iteration keeps its current "
+                            f"demonstrations, not {meta['path']}: {refused}")
+        meta["next_iteration_ingests_it"] = False
+    else:
+        record_refreshed_version(flywheel.home_path, context.partition_key, meta["path"])
+        context.log.info(f"domain {context.partition_key!r}: the next iteration ingests {meta['path']}")
+        meta["next_iteration_ingests_it"] = True
     return materialize(meta, inputs=input_keys(curated_trajectories=curated, demonstrations=demos),
-                       check_results=[checks.refresh_check(meta)], links=lineage.metadata)
+                       check_results=[check], links=lineage.metadata)
 
 
 def synthetic_set_of(curated_path: str) -> str:
