@@ -107,13 +107,11 @@ class GenerateVariant:
     compile: bool = True  # regional compile (turned off for every variant by --no-compile)
     fp8: bool = False  # GenerateConfig.fp8
     step_cache: float | None = None  # GenerateConfig.step_cache_threshold
-    attention_fp8: bool = False  # GenerateConfig.attention_fp8
     core: bool = False
 
     @property
     def name(self) -> str:
         parts = (([] if self.compile else ["eager"]) + (["fp8"] if self.fp8 else [])
-                 + (["attention_fp8"] if self.attention_fp8 else [])
                  + ([f"step_cache={self.step_cache:g}"] if self.step_cache is not None else []))
         return "generate_i2w" + (f"[{'+'.join(parts)}]" if parts else "")
 
@@ -127,9 +125,6 @@ def generate_variants(thresholds: list[float]) -> list[GenerateVariant]:
     variants.append(GenerateVariant(fp8=True))
     if first is not None:
         variants.append(GenerateVariant(fp8=True, step_cache=first))
-    variants.append(GenerateVariant(attention_fp8=True))
-    if first is not None:
-        variants.append(GenerateVariant(attention_fp8=True, step_cache=first))
     for threshold in others:
         variants += [GenerateVariant(step_cache=threshold), GenerateVariant(fp8=True, step_cache=threshold)]
     variants.append(GenerateVariant(compile=False))
@@ -443,8 +438,6 @@ def _generation_notes(variant: GenerateVariant, compile: bool, cache: dict | Non
         means.append("regional compile")
     if variant.fp8:
         means.append("float8 block projections (torchao per-row, quantized per video)")
-    if variant.attention_fp8:
-        means.append("self-attention as cuDNN fp8 SDPA (E4M3, per-tensor scales)")
     if cache:
         means.append(f"First Block Cache t={cache['threshold']:g}: {cache['skipped_steps']}/{cache['steps']} steps "
                      "skipped blocks 1..N-1")
@@ -496,7 +489,6 @@ def bench_generation(bench: Bench, pipe) -> None:
 
     from flywheel.generate.sampler import fused_lora, sample_image_to_world
     from flywheel.model.fp8 import fp8_unavailable_reason
-    from flywheel.model.fp8_attention import fp8_attention_unavailable_reason
     from flywheel.train.adapter_io import remove_adapter
 
     args = bench.args
@@ -532,11 +524,9 @@ def bench_generation(bench: Bench, pipe) -> None:
     def ours(num_steps: int, variant: GenerateVariant, compile: bool):
         return sample_image_to_world(pipe, image, embeds, negative, latents=latents, num_inference_steps=num_steps,
                                      compile=compile, compile_backend=args.compile_backend, fp8=variant.fp8,
-                                     step_cache_threshold=variant.step_cache, attention_fp8=variant.attention_fp8,
-                                     **settings).frames[0]
+                                     step_cache_threshold=variant.step_cache, **settings).frames[0]
 
     fp8_missing = fp8_unavailable_reason(device)
-    attention_fp8_missing = fp8_attention_unavailable_reason(device)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = make_bench_adapter(pipe, Path(tmp))
         try:
@@ -554,30 +544,26 @@ def bench_generation(bench: Bench, pipe) -> None:
                 bench.log(f"  stock: {stock_s:.2f} s/video, peak {stock_peak} GiB")
                 fwd = forward_tflop(pipe, latents, embeds)
                 tflop_video = fwd * steps * 2 if fwd else None
-                compiled_kinds: set[tuple[bool, bool]] = set()  # block graphs compiled so far: (fp8, attention_fp8)
+                compiled_kinds: set[bool] = set()  # block graphs compiled so far: bf16 (False) / fp8 (True)
                 core_frames = None
                 for variant in variants:
                     name, compile = variant.name, variant.compile and not args.no_compile
-                    missing = ((variant.fp8 and fp8_missing) or (variant.attention_fp8 and attention_fp8_missing)
-                               or None)
-                    if missing:
-                        bench.record(name, workload(stock_s, None, None, None, f"skipped: needs {missing}"))
-                        bench.log(f"{name}: skipped (needs {missing})")
+                    if variant.fp8 and fp8_missing:
+                        bench.record(name, workload(stock_s, None, None, None, f"skipped: fp8 needs {fp8_missing}"))
+                        bench.log(f"{name}: skipped (fp8 needs {fp8_missing})")
                         continue
-                    kind = (variant.fp8, variant.attention_fp8)
-                    need = (GENERATE_NEED_S + (COMPILE_NEED_S if kind not in compiled_kinds else 0) if compile
+                    need = (GENERATE_NEED_S + (COMPILE_NEED_S if variant.fp8 not in compiled_kinds else 0) if compile
                             else 2 * GENERATE_NEED_S)
                     if not variant.core and bench.time_left() < need:
                         bench.record(name, workload(stock_s, None, None, None, "skipped: time budget"))
                         bench.log(f"{name}: skipped (time budget)")
                         continue
                     bench.log(f"{name}: fast sampler{' + fp8' if variant.fp8 else ''}"
-                              f"{' + fp8 attention' if variant.attention_fp8 else ''}"
                               f"{f' + step cache {variant.step_cache:g}' if variant.step_cache is not None else ''}"
                               f"{', regional compile' if compile else ', eager'}; warm-up 1 step")
                     try:
                         ours(1, variant, compile)
-                        compiled_kinds.add(kind)
+                        compiled_kinds.add(variant.fp8)
                         bench.reset_peak()
                         bench.sync()
                         start = time.perf_counter()

@@ -48,9 +48,6 @@ class GenerateConfig(BaseModel):
     fp8: bool = Field(False, description="fast sampler: the DiT blocks' large projections as torchao float8 matmuls "
                       "(per-row scales) during each video, bf16 weights restored after; needs torchao and a CUDA GPU "
                       "with compute capability >= 8.9. With fuse_lora the adapter is fused first, then quantized")
-    attention_fp8: bool = Field(False, description="fast sampler: the DiT's self-attention as cuDNN fp8 (E4M3) SDPA "
-                                "(per-tensor scales) during each video; needs the cuDNN frontend "
-                                "(nvidia-cudnn-frontend) and a CUDA GPU with compute capability >= 9.0")
     step_cache_threshold: float | None = Field(
         None, ge=0, description="fast sampler: First Block Cache (diffusers hooks) on the DiT: a step whose first-block "
         "residual changed by less than this relative amount since the last computed step reuses the other blocks' "
@@ -136,7 +133,6 @@ class GenerateConfig(BaseModel):
         if self.sampler == "fast":
             return self
         asked = [name for name, on in (("compile=True", self.compile), ("fp8=True", self.fp8),
-                                       ("attention_fp8=True", self.attention_fp8),
                                        ("step_cache_threshold", self.step_cache_threshold is not None)) if on]
         if asked:
             raise ValueError(f"{', '.join(asked)} applies to our sampler only; set sampler='fast' (or turn it off)")

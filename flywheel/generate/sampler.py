@@ -11,10 +11,9 @@ on the pipeline's own vae / scheduler / transformer / video_processor, with four
 - optional regional torch.compile of the DiT blocks (flywheel.train.speed.RegionalCompile), and
   `fused_lora` to fold the active adapter into the base weights for the duration of a group;
 - optional float8 matmuls in the DiT blocks (`fp8`, flywheel.model.fp8.float8_inference: torchao,
-  bf16 weights restored after the loop), fp8 self-attention (`attention_fp8`,
-  flywheel.model.fp8_attention: cuDNN fp8 SDPA, processors restored after the loop) and step
-  caching (`step_cache_threshold`, flywheel.generate.step_cache: diffusers' First Block Cache, hooks
-  removed after the loop). These three change the numbers, not only the speed: measure PSNR against the stock call
+  bf16 weights restored after the loop) and step caching (`step_cache_threshold`,
+  flywheel.generate.step_cache: diffusers' First Block Cache, hooks removed after the loop). These
+  two change the numbers, not only the speed: measure PSNR against the stock call
   (benchmarks/cosmos_predict25.py) before relying on them.
 
 Output: the stock call's `CosmosPipelineOutput` (frames as `output_type` says), so callers swap one
@@ -91,7 +90,6 @@ def sample_image_to_world(
     compile_backend: str = "inductor",
     fp8: bool = False,
     step_cache_threshold: float | None = None,
-    attention_fp8: bool = False,
 ):
     """One image-to-world video; arguments and result as the stock `pipe(image=..., prompt_embeds=...)` call.
 
@@ -134,8 +132,6 @@ def sample_image_to_world(
         # the compiled block code (flywheel.generate.step_cache). Leaving undoes them in reverse.
         if fp8:
             speedups.enter_context(_float8(transformer))
-        if attention_fp8:  # a processor swap: before the compile traces the blocks
-            speedups.enter_context(_fp8_attention(transformer))
         if compile:
             speedups.enter_context(_regional_compile(transformer, compile_backend))
         cache_stats = None
@@ -184,13 +180,6 @@ def _float8(transformer: torch.nn.Module):
     from flywheel.model.fp8 import float8_inference
 
     return float8_inference(transformer, field="GenerateConfig.fp8")
-
-
-def _fp8_attention(transformer: torch.nn.Module):
-    """The DiT's self-attention as cuDNN fp8 SDPA for the duration of one sampling loop."""
-    from flywheel.model.fp8_attention import fp8_self_attention
-
-    return fp8_self_attention(transformer, field="GenerateConfig.attention_fp8")
 
 
 def _step_cache(transformer: torch.nn.Module, threshold: float):

@@ -248,8 +248,7 @@ def generate_one(pipe, image: Image.Image, prompt_embeds: torch.Tensor, negative
             height=settings.height, width=settings.width, num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="np",
             conditional_frame_timestep=settings.conditional_frame_timestep, callback_on_step_end=callback,
-            compile=settings.compile, fp8=settings.fp8, step_cache_threshold=settings.step_cache_threshold,
-            attention_fp8=settings.attention_fp8)
+            compile=settings.compile, fp8=settings.fp8, step_cache_threshold=settings.step_cache_threshold)
         return _to_uint8(output.frames[0])
     output = pipe(
         image=image,

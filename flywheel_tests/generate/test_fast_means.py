@@ -1,14 +1,11 @@
-"""The fast sampler's opt-in speed means that change the numbers: step caching, float8 matmuls, fp8 attention.
+"""The fast sampler's opt-in speed means that change the numbers: step caching and float8 matmuls.
 
 Step cache (diffusers' First Block Cache on the Cosmos DiT, tiny preset, fp32, CPU): installed with a
 threshold that never skips it reproduces the uncached video exactly; a positive threshold really
 skips the later blocks (counted) at one decision per step for the batched cond+uncond forward and
 stays close to the uncached video; it composes with the regional compile (one graph, no break);
 the hooks are gone afterwards. FP8 needs torchao and a CUDA GPU with compute capability >= 8.9: on
-this CPU it is a clear error that names the config field and leaves the model untouched. FP8 attention's
-processor is diffusers' self-attention processor with the kernel pluggable: with SDPA it gives the stock
-video exactly; with the kernel's E4M3 rounding emulated it stays close; the cuDNN kernel itself needs a
-GPU (benchmarks/cosmos_predict25.py compares it with the emulation and the stock call there).
+this CPU it is a clear error that names the config field and leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -172,53 +169,8 @@ def test_fp8_targets_are_the_blocks_large_projections_never_lora():
 
 def test_generate_config_speed_means_need_the_fast_sampler():
     assert GenerateConfig(sampler="fast", fp8=True, step_cache_threshold=0.1).step_cache_threshold == 0.1
-    for field in (dict(fp8=True), dict(attention_fp8=True), dict(step_cache_threshold=0.1)):
+    for field in (dict(fp8=True), dict(step_cache_threshold=0.1)):
         with pytest.raises(ValueError, match="sampler='fast'"):
             GenerateConfig(**field)
     with pytest.raises(ValueError, match="step_cache_threshold"):
         GenerateConfig(sampler="fast", step_cache_threshold=-0.1)
-
-
-def test_fp8_attention_processor_with_sdpa_is_the_stock_video_and_with_e4m3_stays_close(pipe, image, embeds,
-                                                                                        uncached):
-    import torch.nn.functional as F
-
-    from flywheel.model.fp8_attention import emulated_fp8_sdpa, fp8_self_attention
-
-    originals = [block.attn1.processor for block in pipe.transformer.transformer_blocks]
-    calls = []
-
-    def sdpa(q, k, v, scale):
-        calls.append(tuple(q.shape))
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    with fp8_self_attention(pipe.transformer, attention=sdpa):
-        same = sample(pipe, image, embeds)
-    assert len(calls) == STEPS * len(pipe.transformer.transformer_blocks), "every block's self-attention, every step"
-    np.testing.assert_allclose(same, uncached, rtol=0, atol=1e-6)
-    with fp8_self_attention(pipe.transformer, attention=emulated_fp8_sdpa):
-        rounded = sample(pipe, image, embeds)
-    assert 30.0 <= psnr_db(rounded, uncached) < math.inf, "E4M3 rounding changes the video a little, not a lot"
-    assert [block.attn1.processor for block in pipe.transformer.transformer_blocks] == originals
-
-
-def test_fp8_attention_on_this_cpu_is_a_clear_error_and_changes_nothing(pipe, image, embeds):
-    from flywheel.model.fp8_attention import Fp8AttentionUnavailable
-
-    originals = [block.attn1.processor for block in pipe.transformer.transformer_blocks]
-    with pytest.raises(Fp8AttentionUnavailable, match=r"GenerateConfig\.attention_fp8: fp8 attention needs .*cuDNN"):
-        sample(pipe, image, embeds, attention_fp8=True)
-    assert [block.attn1.processor for block in pipe.transformer.transformer_blocks] == originals
-
-
-def test_e4m3_emulation_rounds_like_the_format():
-    from flywheel.model.fp8_attention import FP8_MAX, emulated_fp8_sdpa, per_tensor_e4m3
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 256, 32, generator=g) for _ in range(3))
-    q8, descale = per_tensor_e4m3(q)
-    assert q8.dtype == torch.float8_e4m3fn and q8.float().abs().max() == FP8_MAX
-    assert torch.allclose(q8.float() * descale, q, rtol=2**-3, atol=float(descale) * 2**-9)  # 3 mantissa bits
-    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    rel = float((emulated_fp8_sdpa(q, k, v, 32**-0.5) - exact).norm() / exact.norm())
-    assert 1e-3 < rel < 0.1, rel
