@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--only", choices=["train", "generate"], default=None)
     parser.add_argument("--checkpointing", default="selective", choices=["none", "full", "selective"])
+    parser.add_argument("--selective-save", default="attention_matmul", choices=["attention", "attention_matmul"],
+                        help="what selective checkpointing keeps (attention_matmul: the fastest mode under 80 GiB)")
+    parser.add_argument("--no-autocast", action="store_true", help="fp32 adapter products (train.autocast false)")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps (compile)")
@@ -95,7 +98,8 @@ def bench_training(bench: Bench, pipe, world, args) -> dict:
     from flywheel.train.speed import apply_training_speedups, build_optimizer_and_scheduler
 
     preset, device, transformer = pipe.flywheel_preset, bench.device, pipe.transformer
-    config = train_config("lora", args.checkpointing, compile=not args.no_compile, compile_backend=args.compile_backend)
+    config = train_config("lora", args.checkpointing, save=args.selective_save, compile=not args.no_compile,
+                          compile_backend=args.compile_backend, autocast=not args.no_autocast)
     config = config.model_copy(update={"batch_size": world.world_size})
     generator = torch.Generator().manual_seed(100 + world.rank)  # this rank's clip (a latent cache would give one)
     latent_shape = (1, transformer.config.in_channels - 1, (preset.num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
@@ -216,15 +220,22 @@ def launch(args, processes: int, work_dir: Path) -> dict:
 
 def _settings_as_flags(args) -> list[str]:
     flags = ["--preset", args.preset, "--device", args.device, "--checkpointing", args.checkpointing,
+             "--selective-save", args.selective_save,
              "--compile-backend", args.compile_backend, "--warmup", str(args.warmup), "--reps", str(args.reps),
              "--videos-per-gpu", str(args.videos_per_gpu), "--gpus", str(args.gpus)]
     if args.gen_steps is not None:
         flags += ["--gen-steps", str(args.gen_steps)]
     if args.no_compile:
         flags.append("--no-compile")
+    if args.no_autocast:
+        flags.append("--no-autocast")
     if args.only:
         flags += ["--only", args.only]
     return flags
+
+
+def _nccl_version() -> str | None:
+    return ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
 
 
 def _max(values):
@@ -244,7 +255,9 @@ def summarize(one: dict, many: dict, args) -> dict:
         workloads[name] = workload(
             t1, tn, _max(r["peak_gib"] for r in many["train"]), tflop * n if tflop else None,
             f"seconds per step, per-GPU batch 1 (global batch {n} vs 1), {args.checkpointing} checkpointing"
-            f"{'' if args.no_compile else ' + regional compile'}, adapter gradients all-reduced every step; "
+            f"{f' ({args.selective_save})' if args.checkpointing == 'selective' else ''}"
+            f"{'' if args.no_compile else ' + regional compile'}{'' if args.no_autocast else ' + autocast'}, "
+            "adapter gradients all-reduced every step; "
             "speedup = clips/s vs 1 GPU; scaling_efficiency = t1 / tN",
             gpus=n, scaling_efficiency=t1 / tn, baseline_peak_gib=_max(r["peak_gib"] for r in one["train"]),
             times=many["train"][0]["times"], baseline_times=one["train"][0]["times"],
@@ -284,7 +297,7 @@ def main(argv=None) -> dict | None:
         many = launch(args, args.gpus, Path(tmp))
     workloads = summarize(one, many, args)
     report = dict(schema=SCHEMA, gpu=many["gpu"], gpus=args.gpus, preset=args.preset, shape=many["shape"],
-                  software=software_versions(),
+                  software={**software_versions(), "nccl": _nccl_version()},
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   wall_s=round(time.perf_counter() - started, 1),
                   args={k: v for k, v in vars(args).items() if k not in ("worker", "result_file", "work_dir")},
@@ -292,6 +305,11 @@ def main(argv=None) -> dict | None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{many['slug']}-x{args.gpus}" + ("" if args.preset == "cosmos-predict2.5-2b-random" else f"-{args.preset}")
+    if args.only and (out / f"{stem}.json").exists():  # `--only train` then `--only generate`: one results file
+        earlier = json.loads((out / f"{stem}.json").read_text())
+        report["workloads"] = workloads = {**earlier.get("workloads", {}), **workloads}
+        report["runs"] = [*earlier.get("runs", [dict(date=earlier.get("date"), args=earlier.get("args"))]),
+                          dict(date=report["date"], args=report["args"])]
     table = markdown_table(workloads)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(f"# {report['gpu']} x{args.gpus} {args.preset} ({report['date']})\n\n{table}\n")

@@ -17,6 +17,7 @@ from flywheel.generate.config import GenerateConfig
 from flywheel.generate.world import (
     BASE,
     SAMPLE_COLUMNS,
+    BackgroundWriter,
     GenerationRequest,
     PromptEmbeddings,
     frames_sha256,
@@ -262,6 +263,39 @@ def test_failures_leave_nothing_half_written(pipe, first_frame, tmp_path):
     result = generate_videos(pipe, [request("x", first_frame, 0)], out, CONFIG)  # an empty dir is filled
     assert (out / "videos" / "x.mp4").is_file() and result.out_dir == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_background_writer_bounds_pending_work_and_surfaces_errors():
+    import threading
+
+    release, started, finished = threading.Event(), [], []
+
+    def encode(i):
+        started.append(i)
+        release.wait(5)
+        finished.append(i)
+
+    writer = BackgroundWriter(max_pending=2)
+    try:
+        writer.submit(encode, 0)
+        writer.submit(encode, 1)
+        blocked = threading.Thread(target=writer.submit, args=(encode, 2))
+        blocked.start()
+        blocked.join(0.3)
+        assert blocked.is_alive(), "a third video must wait while two are pending"
+        release.set()
+        blocked.join(5)
+        writer.drain()
+        assert finished == [0, 1, 2]
+
+        def broken(path):
+            raise OSError(f"disk full writing {path}")
+
+        writer.submit(broken, "videos/a.mp4")
+        with pytest.raises(OSError, match="videos/a.mp4"):
+            writer.drain()
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("field, value", [
