@@ -21,3 +21,13 @@ def test_single_gpu_benchmark_measures_the_latent_cache_on_cpu(tmp_path):
     report = json.loads((tmp_path / "cpu-tiny.json").read_text())
     w = report["workloads"]["precompute_clip"]
     assert w["ours_s"] > 0 and w["clips_per_minute"] > 0 and w["vae_s"] > 0 and w["text_s"] > 0
+
+
+def test_pipeline_generation_benchmark_runs_on_cpu(tmp_path):
+    run(["benchmarks/generate_pipeline.py", "--preset", "tiny", "--device", "cpu", "--videos", "2",
+         "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "pipeline-generate-cpu-tiny.json").read_text())
+    plain, cached = report["workloads"]["generate_videos"], report["workloads"]["generate_videos[step_cache=0.05]"]
+    assert "sampler=stock" in plain["notes"] and "sampler=fast" in cached["notes"], "the CPU resolution, recorded"
+    for w in (plain, cached):
+        assert 0 < w["sampler_s"] <= w["ours_s"] and w["baseline_s"] > 0 and w["psnr_db"] > 20

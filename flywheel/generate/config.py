@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
+    import torch
+
     from flywheel.model.presets import ModelPreset
 
 # Extra phrasings of a clip's prompt: more varied synthetic rollouts from the same first frame.
@@ -41,10 +43,12 @@ class GenerateConfig(BaseModel):
     conditional_frame_timestep: float = 1e-4
     # How the videos are computed (flywheel.generate.sampler), not what they are: "fast" gives the stock
     # call's frames up to float rounding, with cond+uncond in one forward and each prompt encoded once.
-    sampler: Literal["stock", "fast"] = "stock"
-    compile: bool = Field(False, description="fast sampler: torch.compile each DiT block (regional compile)")
-    fuse_lora: bool = Field(False, description="fold the active adapter into the base weights while its "
-                            "requests run (exact base weights restored after)")
+    # None (sampler, compile, fuse_lora): the fast path on a CUDA GPU, the stock call on a CPU (`resolved`).
+    sampler: Literal["stock", "fast"] | None = None
+    compile: bool | None = Field(None, description="fast sampler: torch.compile each DiT block (regional compile); "
+                                 "None: on a CUDA GPU")
+    fuse_lora: bool | None = Field(None, description="fold the active adapter into the base weights while its "
+                                   "requests run (exact base weights restored after); None: on a CUDA GPU")
     fp8: bool = Field(False, description="fast sampler: the DiT blocks' large projections as torchao float8 matmuls "
                       "(per-row scales) during each video, bf16 weights restored after; needs torchao and a CUDA GPU "
                       "with compute capability >= 8.9. With fuse_lora the adapter is fused first, then quantized")
@@ -130,7 +134,7 @@ class GenerateConfig(BaseModel):
 
     @model_validator(mode="after")
     def _speed_settings_need_fast_sampler(self) -> "GenerateConfig":
-        if self.sampler == "fast":
+        if self.sampler != "stock":  # None: asking for one of these picks the fast sampler (resolved)
             return self
         asked = [name for name, on in (("compile=True", self.compile), ("fp8=True", self.fp8),
                                        ("step_cache_threshold", self.step_cache_threshold is not None)) if on]
@@ -138,18 +142,32 @@ class GenerateConfig(BaseModel):
             raise ValueError(f"{', '.join(asked)} applies to our sampler only; set sampler='fast' (or turn it off)")
         return self
 
-    def resolved(self, preset: "ModelPreset") -> "GenerateConfig":
-        """A copy with every None sampler setting filled from the preset (what actually runs)."""
-        return self.model_copy(
-            update=dict(
-                num_inference_steps=self.num_inference_steps or preset.num_inference_steps,
-                guidance_scale=self.guidance_scale if self.guidance_scale is not None else preset.guidance_scale,
-                num_frames=self.num_frames or preset.num_frames,
-                fps=self.fps or preset.fps,
-                height=self.height or preset.height,
-                width=self.width or preset.width,
-            )
+    def resolved(self, preset: "ModelPreset", device: "str | torch.device | None" = None) -> "GenerateConfig":
+        """A copy with every None sampler setting filled from the preset and, given the pipeline's
+        `device`, the speed settings too (what actually runs).
+
+        On a CUDA GPU the fast path is the default: our sampler (the stock call's frames up to float
+        rounding), compiled blocks, fused LoRA. On a CPU the stock call, unless a fast-only setting
+        (compile, fp8, step_cache_threshold) asks for our sampler.
+        """
+        update = dict(
+            num_inference_steps=self.num_inference_steps or preset.num_inference_steps,
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else preset.guidance_scale,
+            num_frames=self.num_frames or preset.num_frames,
+            fps=self.fps or preset.fps,
+            height=self.height or preset.height,
+            width=self.width or preset.width,
         )
+        if device is not None:
+            import torch
+
+            cuda = torch.device(device).type == "cuda"
+            wants_fast = bool(self.compile) or self.fp8 or self.step_cache_threshold is not None
+            sampler = self.sampler or ("fast" if cuda or wants_fast else "stock")
+            update.update(sampler=sampler,
+                          compile=self.compile if self.compile is not None else (cuda and sampler == "fast"),
+                          fuse_lora=self.fuse_lora if self.fuse_lora is not None else cuda)
+        return self.model_copy(update=update)
 
     def prompt_variant(self, prompt: str, variant: int) -> str:
         """Variant 0 is the prompt itself; variant k its k-th extra phrasing."""

@@ -461,7 +461,8 @@ def generate_videos(pipe, requests: list[GenerationRequest], out_dir: Path | Non
     if preset is None:
         raise ValueError("generate_videos: the pipeline has no flywheel_preset; build it with "
                          "flywheel.model.presets.load_pipeline")
-    settings = GenerateConfig.model_validate(config.resolved(preset).model_dump())  # re-validate filled values
+    # What runs (the fast path on a GPU), re-validated with the filled values.
+    settings = GenerateConfig.model_validate(config.resolved(preset, pipe.transformer.device).model_dump())
     _check_requests(requests, adapters)
     used = {r.adapter for r in requests if r.adapter is not None}
     load_adapters(pipe, {name: path for name, path in adapters.items() if name in used})

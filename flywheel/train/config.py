@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -46,11 +47,14 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False  # kept for old configs: True means activation_checkpointing "full"
     activation_checkpointing: Literal["none", "full", "selective"] | None = Field(
         None, description="per DiT block: none (fastest, most memory), full (recompute the block in backward), "
-        "selective (recompute all but what selective_save names); None: 'full' if gradient_checkpointing else 'none'")
+        "selective (recompute all but what selective_save names); None: 'full' if gradient_checkpointing, else "
+        "'selective' on a CUDA GPU and 'none' on a CPU")
     selective_save: Literal["attention", "attention_matmul"] = Field(
-        "attention", description="what 'selective' keeps from the forward: attention outputs (backward never "
-        "recomputes attention), or those plus the outputs of the large projections")
-    compile: bool = Field(False, description="torch.compile each DiT block once (regional compile) for training")
+        "attention_matmul", description="what 'selective' keeps from the forward: attention outputs (backward never "
+        "recomputes attention; 20.6 GiB at the 2B recipe shape), or those plus the outputs of the large projections "
+        "(faster; 53 GiB there)")
+    compile: bool | None = Field(None, description="torch.compile each DiT block once (regional compile) for training; "
+                                 "None: on a CUDA GPU, not on a CPU")
     compile_backend: Literal["inductor", "aot_eager"] = Field(
         "inductor", description="inductor: fast kernels (GPU); aot_eager: same graphs without codegen (CPU tests)")
     fused_optimizer: bool | None = Field(None, description="AdamW(fused=True); None: fused on CUDA only")
@@ -113,9 +117,21 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_activation_checkpointing(self) -> str:
-        if self.activation_checkpointing is not None:
-            return self.activation_checkpointing
-        return "full" if self.gradient_checkpointing else "none"
+        """The checkpointing mode on a CPU (`on_device` gives the mode for a GPU)."""
+        return self.on_device("cpu").activation_checkpointing
+
+    def on_device(self, device: str | torch.device) -> TrainConfig:
+        """A copy with the speed settings left as None made concrete for `device`: what actually runs.
+
+        On a CUDA GPU the fast path is the default (regional compile, selective checkpointing: the
+        fastest mode that fits an 80 GB GPU at the 2B recipe shape, see benchmarks/); on a CPU, plain eager.
+        """
+        cuda = torch.device(device).type == "cuda"
+        mode = self.activation_checkpointing
+        if mode is None:
+            mode = "full" if self.gradient_checkpointing else ("selective" if cuda else "none")
+        return self.model_copy(update=dict(activation_checkpointing=mode,
+                                           compile=cuda if self.compile is None else self.compile))
 
     @property
     def use_dora(self) -> bool:

@@ -457,6 +457,7 @@ def train_adapter(
     """
     started = time.perf_counter()
     world = current_world()
+    config = config.on_device(pipe.transformer.device)  # speed settings left as None: the fast path on a GPU
     world.shard(config.batch_size)  # an indivisible global batch fails here, before any work
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

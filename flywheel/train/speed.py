@@ -139,6 +139,7 @@ def apply_training_speedups(transformer: torch.nn.Module, config: TrainConfig) -
         while undo_steps:
             undo_steps.pop()()
 
+    config = config.on_device(next(transformer.parameters()).device)
     try:
         if config.fp8:
             from flywheel.model.fp8 import float8_training

@@ -21,6 +21,7 @@ from flywheel.generate.config import GenerateConfig
 from flywheel.generate.sampler import sample_image_to_world
 from flywheel.generate.world import unload_adapters
 from flywheel.model.fp8 import Fp8Unavailable, inference_targets, is_large_linear
+from flywheel.model.presets import PRESETS
 
 SIZE, FRAMES, STEPS = 64, 17, 8
 THRESHOLD = 0.05
@@ -167,10 +168,25 @@ def test_fp8_targets_are_the_blocks_large_projections_never_lora():
     assert not is_large_linear(torch.nn.Linear(512, 520)) and is_large_linear(torch.nn.Linear(512, 528))
 
 
+TINY = PRESETS["tiny"]
+
+
 def test_generate_config_speed_means_need_the_fast_sampler():
     assert GenerateConfig(sampler="fast", fp8=True, step_cache_threshold=0.1).step_cache_threshold == 0.1
-    for field in (dict(fp8=True), dict(step_cache_threshold=0.1)):
+    for field in (dict(fp8=True), dict(step_cache_threshold=0.1), dict(compile=True)):
         with pytest.raises(ValueError, match="sampler='fast'"):
-            GenerateConfig(**field)
+            GenerateConfig(sampler="stock", **field)
+        # Left as None, the sampler is ours when a setting only it has is asked for, on any device.
+        assert GenerateConfig(**field).resolved(TINY, "cpu").sampler == "fast"
+
+
+def test_generate_config_is_the_fast_path_on_a_gpu_and_the_stock_call_on_a_cpu():
+    gpu, cpu = GenerateConfig().resolved(TINY, "cuda:1"), GenerateConfig().resolved(TINY, "cpu")
+    assert (gpu.sampler, gpu.compile, gpu.fuse_lora) == ("fast", True, True)
+    assert (cpu.sampler, cpu.compile, cpu.fuse_lora) == ("stock", False, False)
+    assert gpu.step_cache_threshold is None and not gpu.fp8, "settings that change the frames stay opt-in"
+    kept = GenerateConfig(sampler="stock", fuse_lora=False).resolved(TINY, "cuda")
+    assert (kept.sampler, kept.compile, kept.fuse_lora) == ("stock", False, False), "explicit settings are kept"
+    assert GenerateConfig().resolved(TINY).sampler is None, "without a device only the preset's values are filled"
     with pytest.raises(ValueError, match="step_cache_threshold"):
         GenerateConfig(sampler="fast", step_cache_threshold=-0.1)

@@ -174,4 +174,4 @@ def test_bad_inputs_are_refused(pipe, image, embeds):
         with fused_lora(pipe, "nothing"):
             pass
     with pytest.raises(ValueError, match="sampler='fast'"):
-        GenerateConfig(compile=True)
+        GenerateConfig(sampler="stock", compile=True)

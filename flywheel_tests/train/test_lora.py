@@ -67,6 +67,8 @@ def test_training_lowers_the_loss_and_writes_a_complete_adapter(tiny_pipe, tiny_
     assert card["base_model"]["revision"] == tiny_pipe.flywheel_preset.revision
     assert card["training_data"]["cache_key"] == cache.root.name and card["training_data"]["num_train_clips"] == 4
     assert card["final_loss"] == pytest.approx(np.mean(result.losses[-10:]))
+    # The card records what ran: speed settings left as None are made concrete for the device (a CPU here).
+    assert (card["config"]["activation_checkpointing"], card["config"]["compile"]) == ("none", False)
     with open(result.adapter_dir / "loss.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["loss"]) for r in rows] == result.losses and len(rows) == 40
