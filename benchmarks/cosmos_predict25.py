@@ -132,13 +132,15 @@ def generate_variants(thresholds: list[float]) -> list[GenerateVariant]:
 
 
 def selected(args, name: str, core: bool) -> bool:
-    """--only (names or prefixes; an exact name always runs) and --skip-core."""
+    """--only (names or prefixes) and --skip-core. A pattern that is a variant's full name selects that
+    variant alone (`generate_i2w` is the core generation variant, not every `generate_i2w[...]` one)."""
     patterns = [p.strip() for p in (args.only or "").split(",") if p.strip()]
     if name in patterns:
         return True
     if core and args.skip_core:
         return False
-    return not patterns or any(name.startswith(p) for p in patterns)
+    names = set(variant_names(args))
+    return not patterns or any(name.startswith(p) for p in patterns if p not in names)
 
 
 class Bench:
