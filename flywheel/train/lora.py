@@ -51,7 +51,12 @@ from flywheel.train.adapter_io import (
 from flywheel.train.config import TrainConfig
 from flywheel.train.distributed import SINGLE, World, current_world
 from flywheel.train.loss_plot import write_loss_plot
-from flywheel.train.speed import adapter_autocast, apply_training_speedups, build_optimizer_and_scheduler
+from flywheel.train.speed import (
+    adapter_autocast,
+    apply_training_speedups,
+    build_optimizer_and_scheduler,
+    memory_advice,
+)
 
 ADAPTER_DIR = "adapter"
 CARD_FORMAT = "flywheel-adapter/1"
@@ -490,7 +495,10 @@ def train_adapter(
             resumed_from_step = run.step
             undo_speedups = apply_training_speedups(transformer, config)  # checkpointing / compile (speed.py)
             transformer.train()
-            _train_loop(cache, transformer, params, run, config, work_dir, progress, world)
+            try:
+                _train_loop(cache, transformer, params, run, config, work_dir, progress, world)
+            except torch.OutOfMemoryError as e:  # the same type (a retry may still get past it), plus what to set
+                raise torch.OutOfMemoryError(f"{e}\n{memory_advice(config)}") from e
             # Same on every rank: the logged losses are means over ranks, the weights are in step.
             card = adapter_card(config, base_model, training_data_record(cache, clip_ids), run.losses,
                                 sum(p.numel() for p in params), config.init_adapter)

@@ -282,3 +282,16 @@ def test_benchmark_smoke_run_on_tiny_writes_its_report(tiny_pipe, tmp_path):
     assert written["workloads"]["generate_i2w"]["psnr_db"] >= 60, "fp32 fast sampler must match the stock frames"
     table = (tmp_path / "cpu-tiny.md").read_text()
     assert "| generate_i2w |" in table and "| train_lora |" in table
+
+
+def test_out_of_memory_advice_names_the_next_setting_to_change():
+    from flywheel.train.speed import memory_advice
+
+    default = memory_advice(TrainConfig())  # on a GPU: selective, keeping attention and large projections
+    assert default.index("train.selective_save: attention") < default.index("train.activation_checkpointing: full")
+    assert "batch_size" not in default
+    assert "train.activation_checkpointing: selective" in memory_advice(TrainConfig(activation_checkpointing="none"))
+    low = memory_advice(TrainConfig(selective_save="attention", batch_size=4))
+    assert "selective_save" not in low and "full" in low and "train.batch_size (now 4)" in low
+    floor = memory_advice(TrainConfig(activation_checkpointing="full"))
+    assert "clips.num_frames" in floor
