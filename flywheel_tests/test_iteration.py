@@ -21,11 +21,13 @@ FAST = {
 }
 
 
-def test_full_iteration_runs_every_stage_reruns_from_cache_and_chains(tmp_path):
+def test_full_iteration_runs_every_stage_reruns_from_cache_and_chains(tmp_path, capfd):
     overrides = {**FAST, "home": str(tmp_path / "home")}
     config = load_config(DEFAULT_CONFIG, overrides)
     lines = []
     results = run_iteration(config, log=lines.append)
+    printed = capfd.readouterr().err
+    assert "moov atom" not in printed and "libx264 @" not in printed, "FFmpeg's notes reached the terminal"
 
     assert list(results) == STAGE_ORDER
     for name, result in results.items():

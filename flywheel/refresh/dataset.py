@@ -181,10 +181,12 @@ def _quiet_logger(name: str):
 def _pyav_logging_kept():
     """LeRobot's video encoder ends with `av.logging.restore_default_callback()`, which hands FFmpeg's
     logging back to FFmpeg: every later encode in this process (the next iteration's clips) would print
-    x264's statistics to the terminal. Put PyAV's level back as it was."""
+    x264's statistics to the terminal. Put PyAV's level back as it was. Meanwhile FFmpeg's own level is
+    ERROR: LeRobot's later muxing in the refresh would otherwise print the mp4 muxer's notes."""
     import av.logging
 
     level = av.logging.get_level()
+    av.logging.set_libav_level(av.logging.ERROR)
     try:
         yield
     finally:

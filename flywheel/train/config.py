@@ -115,11 +115,6 @@ class TrainConfig(BaseModel):
                              "set only activation_checkpointing ('none', 'full' or 'selective')")
         return self
 
-    @property
-    def resolved_activation_checkpointing(self) -> str:
-        """The checkpointing mode on a CPU (`on_device` gives the mode for a GPU)."""
-        return self.on_device("cpu").activation_checkpointing
-
     def on_device(self, device: str | torch.device) -> TrainConfig:
         """A copy with the speed settings left as None made concrete for `device`: what actually runs.
 

@@ -145,7 +145,7 @@ def apply_training_speedups(transformer: torch.nn.Module, config: TrainConfig) -
             from flywheel.model.fp8 import float8_training
 
             undo_steps.append(float8_training(transformer))
-        mode = config.resolved_activation_checkpointing
+        mode = config.activation_checkpointing  # concrete after on_device
         backend = config.compile_backend if config.compile else None
         if mode != "none" or backend is not None:
             transformer.enable_gradient_checkpointing(

@@ -207,7 +207,7 @@ def test_autocast_runs_the_fp32_adapter_in_the_bf16_base_dtype_with_the_fp32_res
 
 
 def test_config_checkpointing_fields():
-    assert TrainConfig().resolved_activation_checkpointing == "none"
+    assert TrainConfig().on_device("cpu").activation_checkpointing == "none"
     # Left as None, the speed settings are the fast path on a GPU and plain eager on a CPU.
     gpu, cpu = TrainConfig().on_device("cuda:0"), TrainConfig().on_device("cpu")
     assert (gpu.activation_checkpointing, gpu.selective_save, gpu.compile) == ("selective", "attention_matmul", True)
@@ -215,8 +215,8 @@ def test_config_checkpointing_fields():
     assert TrainConfig(gradient_checkpointing=True).on_device("cuda").activation_checkpointing == "full"
     chosen = TrainConfig(activation_checkpointing="none", compile=False).on_device("cuda")
     assert (chosen.activation_checkpointing, chosen.compile) == ("none", False), "explicit settings are kept"
-    assert TrainConfig(gradient_checkpointing=True).resolved_activation_checkpointing == "full"
-    assert TrainConfig(activation_checkpointing="selective").resolved_activation_checkpointing == "selective"
+    assert TrainConfig(gradient_checkpointing=True).on_device("cpu").activation_checkpointing == "full"
+    assert TrainConfig(activation_checkpointing="selective").on_device("cpu").activation_checkpointing == "selective"
     with pytest.raises(ValidationError, match="contradicts"):
         TrainConfig(gradient_checkpointing=True, activation_checkpointing="none")
     with pytest.raises(ValidationError):
