@@ -368,10 +368,11 @@ def _through_model_codec(clips: list, model) -> list:
     are for generated clips)."""
     import dataclasses
 
-    from flywheel.model.encode import codec_roundtrip
+    from flywheel.model.encode import codec_roundtrips
 
     pipe = _pipeline(model, vae_only=True)  # the 2B model's VAE without its 7B text encoder
-    return [dataclasses.replace(c, frames=codec_roundtrip(pipe, c.frames)) for c in clips]
+    rendered = codec_roundtrips(pipe, [c.frames for c in clips])
+    return [dataclasses.replace(c, frames=frames) for c, frames in zip(clips, rendered)]
 
 
 def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None) -> StageResult:

@@ -39,18 +39,18 @@ def video_filter_results(pipe, clip_set, videos: dict[str, np.ndarray], first_fr
     from PIL import Image
 
     from flywheel.data.video import read_frames
-    from flywheel.model.encode import codec_roundtrip
+    from flywheel.model.encode import codec_roundtrips
     from flywheel.quality.calibration import Clip, calibrate
     from flywheel.quality.filters import run_filters
 
-    real = []
-    for _, clip in clip_set.frame.iterrows():
-        frames = read_frames(clip_set.path / clip["video"])
-        if filter_config.calibrate_on == "model_codec":
-            frames = codec_roundtrip(pipe, frames)
-        first = np.asarray(Image.open(clip_set.path / clip["first_frame"]).convert("RGB"))
-        real.append(Clip(clip_id=clip["clip_id"], frames=frames, first_frame=first, fps=float(clip["fps"]),
-                         group=clip["clip_id"], kind="good"))
+    rows = [clip for _, clip in clip_set.frame.iterrows()]
+    videos_real = [read_frames(clip_set.path / clip["video"]) for clip in rows]
+    if filter_config.calibrate_on == "model_codec":
+        videos_real = codec_roundtrips(pipe, videos_real)
+    real = [Clip(clip_id=clip["clip_id"], frames=frames,
+                 first_frame=np.asarray(Image.open(clip_set.path / clip["first_frame"]).convert("RGB")),
+                 fps=float(clip["fps"]), group=clip["clip_id"], kind="good")
+            for clip, frames in zip(rows, videos_real)]
     thresholds = calibrate(real, filter_config, source={"clip_set": str(clip_set.path),
                                                         "calibrate_on": filter_config.calibrate_on})
     ids = list(videos)

@@ -142,3 +142,19 @@ def test_codec_roundtrip_renders_frames_as_the_vae_does(tiny_pipe):
     # the same frames through the pipeline's own preprocess/encode/decode give the same pixels
     again = codec_roundtrip(tiny_pipe, frames)
     assert np.array_equal(out, again)
+
+
+def test_codec_roundtrips_batch_clips_of_one_shape_and_match_one_by_one(tiny_pipe):
+    import numpy as np
+
+    from flywheel.model.encode import codec_roundtrip, codec_roundtrips
+
+    rng = np.random.default_rng(1)
+    clips = [rng.integers(0, 256, shape, dtype=np.uint8)
+             for shape in [(7, 48, 40, 3), (5, 64, 64, 3), (7, 48, 40, 3), (7, 48, 40, 3)]]
+    batched = codec_roundtrips(tiny_pipe, clips, batch_size=2)  # the three 7-frame clips: a batch of 2, then 1
+    assert [b.shape for b in batched] == [c.shape for c in clips]
+    for clip, out in zip(clips, batched):
+        alone = codec_roundtrip(tiny_pipe, clip)
+        assert np.abs(out.astype(int) - alone.astype(int)).max() <= 1, "batching only changes float rounding"
+        assert np.mean(out != alone) < 1e-3
