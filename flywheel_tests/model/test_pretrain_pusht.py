@@ -21,7 +21,6 @@ from flywheel.model.pretrain_pusht import (
     load_npz,
     main,
     mixed_looks,
-    psnr,
     recolour,
     rollout_metrics,
     save_npz,
