@@ -17,15 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = Path(os.environ.get("FLYWHEEL_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+DATASETS = REPO_ROOT / "datasets"
 
 
 @pytest.fixture(scope="session")
-def shared_datasets() -> Path:
-    """The read-only real robot data (../shared/datasets). Copy before anything writes to it."""
-    if not (SHARED_DATASETS / "g1_pick_bottle").is_dir():
-        pytest.fail(f"real robot data not found at {SHARED_DATASETS}; set FLYWHEEL_SHARED_DATASETS")
-    return SHARED_DATASETS
+def robot_datasets() -> Path:
+    """The embedded datasets folder: the real Unitree G1 sample (g1_pick_bottle v3.0, g1_pick_bottle_v21) and the
+    PushT samples. Tests copy before anything writes to them."""
+    if not (DATASETS / "g1_pick_bottle" / "meta" / "info.json").is_file():
+        pytest.fail(f"the G1 sample is missing from {DATASETS}; see datasets/README.md")
+    return DATASETS
 
 
 @pytest.fixture

@@ -53,13 +53,13 @@ def g1_manifest(dataset_root: Path, episodes: dict[int, tuple[float, str]], task
 
 
 # Episode 0: 2.5 s -> 40 frames at 16 fps -> 2 clips of 17; episode 1: 0.5 s -> 8 frames -> skipped;
-# episode 12 (second video file): 1.5 s -> 24 frames -> 1 clip.
-EPISODES = {0: (2.5, "train"), 1: (0.5, "train"), 12: (1.5, "val")}
+# episode 8 (second video file): 1.5 s -> 24 frames -> 1 clip.
+EPISODES = {0: (2.5, "train"), 1: (0.5, "train"), 8: (1.5, "val")}
 
 
 @pytest.fixture(scope="module")
-def prepared(shared_datasets, tmp_path_factory):
-    manifest = g1_manifest(shared_datasets / "g1_pick_bottle", EPISODES)
+def prepared(robot_datasets, tmp_path_factory):
+    manifest = g1_manifest(robot_datasets / "g1_pick_bottle", EPISODES)
     store = ArtifactStore(tmp_path_factory.mktemp("clips") / "home")
     return manifest, store, prepare_clips(manifest, "manifest-key", store, ClipConfig(), TINY)
 
@@ -69,7 +69,7 @@ def test_clips_have_the_preset_shape_fps_and_frame_count(prepared):
     frame = clip_set.frame
     assert list(frame.columns) == list(CLIP_COLUMNS)
     assert frame["clip_id"].tolist() == ["g1_pick_bottle-000000-f00000", "g1_pick_bottle-000000-f00017",
-                                         "g1_pick_bottle-000012-f00000"]
+                                         "g1_pick_bottle-000008-f00000"]
     assert frame["split"].tolist() == ["train", "train", "val"]
     assert set(frame["prompt"]) == {"The robot arm is performing a task. " + TASK}
     for _, clip in frame.iterrows():
@@ -168,12 +168,12 @@ def test_center_crop_keeps_the_middle_and_stretch_keeps_everything():
     assert stretched[0, 0, 0] > 200 and stretched[0, -1, 2] > 200
 
 
-def test_bad_input_fails_clearly_and_leaves_nothing(prepared, tmp_path, shared_datasets):
+def test_bad_input_fails_clearly_and_leaves_nothing(prepared, tmp_path, robot_datasets):
     manifest, _, _ = prepared
     store = ArtifactStore(tmp_path / "home")
     with pytest.raises(ValueError, match="missing column.*content_hash"):
         prepare_clips(manifest.drop(columns=["content_hash"]), "m", store, ClipConfig(), TINY)
-    too_short = g1_manifest(shared_datasets / "g1_pick_bottle", {1: (0.5, "train")})
+    too_short = g1_manifest(robot_datasets / "g1_pick_bottle", {1: (0.5, "train")})
     with pytest.raises(ValueError, match="no clips: all 1 episodes are shorter than 17 frames"):
         prepare_clips(too_short, "m", store, ClipConfig(), TINY)
     assert not (store.home / "clips").exists() or not any((store.home / "clips").iterdir())

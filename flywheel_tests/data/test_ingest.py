@@ -64,16 +64,16 @@ def make_raw_folder(clips: Path, destination: Path, stems=None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clips(shared_datasets, tmp_path_factory):
+def clips(robot_datasets, tmp_path_factory):
     folder = tmp_path_factory.mktemp("clips")
-    return folder, cut_clips(shared_datasets, folder)
+    return folder, cut_clips(robot_datasets, folder)
 
 
 # ----------------------------------------------------------------------------------------------- v3.0
 
 
-def test_lerobot_v3_manifest_matches_the_dataset_metadata(shared_datasets, store):
-    root = shared_datasets / V3
+def test_lerobot_v3_manifest_matches_the_dataset_metadata(robot_datasets, store):
+    root = robot_datasets / V3
     info = json.loads((root / "meta" / "info.json").read_text())
     meta = pd.read_parquet(root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
 
@@ -81,25 +81,25 @@ def test_lerobot_v3_manifest_matches_the_dataset_metadata(shared_datasets, store
     frame = manifest.frame
 
     assert list(frame.columns) == list(MANIFEST_COLUMNS)
-    assert len(frame) == 24 == info["total_episodes"]
+    assert len(frame) == 12 == info["total_episodes"]
     assert frame["num_frames"].tolist() == meta["length"].tolist()
-    assert frame["num_frames"].sum() == 8442 == info["total_frames"]
+    assert frame["num_frames"].sum() == 4350 == info["total_frames"]
     assert set(frame["fps"]) == {30.0}
     assert set(frame["camera_key"]) == {CAMERA}
     assert set(frame["source"]) == {"lerobot-v3.0"}
     assert set(frame["dataset_root"]) == {str(root.resolve())}
-    assert frame["episode_id"].tolist() == [f"{V3}/{i:06d}" for i in range(24)]
+    assert frame["episode_id"].tolist() == [f"{V3}/{i:06d}" for i in range(12)]
     assert set(frame["task"]) == {"Pick up the yellow bottle on the table."}
     np.testing.assert_allclose(frame["from_timestamp"], meta[f"videos/{CAMERA}/from_timestamp"])
     np.testing.assert_allclose(frame["to_timestamp"], meta[f"videos/{CAMERA}/to_timestamp"])
-    # Episodes 0-11 live in file-000.mp4, 12-23 in file-001.mp4.
-    assert [Path(p).name for p in frame["video_path"]] == ["file-000.mp4"] * 12 + ["file-001.mp4"] * 12
+    # Episodes 0-5 live in file-000.mp4, 6-11 in file-001.mp4.
+    assert [Path(p).name for p in frame["video_path"]] == ["file-000.mp4"] * 6 + ["file-001.mp4"] * 6
     assert frame["content_hash"].str.fullmatch(r"[0-9a-f]{64}").all() and frame["content_hash"].is_unique
-    assert set(frame["split"]) <= {"train", "val", "test"} and (frame["split"] == "train").sum() >= 12
+    assert set(frame["split"]) <= {"train", "val", "test"} and (frame["split"] == "train").sum() >= 6
 
     summary = manifest.summary
-    assert (summary["episodes"], summary["frames"], summary["fps"], summary["camera_key"]) == (24, 8442, 30.0, CAMERA)
-    assert sum(summary["splits"].values()) == 24 and sum(summary["split_frames"].values()) == 8442
+    assert (summary["episodes"], summary["frames"], summary["fps"], summary["camera_key"]) == (12, 4350, 30.0, CAMERA)
+    assert sum(summary["splits"].values()) == 12 and sum(summary["split_frames"].values()) == 4350
     assert summary["splits"]["train"] == (frame["split"] == "train").sum()
 
     # The artifact on disk is the same manifest.
@@ -109,13 +109,13 @@ def test_lerobot_v3_manifest_matches_the_dataset_metadata(shared_datasets, store
     assert loaded.summary == json.loads(json.dumps(summary)) and loaded.key == manifest.key
 
     # The time range of an episode in the second file holds exactly its frames.
-    row = frame.iloc[18]
+    row = frame.iloc[9]
     decoded = read_frames(row["video_path"], row["from_timestamp"], row["to_timestamp"])
     assert decoded.shape == (row["num_frames"], 480, 640, 3)
 
 
-def test_reingest_returns_the_existing_artifact_and_content_hashes_follow_content(shared_datasets, store, tmp_path):
-    config = IngestConfig(source=str(shared_datasets / V3))
+def test_reingest_returns_the_existing_artifact_and_content_hashes_follow_content(robot_datasets, store, tmp_path):
+    config = IngestConfig(source=str(robot_datasets / V3))
     first = ingest(config, store)
     table = first.path / "manifest.parquet"
     written = table.stat().st_mtime_ns
@@ -127,13 +127,13 @@ def test_reingest_returns_the_existing_artifact_and_content_hashes_follow_conten
     pd.testing.assert_frame_equal(again.frame, first.frame)
 
     # The same bytes in another folder: a new manifest (its rows point elsewhere), the same episode hashes.
-    moved = ingest(IngestConfig(source=str(linked_copy(shared_datasets / V3, tmp_path / "copy" / V3))), store)
+    moved = ingest(IngestConfig(source=str(linked_copy(robot_datasets / V3, tmp_path / "copy" / V3))), store)
     assert moved.key != first.key
     assert moved.frame["content_hash"].tolist() == first.frame["content_hash"].tolist()
     assert moved.frame["split"].tolist() == first.frame["split"].tolist()  # same episode ids, same splits
 
     # Another split config is another manifest.
-    other = ingest(IngestConfig(source=str(shared_datasets / V3), val_fraction=0.3), store)
+    other = ingest(IngestConfig(source=str(robot_datasets / V3), val_fraction=0.3), store)
     assert other.key != first.key and other.summary["splits"]["val"] >= first.summary["splits"]["val"]
 
 
@@ -141,23 +141,23 @@ def test_reingest_returns_the_existing_artifact_and_content_hashes_follow_conten
 
 
 @pytest.fixture(scope="module")
-def converted(shared_datasets, tmp_path_factory):
+def converted(robot_datasets, tmp_path_factory):
     """The v2.1 dataset ingested once per module (conversion imports LeRobot: the slow part)."""
-    source = shared_datasets / V21
+    source = robot_datasets / V21
     before = hash_tree(source)
-    siblings = sorted(p.name for p in shared_datasets.iterdir())
+    siblings = sorted(p.name for p in robot_datasets.iterdir())
     store = ArtifactStore(tmp_path_factory.mktemp("home"))
     manifest = ingest(IngestConfig(source=str(source)), store)
     return dict(store=store, manifest=manifest, before=before, siblings=siblings, source=source)
 
 
-def test_lerobot_v21_is_converted_on_a_copy_into_an_artifact(converted, shared_datasets):
+def test_lerobot_v21_is_converted_on_a_copy_into_an_artifact(converted, robot_datasets):
     store, manifest = converted["store"], converted["manifest"]
     frame = manifest.frame
 
     # The shared v2.1 folder is untouched: same content, no <name>_old / <name>_v30 next to it.
     assert hash_tree(converted["source"]) == converted["before"]
-    assert sorted(p.name for p in shared_datasets.iterdir()) == converted["siblings"]
+    assert sorted(p.name for p in robot_datasets.iterdir()) == converted["siblings"]
 
     assert len(frame) == 3 and frame["num_frames"].tolist() == [278, 221, 277] and frame["num_frames"].sum() == 776
     assert set(frame["source"]) == {"lerobot-v2.1"} and set(frame["fps"]) == {30.0}
@@ -268,9 +268,9 @@ def test_assign_splits_is_stable_proportional_and_keeps_train_non_empty():
     assert assign_splits([], 0.1, 0.1) == []
 
 
-def test_detect_format_and_config_validation(shared_datasets, clips, tmp_path):
-    assert detect_format(shared_datasets / V3) == "lerobot-v3.0"
-    assert detect_format(shared_datasets / V21) == "lerobot-v2.1"
+def test_detect_format_and_config_validation(robot_datasets, clips, tmp_path):
+    assert detect_format(robot_datasets / V3) == "lerobot-v3.0"
+    assert detect_format(robot_datasets / V21) == "lerobot-v2.1"
     assert detect_format(make_raw_folder(clips[0], tmp_path / "raw")) == "raw-videos"
 
     with pytest.raises(ValidationError, match="unknown_field|Extra inputs"):

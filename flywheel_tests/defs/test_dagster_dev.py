@@ -15,6 +15,8 @@ import pytest
 
 from flywheel.defs.ui import REPO_ROOT, dagster_command, group_alive, prepare_home, stop
 
+pytestmark = pytest.mark.multiprocess
+
 START_TIMEOUT_S = 120
 PYCACHE = Path(tempfile.gettempdir()) / "flywheel-test-pycache"
 RUN_TIMEOUT_S = 240

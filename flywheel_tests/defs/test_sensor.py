@@ -18,10 +18,10 @@ from flywheel.defs.sensors import inbox_sensor
 
 
 @pytest.fixture
-def inbox_dataset(shared_datasets, tmp_path):
+def inbox_dataset(robot_datasets, tmp_path):
     """The v2.1 G1 sample (3 episodes, real LeRobot metadata) copied into an inbox as domain `g1-cell`."""
     inbox = tmp_path / "inbox"
-    shutil.copytree(shared_datasets / "g1_pick_bottle_v21", inbox / "g1-cell")
+    shutil.copytree(robot_datasets / "g1_pick_bottle_v21", inbox / "g1-cell")
     old = time.time() - 3600  # the copy finished an hour ago: settled
     for p in (inbox / "g1-cell").rglob("*"):
         os.utime(p, (old, old))
@@ -79,13 +79,13 @@ def test_a_copy_in_progress_waits_and_bad_names_are_reported(inbox_dataset, tmp_
     assert any("'Bad Name' is not a valid domain name" in p for p in problems)
 
 
-def test_add_domain_registers_its_source_and_the_partition(shared_datasets, tmp_path):
+def test_add_domain_registers_its_source_and_the_partition(robot_datasets, tmp_path):
     home = tmp_path / "home"
     with dg.instance_for_test() as instance:
-        add_domain("g1", shared_datasets / "g1_pick_bottle", home=home, instance=instance,
+        add_domain("g1", robot_datasets / "g1_pick_bottle", home=home, instance=instance,
                    camera_key="observation.images.cam_high")
         assert instance.get_dynamic_partitions("domain") == ["g1"]
-    assert resolve_source(home, home / "inbox", "g1", None) == str((shared_datasets / "g1_pick_bottle").resolve())
+    assert resolve_source(home, home / "inbox", "g1", None) == str((robot_datasets / "g1_pick_bottle").resolve())
     assert resolve_source(home, home / "inbox", "g1", "/elsewhere") == "/elsewhere"  # the Launchpad wins
     assert registration(home, "g1")["camera_key"] == "observation.images.cam_high"
     with pytest.raises(FileNotFoundError, match="has no demonstrations"):
@@ -94,8 +94,8 @@ def test_add_domain_registers_its_source_and_the_partition(shared_datasets, tmp_
         add_domain("Cell 3", home=home)
 
 
-def test_a_refreshed_version_is_the_domains_next_source_until_it_is_registered_again(shared_datasets, tmp_path):
-    home, source = tmp_path / "home", shared_datasets / "g1_pick_bottle"
+def test_a_refreshed_version_is_the_domains_next_source_until_it_is_registered_again(robot_datasets, tmp_path):
+    home, source = tmp_path / "home", robot_datasets / "g1_pick_bottle"
     add_domain("g1", source, home=home, instance=dg.DagsterInstance.ephemeral(), camera_key="observation.images.cam_high")
     version = tmp_path / "datasets" / "v2"
     version.mkdir(parents=True)

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
 from flywheel.data.video import probe, read_frames
 from flywheel.generate.config import GenerateConfig
 from flywheel.generate.world import GenerationRequest, generate_videos, unload_adapters
+
+pytestmark = pytest.mark.multiprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Pick up the yellow bottle on the table."
@@ -55,9 +58,9 @@ def _make_adapter(pipe, out_dir: Path) -> Path:
     return out_dir
 
 
-def test_two_processes_generate_the_videos_of_one(tiny_pipe, shared_datasets, tmp_path):
+def test_two_processes_generate_the_videos_of_one(tiny_pipe, robot_datasets, tmp_path):
     torch.set_num_threads(1)
-    Image.fromarray(read_frames(shared_datasets / REAL_VIDEO, 0.0, 0.05)[0]).save(tmp_path / "first_frame.png")
+    Image.fromarray(read_frames(robot_datasets / REAL_VIDEO, 0.0, 0.05)[0]).save(tmp_path / "first_frame.png")
     adapter = _make_adapter(tiny_pipe, tmp_path / "adapter")
     unload_adapters(tiny_pipe)
     try:

@@ -44,9 +44,9 @@ def pipe(tiny_pipe):
 
 
 @pytest.fixture(scope="module")
-def first_frame(shared_datasets) -> np.ndarray:
+def first_frame(robot_datasets) -> np.ndarray:
     """A real robot camera frame (480x640); the pipeline resizes it to the preset's 64x64."""
-    return read_frames(shared_datasets / REAL_VIDEO, 0.0, 0.05)[0]
+    return read_frames(robot_datasets / REAL_VIDEO, 0.0, 0.05)[0]
 
 
 @pytest.fixture(scope="module")

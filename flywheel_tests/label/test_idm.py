@@ -15,10 +15,10 @@ torch.set_num_threads(1)
 SMALL = dict(image_size=32, width=16, batch_size=32, lr=3e-3, augment_shift=2)
 
 
-def test_idm_learns_on_g1_real_robot_data(shared_datasets, episode_cache, tmp_path):
+def test_idm_learns_on_g1_real_robot_data(robot_datasets, episode_cache, tmp_path):
     # Six episodes: with fewer than five to train on, the held-out episode is too unlike the rest.
     config = IdmConfig(episodes=list(range(6)), val_episodes=[5], steps=300, **SMALL)
-    result = train_idm(shared_datasets / "g1_pick_bottle", config, tmp_path / "idm", cache_dir=episode_cache,
+    result = train_idm(robot_datasets / "g1_pick_bottle", config, tmp_path / "idm", cache_dir=episode_cache,
                        decode_size=64)  # decoded once at 64 px, shared with the filter tests
     m = result.metrics
     assert len(m["mae_per_dim"]) == 26 and "kLeftShoulderPitch" in m["mae_per_dim"]

@@ -7,7 +7,11 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from flywheel_tests.lineage import OVERRIDE_ENV, make_adapter
+
+pytestmark = pytest.mark.multiprocess
 
 WORKERS = 4
 

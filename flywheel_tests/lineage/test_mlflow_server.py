@@ -16,6 +16,8 @@ import pytest
 from flywheel.lineage import registry, runs, tracking
 from flywheel_tests.lineage import BASE_MODEL, OVERRIDE_ENV, make_adapter, shared_home
 
+pytestmark = pytest.mark.multiprocess
+
 DOMAIN = "rest"
 STARTUP_TIMEOUT_S = 240  # the CLI and its uvicorn worker each import all of mlflow; slow on a busy box
 

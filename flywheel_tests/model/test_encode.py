@@ -16,14 +16,14 @@ from flywheel.store import ArtifactStore
 from flywheel_tests.data.test_clips import g1_manifest
 
 PLACE_TASK = "Put the yellow bottle back."
-# Episode 0: 2 train clips (task from the dataset); episode 12: 1 val clip with another task -> 2 prompts.
-EPISODES = {0: (2.5, "train"), 12: (1.5, "val")}
+# Episode 0: 2 train clips (task from the dataset); episode 8: 1 val clip with another task -> 2 prompts.
+EPISODES = {0: (2.5, "train"), 8: (1.5, "val")}
 
 
 @pytest.fixture(scope="module")
-def encoded(shared_datasets, tmp_path_factory, tiny_pipe):
+def encoded(robot_datasets, tmp_path_factory, tiny_pipe):
     torch.set_num_threads(1)
-    manifest = g1_manifest(shared_datasets / "g1_pick_bottle", EPISODES, tasks={12: PLACE_TASK})
+    manifest = g1_manifest(robot_datasets / "g1_pick_bottle", EPISODES, tasks={8: PLACE_TASK})
     store = ArtifactStore(tmp_path_factory.mktemp("encode") / "home")
     clip_set = prepare_clips(manifest, "manifest-key", store, ClipConfig(), get_preset("tiny"))
     return store, clip_set, encode_clip_set(clip_set, tiny_pipe, store)
@@ -92,7 +92,7 @@ def test_the_cache_reads_back_by_split(encoded):
     cache = LatentCache(result.path)
     assert len(cache) == 3
     assert cache.clip_ids("train") == clip_set.split("train")["clip_id"].tolist()
-    assert cache.clip_ids("val") == ["g1_pick_bottle-000012-f00000"]
+    assert cache.clip_ids("val") == ["g1_pick_bottle-000008-f00000"]
     assert cache.meta["clip_set"] == clip_set.key and cache.meta["num_clips"] == 3
     assert result.summary["clips_per_minute"] > 0 and result.summary["video_seconds"] > 0
 

@@ -17,12 +17,12 @@ CLIP = dict(num_frames=17, fps=16)  # what the tiny generator makes
 
 
 @pytest.fixture(scope="module")
-def g1(shared_datasets, episode_cache):
-    episodes = load_episodes(shared_datasets / "g1_pick_bottle", list(range(6)), image_size=64, cache_dir=episode_cache)
+def g1(robot_datasets, episode_cache):
+    episodes = load_episodes(robot_datasets / "g1_pick_bottle", list(range(6)), image_size=64, cache_dir=episode_cache)
     config = FilterConfig()
     calibration = real_clips(episodes[:4], stride_s=0.5, **CLIP)
     # Action ranges from every real episode except the held-out ones (parquet only, nothing to decode).
-    real_actions = load_actions(shared_datasets / "g1_pick_bottle", [i for i in range(24) if i not in (4, 5)])
+    real_actions = load_actions(robot_datasets / "g1_pick_bottle", list(range(6, 12)))
     thresholds = calibrate(calibration, config, action_episodes=real_actions, source={"episodes": list(range(4))})
     held_out = real_clips(episodes[4:], stride_s=1.5, **CLIP)
     return episodes, config, thresholds, held_out

@@ -35,18 +35,18 @@ def pusht_synthetic(root, episode, start, seed, fps=10.0, size=96, frames=17):
     return clip
 
 
-def test_g1_refresh_roundtrips_through_lerobot(shared_datasets, episode_cache, store):
-    base = shared_datasets / "g1_pick_bottle"
+def test_g1_refresh_roundtrips_through_lerobot(robot_datasets, episode_cache, store):
+    base = robot_datasets / "g1_pick_bottle"
     base_hash = hash_tree(base)
     eps = load_episodes(base, [0, 1], image_size=64, cache_dir=episode_cache)
     synthetic = [synthetic_from(eps[0], 10, seed=0), synthetic_from(eps[1], 40, seed=1)]
     vid, root = refresh_dataset(base, synthetic, store)
     assert root == store.path("datasets", vid) and store.exists("datasets", vid)
     ds = load_refreshed(root)
-    assert ds.num_episodes == 26 and ds.meta.fps == 30
+    assert ds.num_episodes == 14 and ds.meta.fps == 30
     assert set(ds.meta.features) == {*load_refreshed(base).meta.features, "is_synthetic"}
     # Synthetic clips were brought to the dataset's 30 fps and 480x640.
-    n_syn = ds.meta.episodes[24]["length"]
+    n_syn = ds.meta.episodes[12]["length"]
     assert n_syn == len(nearest_indices(17, 16, 30))
     last = ds[ds.num_frames - 1]
     assert bool(last["is_synthetic"]) and not bool(ds[0]["is_synthetic"])
@@ -55,7 +55,7 @@ def test_g1_refresh_roundtrips_through_lerobot(shared_datasets, episode_cache, s
     np.testing.assert_allclose(first_syn["action"].numpy(), synthetic[0].actions[0], atol=1e-5)
     np.testing.assert_allclose(ds[5]["action"].numpy(), load_refreshed(base)[5]["action"].numpy())
     prov = read_provenance(root)
-    assert prov["is_synthetic"].sum() == 2 and prov.loc[25, "seed"] == 1 and prov.loc[24, "source_episode"] == "0"
+    assert prov["is_synthetic"].sum() == 2 and prov.loc[13, "seed"] == 1 and prov.loc[12, "source_episode"] == "0"
     assert prov.loc[3, "base_episode"] == 3
     # Immutable and content-addressed: same inputs, same version, nothing rewritten; base untouched.
     mtime = (root / "provenance.parquet").stat().st_mtime_ns

@@ -35,13 +35,13 @@ def encode_window(pipe, video: Path, start_s: float) -> torch.Tensor:
     return ((mu.float() - pipe.latents_mean) * pipe.latents_std)[0]
 
 
-def build_tiny_latent_cache(pipe, shared_datasets: Path, root: Path) -> Path:
+def build_tiny_latent_cache(pipe, robot_datasets: Path, root: Path) -> Path:
     """Write a latent cache of WINDOWS at `root` (temp dir + rename); reuse it when already there."""
     from flywheel.data.latent_cache import LatentCacheWriter
 
     if (root / "cache.json").is_file():
         return root
-    video_dir = shared_datasets / "g1_pick_bottle" / "videos" / "observation.images.cam_high" / "chunk-000"
+    video_dir = robot_datasets / "g1_pick_bottle" / "videos" / "observation.images.cam_high" / "chunk-000"
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         writer = LatentCacheWriter(tmp)
@@ -60,8 +60,8 @@ def build_tiny_latent_cache(pipe, shared_datasets: Path, root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_latent_cache(tiny_pipe, shared_datasets, tmp_path_factory):
+def tiny_latent_cache(tiny_pipe, robot_datasets, tmp_path_factory):
     """A LatentCache of 4 real g1_pick_bottle windows (64x64, 17 frames) encoded by the tiny pipe."""
     from flywheel.data.latent_cache import LatentCache
 
-    return LatentCache(build_tiny_latent_cache(tiny_pipe, shared_datasets, tmp_path_factory.getbasetemp() / "train_latent_cache"))
+    return LatentCache(build_tiny_latent_cache(tiny_pipe, robot_datasets, tmp_path_factory.getbasetemp() / "train_latent_cache"))

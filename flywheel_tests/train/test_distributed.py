@@ -27,6 +27,8 @@ from flywheel.train.checkpoint import list_checkpoints
 from flywheel.train.distributed import World
 from flywheel_tests.train import tiny_latent_cache  # noqa: F401  (session fixture)
 
+pytestmark = pytest.mark.multiprocess
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Global batch 2 = one clip per rank on two ranks; a constant, high LR so 4 steps move the adapter clearly;
 # full activation checkpointing: the gradient all-reduce must work with the recompute-in-backward path.

@@ -21,6 +21,8 @@ from flywheel.train.config import TrainConfig
 from flywheel.workloads.gpu import EXIT_CONFIG
 from flywheel_tests.train import tiny_latent_cache  # noqa: F401  (session fixture)
 
+pytestmark = pytest.mark.multiprocess
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN = TrainConfig(rank=4, alpha=4, steps=3, batch_size=2, checkpoint_every=2, learning_rate=1e-2, warmup_steps=0)
 
