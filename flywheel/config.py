@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.data.clips import ClipConfig
 from flywheel.data.ingest import IngestConfig
+from flywheel.errors import ConfigError
 from flywheel.generate.config import GenerateConfig
 from flywheel.label.config import IdmConfig, LabelConfig
 from flywheel.quality.config import FilterConfig
@@ -71,10 +72,6 @@ class FlywheelConfig(BaseModel):
     label: LabelStageConfig = Field(default_factory=LabelStageConfig)
     quality: FilterConfig = Field(default_factory=FilterConfig)
     refresh: RefreshStageConfig = Field(default_factory=RefreshStageConfig)
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and every bad field."""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from flywheel.data.manifest import Manifest, as_manifest_frame, load_manifest, summarize, write_manifest
 from flywheel.data.splits import assign_splits
 from flywheel.data.video import VideoError, probe, read_frames
+from flywheel.errors import IngestError
 from flywheel.store import ArtifactStore, hash_json, hash_tree
 
 __all__ = ["IngestConfig", "IngestError", "Manifest", "detect_format", "ingest", "load_manifest"]
@@ -40,10 +41,6 @@ SourceFormat = Literal["lerobot-v3.0", "lerobot-v2.1", "raw-videos"]
 MANIFEST_SCHEMA = 2  # 2: is_synthetic; episode ids kept through refreshed versions
 KEY_LENGTH = 24
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class IngestError(ValueError):
-    """Input that cannot be ingested; the message names the file and the problem, and what to do."""
 
 
 class IngestConfig(BaseModel):

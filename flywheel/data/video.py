@@ -13,8 +13,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from flywheel.errors import DataError
 
-class VideoError(ValueError):
+
+class VideoError(DataError):
     """A video file is missing, undecodable, truncated, or not what the caller asked for."""
 
 

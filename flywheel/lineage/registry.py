@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.errors import DecisionRefused
 from flywheel.lineage import tracking
 from flywheel.lineage.tracking import TAG_CODE_VERSION, TAG_DOMAIN, TAG_KIND, registered_model_name
 from flywheel.store import hash_tree, resolve_home
@@ -55,7 +56,7 @@ TAG_HISTORY = "flywheel.champion_history"
 HISTORY_KEEP = 200  # registered-model tag values are capped at 5000 characters
 
 
-class PromotionRefused(RuntimeError):
+class PromotionRefused(DecisionRefused, RuntimeError):
     """The evaluation gate did not pass; the champion was left as it was."""
 
 

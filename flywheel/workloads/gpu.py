@@ -30,7 +30,7 @@ TRANSIENT_GPU_MESSAGES = (
     "cudaerrorlaunchfailure",
 )
 
-CONFIG_ERROR_TYPES = ("ValidationError", "ConfigError", "IngestError", "ValueError", "TypeError",
+CONFIG_ERROR_TYPES = ("FlywheelError", "ValidationError", "ConfigError", "IngestError", "ValueError", "TypeError",
                       "FileNotFoundError", "NotADirectoryError", "KeyError")
 
 
