@@ -294,7 +294,7 @@ def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: Tra
     state_dict, metadata = read_saved_adapter(parent_dir)
     saved = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
     want = dict(r=config.rank, lora_alpha=config.alpha, use_dora=config.use_dora, target_modules=sorted(config.target_modules))
-    have = dict(r=saved.get("r"), lora_alpha=saved.get("lora_alpha"), use_dora=saved.get("use_dora"),
+    have = dict(r=saved.get("r"), lora_alpha=saved.get("lora_alpha"), use_dora=bool(saved.get("use_dora", False)),
                 target_modules=sorted(saved.get("target_modules") or []))
     if want != have:
         raise ValueError(f"init_adapter {parent_dir}: parent adapter has {have}, this config wants {want}; "
