@@ -103,28 +103,35 @@ def import_adapter(source: Path, transformer: torch.nn.Module, out_dir: Path, *,
     config = _source_config(src)
     found_rank = _rank_of(src, modules, config, rank)
     found_alpha, alpha_from = _alpha_of(src, config, alpha)
-    use_dora = any("magnitude" in parts for parts in modules.values())
-    if config is not None and bool(config.get("use_dora", False)) != use_dora:
-        raise DataError(f"{src.weights_file}: {src.config_origin} says use_dora={config.get('use_dora')} but the file "
-                        f"{'has' if use_dora else 'has no'} DoRA magnitude vectors; the source is inconsistent, "
-                        "re-export it")
+    use_dora = _uses_dora(src, modules, config)
     target_modules = _target_modules(src, modules, transformer, config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; import into a new directory (adapters are immutable)")
 
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
 
     lora_config = LoraConfig(r=found_rank, lora_alpha=found_alpha, target_modules=target_modules, use_dora=use_dora,
                              init_lora_weights=True)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: not empty; import into a new directory (adapters are immutable)")
-    card = {
+    card = _external_card(src, lora_config, base_model, alpha_from)
+    write_adapter_weights(out_dir, convert_state_dict_to_diffusers(_canonical_state(modules)),
+                          portable_lora_config(lora_config))
+    write_card(out_dir, card)
+    verify_saved_adapter(out_dir, rank=found_rank, alpha=found_alpha, use_dora=use_dora)
+    return ImportedAdapter(adapter_dir=out_dir, card=card, source_path=src.weights_file)
+
+
+def _external_card(src: _Source, lora_config, base_model: Mapping[str, Any], alpha_from: str) -> dict[str, Any]:
+    """The adapter card of an import: what a trained card says about the adapter, and its source."""
+    return {
         "format": CARD_FORMAT,
         "lineage": LINEAGE_EXTERNAL,
-        "method": "dora" if use_dora else "lora",
-        "rank": found_rank,
-        "alpha": found_alpha,
-        "scaling": found_alpha / found_rank,
-        "target_modules": sorted(target_modules),
+        "method": "dora" if lora_config.use_dora else "lora",
+        "rank": lora_config.r,
+        "alpha": lora_config.lora_alpha,
+        "scaling": lora_config.lora_alpha / lora_config.r,
+        "target_modules": sorted(lora_config.target_modules),
         "base_model": dict(base_model),
         "num_trainable_parameters": sum(t.numel() for t in src.state.values()),
         "source": {
@@ -144,12 +151,6 @@ def import_adapter(source: Path, transformer: torch.nn.Module, out_dir: Path, *,
         "seed": None,
         "config": None,
     }
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    write_adapter_weights(out_dir, convert_state_dict_to_diffusers(src.state), portable_lora_config(lora_config))
-    write_card(out_dir, card)
-    verify_saved_adapter(out_dir, rank=found_rank, alpha=found_alpha, use_dora=use_dora)
-    return ImportedAdapter(adapter_dir=out_dir, card=card, source_path=src.weights_file)
 
 
 # --- reading the source --------------------------------------------------------------------------
@@ -267,6 +268,13 @@ def _modules_of(src: _Source) -> dict[str, dict[str, torch.Tensor]]:
     return modules
 
 
+def _canonical_state(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors under the keys `get_peft_model_state_dict` gives a trained adapter (sorted)."""
+    names = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+    return {f"{module}.{names[part]}": tensor.contiguous()
+            for module, parts in sorted(modules.items()) for part, tensor in sorted(parts.items())}
+
+
 # --- checks against the base model -----------------------------------------------------------------
 
 
@@ -373,6 +381,15 @@ def _alpha_of(src: _Source, config: dict | None, alpha: float | None) -> tuple[f
     if not alpha > 0:
         raise DataError(f"{src.weights_file}: --alpha must be > 0, got {alpha}")
     return float(alpha), "argument"
+
+
+def _uses_dora(src: _Source, modules: dict[str, dict[str, torch.Tensor]], config: dict | None) -> bool:
+    use_dora = any("magnitude" in parts for parts in modules.values())
+    if config is not None and bool(config.get("use_dora", False)) != use_dora:
+        raise DataError(f"{src.weights_file}: {src.config_origin} says use_dora={config.get('use_dora')} but the file "
+                        f"{'has' if use_dora else 'has no'} DoRA magnitude vectors; the source is inconsistent, "
+                        "re-export it")
+    return use_dora
 
 
 def _target_modules(src: _Source, modules: dict[str, dict[str, torch.Tensor]], transformer: torch.nn.Module,

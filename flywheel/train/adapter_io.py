@@ -124,12 +124,12 @@ def canonicalize_safetensors_header(path: Path) -> None:
     metadata = header.pop("__metadata__", None)
     canonical = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
     text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(text) <= length:  # the usual case: the same text reordered, rewritten in place
+    padded = text.ljust(-(-len(text) // 8) * 8, b" ")
+    if len(padded) == length:  # the usual case: the same text reordered, rewritten in place
         with open(path, "r+b") as f:
             f.seek(8)
-            f.write(text.ljust(length, b" "))
+            f.write(padded)
         return
-    padded = text.ljust(-(-len(text) // 8) * 8, b" ")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(path, "rb") as src, open(tmp, "wb") as dst:

@@ -73,6 +73,16 @@ def test_canonical_header_is_the_same_for_every_save_and_keeps_the_tensors(tmp_p
     assert len(set(saved)) == 1
     assert int.from_bytes(saved[0][:8], "little") % 8 == 0  # the header length, as the format pads it
 
+    # A header of another length (another writer's whitespace) is rewritten whole, to the same bytes.
+    length = int.from_bytes(saved[0][:8], "little")
+    roomy = json.dumps(json.loads(saved[0][8:8 + length]), indent=4, ensure_ascii=False).encode()
+    roomy = roomy.ljust(-(-len(roomy) // 8) * 8, b" ")
+    path = tmp_path / "roomy.safetensors"
+    path.write_bytes(len(roomy).to_bytes(8, "little") + roomy + saved[0][8 + length:])
+    assert load_file(path).keys() == tensors.keys()
+    canonicalize_safetensors_header(path)
+    assert path.read_bytes() == saved[0]
+
 
 @pytest.mark.parametrize("method,rank,alpha", [("lora", 4, 8.0), ("dora", 8, 8.0), ("lora", 16, 32.0)])
 def test_peft_config_carries_only_fields_old_peft_has_and_rebuilds_exactly(tiny_pipe, tmp_path, method, rank, alpha):

@@ -220,8 +220,13 @@ def test_a_half_module_and_a_partial_target_list_are_refused(tiny_pipe, recipe, 
 
 def test_rank_conflicts_and_foreign_files_are_refused(tiny_pipe, recipe, tmp_path):
     assert "not the declared --rank 8" in _refusal(tiny_pipe, recipe["file"], tmp_path, rank=8)
-    import_adapter(recipe["file"], tiny_pipe.transformer, tmp_path / "ok", base_model=declared_base_model(tiny_pipe),
-                   alpha=ALPHA, rank=RANK)
+    # The check sees through adapters already loaded in the pipeline (a long-lived process may hold some).
+    tiny_pipe.load_lora_weights(str(recipe["file"].parent), weight_name=ADAPTER_WEIGHTS, adapter_name="loaded")
+    try:
+        import_adapter(recipe["file"], tiny_pipe.transformer, tmp_path / "ok",
+                       base_model=declared_base_model(tiny_pipe), alpha=ALPHA, rank=RANK)
+    finally:
+        remove_adapter(tiny_pipe)
 
     pickled = tmp_path / "pickled" / ADAPTER_WEIGHTS  # pickle bytes under the safetensors name
     pickled.parent.mkdir()
