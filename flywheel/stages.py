@@ -10,31 +10,68 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from flywheel.store import ArtifactStore, hash_json
 
 Progress = Callable[[dict], None] | None
+# Metadata keys whose values are paths on the flywheel home (rendered as paths in the Dagster UI).
+PATH_KEYS = ("path", "preview", "latent_cache", "manifest", "clip_set", "adapter", "dataset_root")
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass
 class StageResult:
+    """What a stage made: its content-addressed artifact and the numbers worth showing (validated types).
+
+    The one reader and writer of a stage's result: the Dagster asset's materialization metadata, a workload's
+    Pipes report and the terminal all go through `as_metadata()` / `from_metadata()`.
+    """
+
     stage: str
     key: str
     path: Path
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     preview: Path | None = None
     reused: bool = False
 
+    def as_metadata(self) -> dict[str, Any]:
+        """Flat, JSON-able metadata: the stage's numbers plus stage, key, path, reused and preview."""
+        meta = {k: _jsonable(v) for k, v in self.metadata.items()}
+        meta.update(stage=self.stage, key=self.key, path=str(self.path), reused=bool(self.reused))
+        if self.preview:
+            meta["preview"] = str(self.preview)
+        return meta
+
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        d["preview"] = str(self.preview) if self.preview else None
-        return d
+        return self.as_metadata()
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> StageResult:
+        """Read back what `as_metadata` wrote (e.g. an upstream asset's latest materialization)."""
+        preview = meta.get("preview")
+        return cls(stage=str(meta["stage"]), key=str(meta["key"]), path=Path(meta["path"]), metadata=dict(meta),
+                   preview=Path(preview) if preview else None, reused=bool(meta.get("reused", False)))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep it readable ("nan") rather than dropping it
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
 
 
 def _pipeline(model, vae_only: bool = False):
@@ -125,7 +162,7 @@ def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, pr
     generate_config = generate_config or GenerateConfig()
     key = hash_json({"adapter": Path(adapter_path).name, "clips": Path(clip_set_path).name,
                      "evaluate": evaluate_config.model_dump(mode="json"),
-                     "generate": generate_config.model_dump(mode="json"),
+                     "generate": generate_config.model_dump(mode="json", exclude={"adapter"}),
                      "model": model.model_dump(mode="json", exclude={"device"}),
                      **({"filters": filter_config.model_dump(mode="json")} if filter_config else {})})[:24]
     path = store.path("evaluations", key)
@@ -150,7 +187,7 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
     store = ArtifactStore(home)
     key = hash_json({"format": 2, "adapter": Path(adapter_path).name if adapter_path else None,
                      "clips": Path(clip_set_path).name,
-                     "split": split, "generate": generate_config.model_dump(mode="json"),
+                     "split": split, "generate": generate_config.model_dump(mode="json", exclude={"adapter"}),
                      "model": model.model_dump(mode="json", exclude={"device"})})[:24]
     path = store.path("synthetic", key)
     if store.exists("synthetic", key):
@@ -366,7 +403,6 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
 def _through_model_codec(clips: list, model) -> list:
     """The calibration clips as the base model's VAE renders them (conditioning frames stay raw, as they
     are for generated clips)."""
-    import dataclasses
 
     from flywheel.model.encode import codec_roundtrips
 

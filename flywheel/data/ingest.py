@@ -46,7 +46,11 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(min_length=1, description="dataset root / raw video folder; or a Hub repo id (online only)")
+    source: str = Field("", description="dataset root / raw video folder, or a Hub repo id (online only); '' = the "
+                                            "domain's: its newest refreshed version (see follow_refreshed), else its "
+                                            "registered source, else <inbox>/<domain>")
+    follow_refreshed: bool = Field(True, description="with source '': ingest the domain's newest refreshed version that "
+                                                     "the build-on decision accepted, so each iteration builds on the last")
     format: Literal["auto", "lerobot", "lerobot-v2.1", "raw-videos"] = Field(
         "auto", description="auto = detect; lerobot = a LeRobot dataset of any supported version (v3.0, v2.1)")
     camera_key: str | None = Field(None, description="LeRobot video feature to use; None = the dataset's first camera")

@@ -1,33 +1,18 @@
-"""One job: a whole flywheel iteration for one domain (every asset whose stage is in this build); its\npartitioning (by domain) comes from the assets."""
+"""One job: a whole flywheel iteration for one domain (every stage of flywheel.pipeline); its partitioning (by
+domain) comes from the assets. `flywheel iterate` launches it; a stage command launches it with the asset
+selection up to that stage."""
 
 import dagster as dg
 
-from flywheel.iteration import STAGE_ORDER as STAGE_ASSETS  # one list of stages for the CLI and Dagster
+from flywheel.pipeline import STAGE_LIST
 
-
-STAGE_FUNCTIONS = {
-    "demonstrations": "ingest_stage",
-    "training_clips": "clips_stage",
-    "adapter": "train_stage",
-    "adapter_evaluation": "evaluate_stage",
-    "synthetic_videos": "generate_stage",
-    "pseudo_actions": "label_stage",
-    "curated_trajectories": "curate_stage",
-    "refreshed_dataset": "refresh_stage",
-}
-
-
-def iteration_assets() -> list[str]:
-    """The assets a full iteration materializes: those whose core stage function exists in this build."""
-    from flywheel import stages
-
-    return [name for name in STAGE_ASSETS if hasattr(stages, STAGE_FUNCTIONS[name])]
-
+ITERATION_JOB = "flywheel_iteration"
 
 flywheel_iteration = dg.define_asset_job(
-    name="flywheel_iteration",
-    selection=dg.AssetSelection.assets(*iteration_assets()),
-    description="A whole flywheel iteration for one domain: ingest, clips, train, evaluate (gate), generate, "
-                "label, curate (gate), refresh. Upstream results with unchanged inputs are reused.",
+    name=ITERATION_JOB,
+    selection=dg.AssetSelection.assets(*(stage.asset for stage in STAGE_LIST)),
+    description="A whole flywheel iteration for one domain: ingest, clips (model-fit check), train, evaluate "
+                "(adapter gate), generate, label, curate (curation check), refresh (build-on decision). Upstream "
+                "results with unchanged inputs are reused.",
     tags={"flywheel/job": "iteration"},
 )

@@ -15,15 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from flywheel.decisions import Step
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.results import partition_of
-from flywheel.lineage import registry, runs, tracking
+from flywheel.lineage import registry, tracking
 from flywheel.lineage.recorder import IterationLineage
 from flywheel.store import hash_json
 
@@ -43,69 +42,41 @@ def iteration_lineage(context: dg.AssetExecutionContext, flywheel: FlywheelResou
     return IterationLineage.for_dagster_run(flywheel.home_path, partition_of(context), context.run.run_id)
 
 
-@dataclass
-class StepLineage:
-    """The iteration and this materialization's child run, with what the asset reports about them."""
-
-    lineage: IterationLineage
-    run: runs.StepRun
-    metadata: dict[str, dg.MetadataValue]
-
-    def record(self, meta: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> Any:
-        """Metrics and the produced artifact; `inputs` = upstream materializations (name -> raw metadata)."""
-        result = stage_result(meta)
-        datasets = [(name, str(m["key"]), str(m["path"])) for name, m in inputs.items()
-                    if name != "adapter" and m.get("key") and m.get("path")]  # adapters go in as models
-        self.lineage.record(self.run, result, datasets)
-        return result
-
-    def link_model_version(self, version: str) -> None:
-        links = registry.links_for_version(self.lineage.home, self.lineage.domain, version)
-        self.metadata["mlflow_model_version"] = dg.MetadataValue.text(str(version))
-        self.metadata["mlflow_registered_model"] = dg.MetadataValue.text(links["mlflow_registered_model"])
-        self.metadata["mlflow_model_version_url"] = dg.MetadataValue.url(links["mlflow_model_version_url"])
-
-
-def stage_result(meta: dict[str, Any]):
-    """A materialization's raw metadata as the core StageResult the recorder takes."""
-    from flywheel.stages import StageResult
-
-    return StageResult(stage=meta["stage"], key=str(meta["key"]), path=Path(meta["path"]), metadata=dict(meta),
-                       reused=bool(meta.get("reused")))
+def model_version_links(home, domain: str, version: str) -> dict[str, dg.MetadataValue]:
+    links = registry.links_for_version(home, domain, version)
+    return {"mlflow_model_version": dg.MetadataValue.text(str(version)),
+            "mlflow_registered_model": dg.MetadataValue.text(links["mlflow_registered_model"]),
+            "mlflow_model_version_url": dg.MetadataValue.url(links["mlflow_model_version_url"])}
 
 
 @contextlib.contextmanager
-def step_lineage(context: dg.AssetExecutionContext, flywheel: FlywheelResource, params: dict[str, Any],
-                 lineage: IterationLineage | None = None) -> Iterator[StepLineage]:
-    """A child run of the iteration for this materialization; the iteration run ends with the step's status.
-
-    `params` is the stage config (logged as MLflow params). A Dagster retry of the step finds the same
-    child run again (same iteration, asset and params).
-    """
-    lineage = lineage or iteration_lineage(context, flywheel)
+def step_lineage(context: dg.AssetExecutionContext, step: Step, params: dict[str, Any]) -> Iterator[dict]:
+    """A child run of the iteration for this materialization (set as `step.run`); yields the links the asset
+    reports. The iteration run ends with the step's status. A Dagster retry of the step finds the same child
+    run again (same iteration, asset and params)."""
+    lineage = step.lineage
     asset = context.asset_key.path[-1]
     step_key = hash_json({"asset": asset, "params": params})[:16]
     lineage.resume()
     try:
         with lineage.stage(asset, step_key, params) as run:
             run.set_tags({"dagster.step_key": context.op_execution_context.get_step_execution_context().step.key})
-            metadata = {
+            step.run = run
+            links = {
                 "mlflow_run_url": dg.MetadataValue.url(run.url),
                 "mlflow_run_id": dg.MetadataValue.text(run.run_id),
                 "mlflow_iteration_run_id": dg.MetadataValue.text(lineage.run_id),
                 "mlflow_iteration": dg.MetadataValue.int(lineage.iteration),
             }
-            yield StepLineage(lineage, run, metadata)
+            yield links
     except BaseException:
         lineage.finish("FAILED")
         raise
     lineage.finish()
-    context.log.info(f"MLflow: iteration {lineage.iteration} run {lineage.run_id}, step run {run.run_id} ({run.url})")
 
 
-def stage_params(stage_config: Any, model: Any | None = None, **extra: Any) -> dict[str, Any]:
-    """MLflow params of a step: the stage config, the world model (when it runs one) and asset-only options."""
-    params = stage_config.model_dump(mode="json") if hasattr(stage_config, "model_dump") else dict(stage_config)
-    if model is not None:
-        params["model"] = model.model_dump(mode="json", exclude={"device"})
-    return params | extra
+def stage_params(config, section: str) -> dict[str, Any]:
+    """MLflow params of a step: its config section, and the world model."""
+    params = config.section_dump(section)
+    params = params if isinstance(params, dict) else {section: params}
+    return params | {"model": config.model.model_dump(mode="json", exclude={"device"})}

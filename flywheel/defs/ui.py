@@ -42,15 +42,16 @@ def mlflow_command(home: Path, port: int, host: str = "127.0.0.1") -> list[str] 
 
 def prepare_home(home: str | os.PathLike | None, gpus: int | None = None) -> tuple[Path, dict[str, str]]:
     """Create the Dagster instance of the home, register the sample domain; the env for the UI processes."""
-    from flywheel.defs.domains import SAMPLE_DATASET, SAMPLE_DOMAIN, add_domain
     from flywheel.defs.instance import flywheel_instance, use_flywheel_instance
+    from flywheel.defs.partitions import add_domain
+    from flywheel.domains import SAMPLE_DOMAIN
 
     home = resolve_home(home)
     dagster_home = use_flywheel_instance(home, gpus)
     instance = flywheel_instance(home)
     try:
-        if SAMPLE_DATASET.is_dir() and not instance.get_dynamic_partitions("domain"):
-            add_domain(SAMPLE_DOMAIN, SAMPLE_DATASET, home=home, instance=instance)
+        if not instance.get_dynamic_partitions("domain"):  # its demonstrations are the embedded sample
+            add_domain(SAMPLE_DOMAIN, home=home, instance=instance)
     finally:
         instance.dispose()
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "FLYWHEEL_HOME": str(home),

@@ -29,6 +29,10 @@ class GenerateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    adapter: str = Field("champion", description="which adapter generates the synthetic videos: 'champion' (the "
+                         "domain's promoted adapter; the base model while there is none), 'base', a registry version "
+                         "such as '3', 'latest' (the domain's latest trained adapter), an adapter key under "
+                         "<home>/adapters, or an adapter directory (flywheel.decisions.choose_generating_adapter)")
     seeds: list[int] = Field(default_factory=lambda: [0])
     num_inference_steps: int | None = None
     guidance_scale: float | None = None

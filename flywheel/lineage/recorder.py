@@ -13,7 +13,6 @@ domain's next one.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,9 @@ class IterationLineage:
         if result.stage not in ("synthetic_videos", "refreshed_dataset"):  # those two log richer lineage records
             run.log_dataset_output(result.stage, result.key, str(result.path), DATASET_KIND.get(result.stage, "other"))
 
-    def register_adapter(self, run: runs.StepRun, adapter_result, training_digest: str) -> str:
+    def register_adapter(self, run: runs.StepRun, adapter_result, training_digest: str,
+                         parent_version: str | None = None) -> str:
+        """The adapter as a version of the domain's line (flywheel.decisions.register_candidate decides when)."""
         losses = adapter_result.path / "loss.csv"
         if losses.is_file():
             import pandas as pd
@@ -112,27 +113,14 @@ class IterationLineage:
             table = pd.read_csv(losses)
             run.log_step_metrics({"step": int(r.step), "loss": float(r.loss), "lr": float(r.lr)}
                                  for r in table.itertuples())
-        parent = registry.champion_version(self.home, self.domain)
         version = registry.register_adapter(self.home, self.domain, adapter_result.path, None, training_digest,
-                                            self.iteration, parent_version=parent, run_id=run.run_id,
+                                            self.iteration, parent_version=parent_version, run_id=run.run_id,
                                             code_version=CODE_VERSION)
         client = tracking.client(self.home)
         name = tracking.registered_model_name(self.domain)
         if client.get_model_version(name, version).tags.get(TAG_ADAPTER_PATH) != str(adapter_result.path):
             client.set_model_version_tag(name, version, TAG_ADAPTER_PATH, str(adapter_result.path))
         return version
-
-    def gate_and_promote(self, version: str, metrics: dict, evaluate_config) -> registry.GateDecision:
-        """Record base vs adapter evaluation on the version; promote to champion if the gate passes."""
-        registry.record_evaluation(self.home, self.domain, version,
-                                   {"psnr": metrics["psnr_adapter"], "ssim": metrics["ssim_adapter"]},
-                                   {"psnr": metrics["psnr_base"], "ssim": metrics["ssim_base"]})
-        margins = {"metrics": [{"name": "psnr", "min_gain_over_base": evaluate_config.min_psnr_gain_db,
-                                "max_drop_vs_champion": evaluate_config.max_psnr_drop_vs_champion_db}]}
-        decision = registry.gate_for_version(self.home, self.domain, version, margins)
-        if decision.passed:
-            registry.promote(self.home, self.domain, version, decision, reason=f"iteration {self.iteration} gate")
-        return decision
 
     def champion(self) -> tuple[str, Path] | None:
         """(version, adapter dir) of the domain's champion, or None when no adapter was ever promoted."""
@@ -199,7 +187,3 @@ class IterationLineage:
 
     def links(self) -> dict[str, str]:
         return {"mlflow_iteration_run": self.run_id, "mlflow_tracking_uri": tracking.tracking_uri(self.home)}
-
-
-def summary_json(decision: registry.GateDecision) -> str:
-    return json.dumps(decision.model_dump(), default=str)

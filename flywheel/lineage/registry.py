@@ -20,6 +20,7 @@ stack (promote pushes, rollback pops) for a glance in the UI.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -27,9 +28,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from flywheel.errors import DecisionRefused
 from flywheel.lineage import tracking
 from flywheel.lineage.tracking import TAG_CODE_VERSION, TAG_DOMAIN, TAG_KIND, registered_model_name
 from flywheel.store import hash_tree, resolve_home
@@ -54,73 +52,6 @@ TAG_EVENT = "flywheel.event"
 TAG_EVENT_NS = "flywheel.event_time_ns"
 TAG_HISTORY = "flywheel.champion_history"
 HISTORY_KEEP = 200  # registered-model tag values are capped at 5000 characters
-
-
-class PromotionRefused(DecisionRefused, RuntimeError):
-    """The evaluation gate did not pass; the champion was left as it was."""
-
-
-class GateMetric(BaseModel):
-    """One gated metric: better than the base model, and not worse than the champion, by margins."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1)
-    higher_is_better: bool = True
-    min_gain_over_base: float = Field(0.0, ge=0.0)  # 0 means strictly better than base
-    max_drop_vs_champion: float = Field(0.0, ge=0.0)  # 0 means at least as good as the champion
-
-
-class GateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    metrics: list[GateMetric] = Field(min_length=1)
-
-
-class GateDecision(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    passed: bool
-    reasons: list[str]
-    checks: list[dict[str, Any]]
-
-
-def evaluate_gate(
-    metrics: dict[str, float],
-    base_metrics: dict[str, float],
-    champion_metrics: dict[str, float] | None,
-    margins: GateConfig | dict,
-) -> GateDecision:
-    """Pass when every gated metric beats the base by its margin and loses to the champion by at most its margin."""
-    config = margins if isinstance(margins, GateConfig) else GateConfig.model_validate(margins)
-    reasons, checks = [], []
-    for rule in config.metrics:
-        for label, values in (("candidate", metrics), ("base model", base_metrics)):
-            if rule.name not in values:
-                raise ValueError(f"gate metric {rule.name!r} missing from the {label} metrics {sorted(values)}")
-        sign = 1.0 if rule.higher_is_better else -1.0
-        candidate, base = float(metrics[rule.name]), float(base_metrics[rule.name])
-        gain = sign * (candidate - base)
-        beats_base = gain > 0 and gain >= rule.min_gain_over_base
-        check = {"metric": rule.name, "candidate": candidate, "base": base, "gain_over_base": gain}
-        if not beats_base:
-            reasons.append(
-                f"{rule.name}: {candidate:.6g} vs base {base:.6g} (gain {gain:.6g}, need > 0 and "
-                f">= {rule.min_gain_over_base:g})"
-            )
-        holds_champion = True
-        if champion_metrics and rule.name in champion_metrics:
-            champion = float(champion_metrics[rule.name])
-            drop = sign * (champion - candidate)
-            holds_champion = drop <= rule.max_drop_vs_champion
-            check |= {"champion": champion, "drop_vs_champion": drop}
-            if not holds_champion:
-                reasons.append(
-                    f"{rule.name}: {candidate:.6g} vs champion {champion:.6g} (drop {drop:.6g} > "
-                    f"allowed {rule.max_drop_vs_champion:g})"
-                )
-        checks.append(check | {"ok": beats_base and holds_champion})
-    return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
 
 
 def read_adapter_card(adapter_dir: str | os.PathLike) -> dict[str, Any]:
@@ -281,16 +212,6 @@ def evaluation_of(home, domain: str, version: str | int) -> tuple[dict[str, floa
     return pick(TAG_EVAL), pick(TAG_BASE_EVAL)
 
 
-def gate_for_version(home, domain: str, version: str | int, margins: GateConfig | dict) -> GateDecision:
-    """The gate on recorded evaluations: this version vs the base model and the current champion."""
-    metrics, base_metrics = evaluation_of(home, domain, version)
-    if not metrics:
-        raise ValueError(f"version {version} of {registered_model_name(domain)} has no recorded evaluation; run the eval step first")
-    champion = champion_version(home, domain)
-    champion_metrics = evaluation_of(home, domain, champion)[0] if champion and champion != str(version) else None
-    return evaluate_gate(metrics, base_metrics, champion_metrics, margins)
-
-
 def champion_version(home, domain: str) -> str | None:
     return _alias_version(tracking.client(home), registered_model_name(domain), CHAMPION)
 
@@ -306,8 +227,9 @@ def _alias_version(mlflow_client, name: str, alias: str) -> str | None:
         raise
 
 
-def promote(home, domain: str, version: str | int, decision: GateDecision, reason: str = "") -> None:
-    """Move `champion` to `version` if the gate passed; otherwise record the refusal and raise PromotionRefused."""
+def apply_promotion(home, domain: str, version: str | int, decision) -> None:
+    """Carry out an adapter gate decision (flywheel.decisions): record it on the version and as a governance
+    run; move `champion` to the version only when it passed."""
     home = resolve_home(home)
     version = str(version)
     mlflow_client = tracking.client(home)
@@ -316,43 +238,32 @@ def promote(home, domain: str, version: str | int, decision: GateDecision, reaso
     with tracking.file_lock(home, f"registry-{domain}"):
         previous = _alias_version(mlflow_client, name, CHAMPION)
         mlflow_client.set_model_version_tag(name, version, TAG_GATE, "passed" if decision.passed else "failed")
-        mlflow_client.set_model_version_tag(name, version, TAG_GATE_DECISION, decision.model_dump_json())
-        if not decision.passed:
-            _record_event(home, mlflow_client, domain, "promote-refused", version, previous, decision, reason)
-            raise PromotionRefused(
-                f"{name} version {version} not promoted; champion stays {previous}: " + "; ".join(decision.reasons)
-            )
-        mlflow_client.set_registered_model_alias(name, CHAMPION, version)
-        _record_event(home, mlflow_client, domain, "promote", version, previous, decision, reason)
-        _mirror_history(home, mlflow_client, domain)
+        mlflow_client.set_model_version_tag(name, version, TAG_GATE_DECISION, decision.model_dump_json()[:4900])
+        if decision.passed:
+            mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+        _record_event(home, mlflow_client, domain, "promote" if decision.passed else "promote-refused", version,
+                      previous, decision)
+        if decision.passed:
+            _mirror_history(home, mlflow_client, domain)
 
 
-def rollback(home, domain: str, to_version: str | int | None = None, reason: str = "") -> str:
-    """Move `champion` back to an earlier champion (default: the one before the current); returns it."""
+def apply_rollback(home, domain: str, target: str | None, decision, reason: str = "") -> None:
+    """Carry out a rollback decision: move `champion` to `target` when it passed; record it either way."""
     home = resolve_home(home)
     mlflow_client = tracking.client(home)
     name = registered_model_name(domain)
     with tracking.file_lock(home, f"registry-{domain}"):
-        stack = champion_stack(home, domain)
         current = _alias_version(mlflow_client, name, CHAMPION)
-        if to_version is None:
-            if len(stack) < 2:
-                raise ValueError(f"{name} has no earlier champion to roll back to (champion history {stack})")
-            target = stack[-2]
-        else:
-            target = str(to_version)
-            if target not in stack[:-1]:
-                raise ValueError(
-                    f"{name} version {target} was never an earlier champion (history {stack}); "
-                    "roll back only to a former champion, or promote it through the gate"
-                )
-        mlflow_client.set_registered_model_alias(name, CHAMPION, target)
-        _record_event(home, mlflow_client, domain, "rollback", target, current, None, reason)
-        _mirror_history(home, mlflow_client, domain)
-        return target
+        if decision.passed:
+            mlflow_client.set_registered_model_alias(name, CHAMPION, target)
+        _record_event(home, mlflow_client, domain, "rollback" if decision.passed else "rollback-refused",
+                      target or "", current, decision, reason)
+        if decision.passed:
+            _mirror_history(home, mlflow_client, domain)
 
 
-def _record_event(home, mlflow_client, domain, event, version, previous, decision, reason) -> str:
+def _record_event(home, mlflow_client, domain, event, version, previous, decision, reason="") -> str:
+    """A governance run: the decision, its criteria (as metrics and params), the actor and the reason."""
     experiment_id = tracking.get_or_create_experiment(mlflow_client, home, domain)
     tags = {
         TAG_KIND: "governance",
@@ -362,13 +273,25 @@ def _record_event(home, mlflow_client, domain, event, version, previous, decisio
         "flywheel.version": version,
         "flywheel.previous_champion": previous or "",
         "flywheel.reason": reason,
+        "flywheel.actor": getattr(decision, "actor", "") or os.environ.get("USER", "unknown"),
         "flywheel.user": os.environ.get("USER", "unknown"),
-        "mlflow.note.content": f"{event} {registered_model_name(domain)} v{version} (champion was {previous})",
+        "mlflow.note.content": (f"{event} {registered_model_name(domain)} v{version} (champion was {previous or 'none'})"
+                                + (f"\n\n{decision.line()}" if decision is not None else "")),
     }
     if decision is not None:
-        tags[TAG_GATE_DECISION] = decision.model_dump_json()
+        tags[TAG_GATE_DECISION] = decision.model_dump_json()[:4900]
+        tags["flywheel.decision"] = "passed" if decision.passed else "refused"
     run = mlflow_client.create_run(experiment_id, tags=tags, run_name=f"{event} v{version}")
-    mlflow_client.set_terminated(run.info.run_id, "FINISHED" if event != "promote-refused" else "FAILED")
+    if decision is not None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(c.key, float(c.value), now, 0) for c in decision.criteria
+                   if isinstance(c.value, (int, float)) and math.isfinite(float(c.value))]
+        params = [Param(f"criterion.{c.key}", f"{c.rule}: {'ok' if c.passed else 'FAILED'}"[:6000])
+                  for c in decision.criteria]
+        mlflow_client.log_batch(run.info.run_id, metrics=metrics, params=params)
+    mlflow_client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
@@ -525,26 +448,3 @@ def links_for_version(home, domain: str, version: str | int) -> dict[str, str]:
         "mlflow_model_version": str(version),
         "mlflow_model_version_url": tracking.model_version_url(home, domain, str(version)),
     }
-
-
-__all__ = [
-    "GateConfig",
-    "GateDecision",
-    "GateMetric",
-    "PromotionRefused",
-    "champion_stack",
-    "champion_version",
-    "evaluate_gate",
-    "evaluation_of",
-    "gate_for_version",
-    "governance_history",
-    "links_for_version",
-    "list_adapters",
-    "model_id_of",
-    "promote",
-    "record_evaluation",
-    "register_adapter",
-    "resolve_adapter",
-    "rollback",
-    "show_adapter",
-]
