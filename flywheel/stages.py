@@ -416,11 +416,20 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
             "accepted_but_not_refreshable": len(not_refreshable)}
     preview = None
     if episodes and refresh_config.usefulness_report:
-        report_dir = store.home / "reports" / "usefulness" / version
+        # Scored on the manifest's held-out real episodes (they keep their indices in the new version); a
+        # manifest without any: the report's own fallback, recorded in it.
+        held_out = _episode_indices(manifest, ("val", "test")) or None
+        report_key = hash_json({"usefulness": refresh_config.usefulness.model_dump(mode="json"),
+                                "held_out": held_out})[:8]
+        report_dir = store.home / "reports" / "usefulness" / f"{version}-{report_key}"
         if not (report_dir / "usefulness.json").is_file():
-            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress)
+            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress, held_out=held_out)
         summary = json.loads((report_dir / "usefulness.json").read_text())
-        meta.update({"usefulness_gate_passed": bool(summary.get("gate_passed")), "usefulness_report": str(report_dir)})
+        low, high = summary["paired_difference"]["relative_ci95"]
+        meta.update({"usefulness_gate_passed": bool(summary["gate_passed"]), "usefulness_verdict": summary["verdict"],
+                     "usefulness_change": summary["relative_change"], "usefulness_ci95_low": low,
+                     "usefulness_ci95_high": high, "usefulness_margin": summary["margin"],
+                     "usefulness_seeds": len(summary["seeds"]), "usefulness_report": str(report_dir)})
         preview = report_dir / "usefulness.png"
     else:
         meta["usefulness_gate_passed"] = True
