@@ -12,7 +12,8 @@ caller's.
 
 Clips are spread over episodes (the first clip of evenly spaced episodes first), measured at the model's
 clip size on the part of the frame that shows the picture (the bars of an aspect-keeping "pad" resize are
-left out: a VAE reconstructs black bars perfectly, which would flatter it). PSNR is over the whole clip,
+not data: a VAE that reproduces them would flatter itself, one that paints its training floor into them,
+as tiny-pusht does, would be blamed for them). PSNR is over the whole clip,
 SSIM the mean over frames; both from flywheel.quality.stats, the project's one implementation.
 
 Proposed floors (benchmarks/model_fit.py, benchmarks/results/model-fit.md): tiny-pusht on PushT measures
