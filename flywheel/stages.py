@@ -375,8 +375,10 @@ def _through_model_codec(clips: list, model) -> list:
     return [dataclasses.replace(c, frames=frames) for c, frames in zip(clips, rendered)]
 
 
-def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None) -> StageResult:
-    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness)."""
+def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None,
+                  clip_resize: str | None = None) -> StageResult:
+    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness).
+    `clip_resize`: the clips stage's `clips.resize` (a "pad" clip's bars are cut before the camera-size resize)."""
     import numpy as np
     import pandas as pd
 
@@ -410,7 +412,7 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
                                          fps=float(row.fps), provenance=provenance, features=features))
     base_ids = manifest.frame.sort_values("episode_index")["episode_id"].tolist()
     version, dataset_root = refresh_dataset(root, episodes, store, refresh_config.dataset, progress=progress,
-                                            base_episode_ids=base_ids)
+                                            base_episode_ids=base_ids, clip_resize=clip_resize)
     meta = {"version_id": version, "dataset_root": str(dataset_root), "real_episodes": int(manifest.frame.shape[0]),
             "synthetic_episodes": len(episodes), "base_root": str(root),
             "accepted_but_not_refreshable": len(not_refreshable)}

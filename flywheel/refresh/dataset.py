@@ -19,7 +19,9 @@ Version id = content hash of the inputs: the base dataset's files, every synthet
 actions, fps and provenance, and the config. The same inputs give the same version (written once).
 
 Synthetic clips are brought to the dataset's frame rate (nearest frame per dataset timestamp; actions
-linearly interpolated) and frame size (bilinear resize) before they are written.
+linearly interpolated) and frame size (bilinear resize) before they are written. Clips generated from
+aspect-keeping "pad" clips (`clip_resize="pad"`, flywheel.data.clips) give only their picture, without the
+bars, to that resize: the camera's geometry comes back undistorted.
 """
 
 from __future__ import annotations
@@ -67,25 +69,29 @@ class SyntheticEpisode:
         return hash_json(parts)
 
 
-def version_id(base_root: str | Path, episodes: list[SyntheticEpisode], config: RefreshConfig) -> str:
+def version_id(base_root: str | Path, episodes: list[SyntheticEpisode], config: RefreshConfig,
+               clip_resize: str | None = None) -> str:
     return short(hash_json({"base": hash_tree(base_root), "episodes": [e.content_hash() for e in episodes],
-                            "config": config.model_dump()}), 16)
+                            "config": config.model_dump(),
+                            **({"clip_resize": clip_resize} if clip_resize not in (None, "stretch") else {})}), 16)
 
 
 def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], store: ArtifactStore,
                     config: RefreshConfig | None = None,
                     progress: Callable[[dict], None] | None = None,
-                    base_episode_ids: list[str] | None = None) -> tuple[str, Path]:
+                    base_episode_ids: list[str] | None = None,
+                    clip_resize: str | None = None) -> tuple[str, Path]:
     """Write (or find) the new dataset version; returns (version id, dataset root). `base_episode_ids`
     (the ingest manifest's, by episode_index) go into the provenance, so ingesting the new version keeps
-    every real episode's id and split."""
+    every real episode's id and split. `clip_resize`: the clips stage's `resize` for the clips the episodes
+    were generated from (None: the frames are the scene, stretched to the camera's size)."""
     config = config or RefreshConfig()
     base_root = Path(base_root)
     info = dataset_info(base_root)
     camera = _camera(info, config, base_root)
     for i, ep in enumerate(episodes):
         _check_episode(i, ep, info, camera, config)
-    vid = version_id(base_root, episodes, config)
+    vid = version_id(base_root, episodes, config, clip_resize)
     if store.exists(KIND, vid):
         return vid, store.path(KIND, vid)
     meta = {"base_root": str(base_root), "num_synthetic": len(episodes), "config": config.model_dump()}
@@ -93,7 +99,7 @@ def refresh_dataset(base_root: str | Path, episodes: list[SyntheticEpisode], sto
         build = tmp / "_build"
         real = _flagged_base(base_root, info, build / "real", config)
         features = dataset_info(real)["features"]  # the base's own descriptions + is_synthetic
-        synth = _write_synthetic(base_root, info, camera, episodes, build / "synthetic", config, progress)
+        synth = _write_synthetic(base_root, info, camera, episodes, build / "synthetic", config, progress, clip_resize)
         if synth is not None:
             carry_feature_definitions(synth, features)
             align_episode_stats(synth, episode_stat_names(real))
@@ -352,20 +358,21 @@ def quiet_encoders():
             os.environ["SVT_LOG"] = svt
 
 
-def _frames_for_dataset(ep: SyntheticEpisode, fps: int, hw: tuple[int, int]):
-    from PIL import Image
+def _frames_for_dataset(ep: SyntheticEpisode, fps: int, hw: tuple[int, int], clip_resize: str | None):
+    from flywheel.data.clips import content_box, restore_frames
 
     idx = nearest_indices(len(ep.frames), ep.fps, fps)
     frames = np.asarray(ep.frames)[idx]
-    if frames.shape[1:3] != hw:
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((hw[1], hw[0]), Image.BILINEAR)) for f in frames])
+    # The part of the generated frame that shows the scene: where the clips it was generated from put the camera.
+    box = content_box(*hw, frames.shape[1], frames.shape[2], clip_resize or "stretch")
+    frames = restore_frames(frames, box, *hw)
     actions = resample_actions(ep.actions, ep.fps, fps, len(idx))
     extras = {k: resample_actions(v, ep.fps, fps, len(idx)) for k, v in ep.features.items()}
     return frames, actions, extras
 
 
 def _write_synthetic(base_root: Path, info: dict, camera: str, episodes: list[SyntheticEpisode], dst: Path,
-                     config: RefreshConfig, progress) -> Path | None:
+                     config: RefreshConfig, progress, clip_resize: str | None) -> Path | None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     import pandas as pd
 
@@ -380,7 +387,7 @@ def _write_synthetic(base_root: Path, info: dict, camera: str, episodes: list[Sy
                                robot_type=info.get("robot_type"), use_videos=True, video_backend="pyav")
     numeric = _numeric_features(info, camera)
     try:
-        _add_episodes(ds, camera, episodes, info, numeric, default_task, hw, progress)
+        _add_episodes(ds, camera, episodes, info, numeric, default_task, hw, progress, clip_resize)
     except BaseException:
         # Close LeRobot's writer now: left open, it flushes buffered metadata when garbage-collected,
         # i.e. after the failed artifact's temp dir was removed, leaving a stray directory behind.
@@ -392,9 +399,9 @@ def _write_synthetic(base_root: Path, info: dict, camera: str, episodes: list[Sy
 
 
 def _add_episodes(ds, camera: str, episodes: list[SyntheticEpisode], info: dict, numeric: dict, default_task: str,
-                  hw: tuple[int, int], progress) -> None:
+                  hw: tuple[int, int], progress, clip_resize: str | None) -> None:
     for i, ep in enumerate(episodes):
-        frames, actions, extras = _frames_for_dataset(ep, int(info["fps"]), hw)
+        frames, actions, extras = _frames_for_dataset(ep, int(info["fps"]), hw, clip_resize)
         if "observation.state" in numeric and "observation.state" not in extras:
             # Pseudo-state: where the previous command sent the robot (documented in RefreshConfig).
             extras["observation.state"] = np.concatenate([actions[:1], actions[:-1]])

@@ -8,10 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from flywheel.label import load_episodes
+from flywheel.data.clips import resize_frame
 from flywheel.data.pusht_sample import read_sample_info
 from flywheel.errors import DataError
+from flywheel.label import load_episodes
 from flywheel.label.labeling import nearest_indices, resample_actions
 from flywheel.quality.pusht_replay import PushTReplayVerifier
 from flywheel.refresh import (RefreshConfig, SyntheticEpisode, add_is_synthetic, load_refreshed, read_provenance,
@@ -140,15 +142,28 @@ def test_converted_v21_versions_merge_with_their_lineage_and_source(robot_datase
     v0, root0 = refresh_dataset(converted, [], store)
     assert_carries_features(root0, converted)
     assert assert_flag_stats_describe_frames(load_refreshed(root0)) == 0
-    ep = load_episodes(converted, [2], image_size=64, cache_dir=tmp_path / "episodes")[0]
-    v1, root1 = refresh_dataset(root0, [synthetic_from(ep, 5, seed=3)], store)
+    # A clip generated from an aspect-keeping "pad" clip (48x64 picture between bars): its picture, not the
+    # bars, becomes the 480x640 camera frame.
+    source = LeRobotDataset("g1/converted", root=converted, video_backend="pyav")
+    start = int(source.meta.episodes[2]["dataset_from_index"])
+    camera = [(source[start + t]["observation.images.cam_high"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+              for t in range(17)]
+    padded = SyntheticEpisode(frames=np.stack([resize_frame(f, 64, 64, "pad") for f in camera]),
+                              actions=np.stack([source.hf_dataset[start + t]["action"].numpy() for t in range(17)]), fps=30.0,
+                              provenance=dict(clip_id="pad-clip", seed=3, source_episode=2))
+    v1, root1 = refresh_dataset(root0, [padded], store, clip_resize="pad")
     assert_carries_features(root1, converted)
+    written = load_refreshed(root1)
+    frame = written[written.num_frames - 1]["observation.images.cam_high"].permute(1, 2, 0).numpy() * 255
+    low = np.asarray(Image.fromarray(camera[-1]).resize((64, 48), Image.BILINEAR).resize((640, 480), Image.BILINEAR))
+    assert np.abs(frame - low).mean() < 8  # AV1 noise; with the bars stretched in it would be far off
+    assert frame[:40].mean() == pytest.approx(low[:40].mean(), abs=8) and low[:40].mean() > 30
     lineage = tmp_path / "lineage"
     aggregate_datasets(["g1/v0", "g1/v1"], "g1/lineage", roots=[root0, root1], aggr_root=lineage)
     merged = LeRobotDataset("g1/lineage", root=lineage, video_backend="pyav")
     assert merged.num_episodes == 3 + 4
     synthetic_frames = assert_flag_stats_describe_frames(merged)
-    assert synthetic_frames == load_refreshed(root1).meta.episodes[3]["length"] > 0
+    assert synthetic_frames == written.meta.episodes[3]["length"] == 17
     flagged = add_is_synthetic(converted, tmp_path / "flagged")
     with_source = tmp_path / "with_source"
     aggregate_datasets(["g1/source", "g1/v1"], "g1/with_source", roots=[flagged, root1], aggr_root=with_source)
