@@ -4,7 +4,8 @@ real + accepted synthetic episodes, once per seed, and compare the error on held
 The model is the IDM (flywheel.label): its held-out real action error is the number compared. Both arms
 use the same real training episodes, the same held-out real episodes (the manifest's val + test
 episodes, passed in by the caller), the same seeds and the same number of gradient steps; only the
-synthetic episodes differ. A seed gives both arms the same initial weights and random stream, so the
+synthetic episodes differ (all of the version's, earlier iterations' included: what training on this
+version adds to the real data). A seed gives both arms the same initial weights and random stream, so the
 comparison is paired: per seed d = error(real + synthetic) - error(real only).
 
 Verdict (`VERDICT_RULE`), from the paired differences' two-sided 95% Student t interval [lo, hi]
@@ -228,12 +229,16 @@ def _plot_paired(draw: ImageDraw.ImageDraw, summary: dict, box) -> None:
     values = [0.0, summary["margin"], *per_seed, *pd_["relative_ci95"]]
     y, _, _ = _axis(values, box)
     left, _, right, bottom = box
-    for level, label, colour in ((0.0, "0", (120, 120, 120)), (summary["margin"], "margin", (200, 0, 0))):
+    for level, label, colour in ((0.0, "no change", (120, 120, 120)),
+                                 (summary["margin"], f"margin {summary['margin']:+.0%}", (200, 0, 0))):
         draw.line([(left, y(level)), (right, y(level))], fill=colour)
-        draw.text((right - 48, y(level) - 12), f"{label} {level:+.0%}", fill=colour)
+        draw.text((right - 80, y(level) - 12), label, fill=colour)
     cx = (left + right) // 2 - 20
-    draw.line([(cx, y(pd_["relative_ci95"][0])), (cx, y(pd_["relative_ci95"][1]))], fill=(0, 0, 0), width=3)
+    low, high = pd_["relative_ci95"]
+    draw.line([(cx, y(low)), (cx, y(high))], fill=(0, 0, 0), width=3)
     draw.line([(cx - 12, y(pd_["relative_mean"])), (cx + 12, y(pd_["relative_mean"]))], fill=(0, 0, 0), width=3)
+    for value in (low, high):
+        draw.text((cx - 58, y(value) - 6), f"{value:+.1%}", fill=(0, 0, 0))
     for v in per_seed:
         draw.ellipse([cx + 18, y(v) - 3, cx + 24, y(v) + 3], fill=(220, 120, 0))
     draw.text((left, bottom + 8), "paired change per seed (real+synth - real) / real", fill=(0, 0, 0))
