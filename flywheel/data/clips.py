@@ -4,8 +4,8 @@
 
 Per episode (a row of the episode manifest): decode its time range from its video, resample to the
 target fps by picking the nearest source frame for each output timestamp, resize to height x width
-keeping the aspect ratio (`resize`, below), and cut windows of num_frames every `stride` output frames. Episodes shorter than one window
-are skipped and listed in the summary. The prompt of a clip is `prompt_prefix + task`.
+keeping the aspect ratio (`resize`, below), and cut windows of num_frames every `stride` output frames.
+Episodes shorter than one window are skipped and listed in the summary. The prompt of a clip is `prompt_prefix + task`.
 
 Artifact `<home>/clips/<key>/`, key = hash of the episodes' content hashes, splits and tasks + the
 config + the resolved resolution/frames/fps (so the same inputs give the same key and the same bytes):

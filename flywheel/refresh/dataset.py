@@ -11,7 +11,9 @@ LeRobot's own tools accept every version: each part's meta/info.json describes i
 base dataset's does (whatever form that takes, e.g. the per-feature `fps` of a dataset converted from
 v2.1; LeRobot's writers would otherwise restate them their own way, and `aggregate_datasets` refuses to
 merge datasets whose descriptions differ), plus `is_synthetic`; and `is_synthetic` has stats over all
-frames (per episode and in meta/stats.json), also when no synthetic episode was added. A version merges
+frames (per episode and in meta/stats.json), also when no synthetic episode was added; per-episode stats
+keep the base's set of statistics (LeRobot 0.6 adds quantiles that a converted v2.1 dataset lacks, and
+`aggregate_datasets` cannot write the mixture a second time). A version merges
 with LeRobot's `aggregate_datasets` / `merge_datasets` with the other versions of its lineage, and with
 its source dataset once `add_is_synthetic` has given the source the flag (all False).
 
@@ -177,7 +179,8 @@ def _flagged_base(base_root: Path, info: dict, dst: Path, config: RefreshConfig)
     return _add_false_flag(base_root, dst, config.repo_id + "_real")
 
 
-def add_is_synthetic(source_root: str | Path, out_root: str | Path, repo_id: str = "flywheel/with_is_synthetic") -> Path:
+def add_is_synthetic(source_root: str | Path, out_root: str | Path,
+                     repo_id: str = "flywheel/with_is_synthetic") -> Path:
     """A copy of a LeRobot v3.0 dataset at `out_root` (must not exist) with `is_synthetic` = False on every
     frame, its stats included, and every other feature described exactly as in the source: what LeRobot's
     `aggregate_datasets` / `merge_datasets` need to merge the source with a refreshed version of it.
@@ -289,8 +292,9 @@ def _write_flag_stats(root: Path, value: bool, stat_names: set[str] | None) -> N
     episode_stats = []
     for path in sorted((root / "meta" / "episodes").glob("*/*.parquet")):
         table = pq.read_table(path)
-        per_episode = [kept(compute_episode_stats({SYNTHETIC_FLAG: np.full((int(n), 1), value)}, feature)[SYNTHETIC_FLAG])
-                       for n in table.column("length").to_pylist()]
+        per_episode = [
+            kept(compute_episode_stats({SYNTHETIC_FLAG: np.full((int(n), 1), value)}, feature)[SYNTHETIC_FLAG])
+            for n in table.column("length").to_pylist()]
         episode_stats.extend({SYNTHETIC_FLAG: e} for e in per_episode)
         for stat in per_episode[0]:
             kind = pa.int64() if stat == "count" else pa.float64()
@@ -308,7 +312,8 @@ def check_flag_stats(root: Path) -> None:
     import pandas as pd
     from lerobot.datasets.io_utils import load_stats
 
-    frames = pd.concat([pd.read_parquet(p, columns=[SYNTHETIC_FLAG]) for p in sorted((root / "data").glob("*/*.parquet"))])
+    files = sorted((root / "data").glob("*/*.parquet"))
+    frames = pd.concat([pd.read_parquet(p, columns=[SYNTHETIC_FLAG]) for p in files])
     stats = (load_stats(root) or {}).get(SYNTHETIC_FLAG)
     truth = frames[SYNTHETIC_FLAG].to_numpy(dtype=float)
     if stats is None or int(np.asarray(stats["count"]).item()) != len(truth) or \
