@@ -100,7 +100,7 @@ class FlywheelConfig(BaseModel):
     label: LabelStageConfig = Field(default_factory=LabelStageConfig)
     quality: FilterConfig = Field(default_factory=lambda: FilterConfig(calibrate_on="model_codec"))
     refresh: RefreshStageConfig = Field(default_factory=lambda: RefreshStageConfig(
-        usefulness=UsefulnessConfig(seeds=[0, 1], idm=IdmConfig(steps=200))))
+        usefulness=UsefulnessConfig(seeds=[0, 1, 2], idm=IdmConfig(steps=200))))
     gates: Gates = Field(default_factory=Gates, description="the criteria of every decision (flywheel.decisions)")
 
     def section_dump(self, section: str) -> dict[str, Any]:

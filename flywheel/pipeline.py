@@ -92,7 +92,7 @@ def _curate(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Progre
 
 def _refresh(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Progress) -> StageResult:
     return stages.refresh_stage(home, inputs["curated_trajectories"].path, inputs["demonstrations"].path,
-                                config.refresh, progress)
+                                config.refresh, progress, clip_resize=config.clips.resize)
 
 
 STAGE_LIST = (

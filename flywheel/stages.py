@@ -108,20 +108,39 @@ def clips_stage(home, manifest_path, clip_config, model, progress: Progress = No
     started = time.perf_counter()
     clip_set = prepare_clips(manifest.frame, manifest.key, store, clip_config, preset, progress=progress)
     cache_key = latent_cache_key(clip_set, resolved_preset(model.preset, seed=model.seed))
+    pipe = None
     if store.exists("latents", cache_key):  # encoded before: no need to load the model (minutes for the 2B one)
         path = store.path("latents", cache_key)
         cache = LatentCacheResult(path, cache_key, LatentCache(path).meta, reused=True)
     else:
-        cache = encode_clip_set(clip_set, _pipeline(model), store, progress=progress)
+        pipe = _pipeline(model)
+        cache = encode_clip_set(clip_set, pipe, store, progress=progress)
+    fit = model_fit(store, cache_key, clip_set, lambda: pipe or _pipeline(model, vae_only=True))
     meta = {
         **clip_set.summary,
         "latent_cache": str(cache.path),
         "latent_cache_key": cache.key,
         **{f"cache_{k}": v for k, v in cache.summary.items() if isinstance(v, (int, float, str))},
+        **fit,
         "seconds": round(time.perf_counter() - started, 2),
     }
     preview = clip_set.path / "preview.png"
     return StageResult("training_clips", clip_set.key, clip_set.path, meta, preview if preview.is_file() else None)
+
+
+def model_fit(store: ArtifactStore, key: str, clip_set, load_pipe) -> dict[str, Any]:
+    """How well the preset's VAE renders a sample of the clip set (flywheel.model.fit), measured once per clip set
+    and model (`key`: the latent cache's) and kept as its own small artifact, so a reused cache reuses it too.
+    The model-fit decision (flywheel.decisions) reads these numbers."""
+    from flywheel.model.fit import clip_set_fit
+
+    if not store.exists("fits", key):
+        meta: dict = {}
+        with store.write("fits", key, meta) as tmp:
+            fit = clip_set_fit(load_pipe(), clip_set)
+            (tmp / "fit.json").write_text(json.dumps(fit.as_dict(), indent=2, default=str))
+            meta.update(fit.metadata())
+    return store.meta("fits", key)
 
 
 def train_stage(home, latent_cache_path, train_config, model, progress: Progress = None) -> StageResult:
@@ -411,8 +430,10 @@ def _through_model_codec(clips: list, model) -> list:
     return [dataclasses.replace(c, frames=frames) for c, frames in zip(clips, rendered)]
 
 
-def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None) -> StageResult:
-    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness)."""
+def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None,
+                  clip_resize: str | None = None) -> StageResult:
+    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness).
+    `clip_resize`: the clips stage's `clips.resize` (a "pad" clip's bars are cut before the camera-size resize)."""
     import numpy as np
     import pandas as pd
 
@@ -446,17 +467,26 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
                                          fps=float(row.fps), provenance=provenance, features=features))
     base_ids = manifest.frame.sort_values("episode_index")["episode_id"].tolist()
     version, dataset_root = refresh_dataset(root, episodes, store, refresh_config.dataset, progress=progress,
-                                            base_episode_ids=base_ids)
+                                            base_episode_ids=base_ids, clip_resize=clip_resize)
     meta = {"version_id": version, "dataset_root": str(dataset_root), "real_episodes": int(manifest.frame.shape[0]),
             "synthetic_episodes": len(episodes), "base_root": str(root),
             "accepted_but_not_refreshable": len(not_refreshable)}
     preview = None
     if episodes and refresh_config.usefulness_report:
-        report_dir = store.home / "reports" / "usefulness" / version
+        # Scored on the manifest's held-out real episodes (they keep their indices in the new version); a
+        # manifest without any: the report's own fallback, recorded in it.
+        held_out = _episode_indices(manifest, ("val", "test")) or None
+        report_key = hash_json({"usefulness": refresh_config.usefulness.model_dump(mode="json"),
+                                "held_out": held_out})[:8]
+        report_dir = store.home / "reports" / "usefulness" / f"{version}-{report_key}"
         if not (report_dir / "usefulness.json").is_file():
-            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress)
+            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress, held_out=held_out)
         summary = json.loads((report_dir / "usefulness.json").read_text())
-        meta.update({"usefulness_gate_passed": bool(summary.get("gate_passed")), "usefulness_report": str(report_dir)})
+        low, high = summary["paired_difference"]["relative_ci95"]
+        meta.update({"usefulness_gate_passed": bool(summary["gate_passed"]), "usefulness_verdict": summary["verdict"],
+                     "usefulness_change": summary["relative_change"], "usefulness_ci95_low": low,
+                     "usefulness_ci95_high": high, "usefulness_margin": summary["margin"],
+                     "usefulness_seeds": len(summary["seeds"]), "usefulness_report": str(report_dir)})
         preview = report_dir / "usefulness.png"
     else:
         meta["usefulness_gate_passed"] = True
