@@ -16,6 +16,7 @@ adds the traceback. A bug prints its traceback and exits with code 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -48,6 +49,7 @@ def cmd_run(args, until: str | None) -> int:
     if count < 1:
         raise ConfigError(f"--iterations {count}: give 1 or more")
     config = load_run_config(args)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its "creating tables" notes are not the user's concern
     terminal = Terminal.on_stderr()
     install_terminal(terminal)
     say = terminal.line

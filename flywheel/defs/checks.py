@@ -7,6 +7,7 @@ downstream asset of the run, and the CLI exits naming it. The check's descriptio
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import dagster as dg
@@ -17,8 +18,12 @@ from flywheel.pipeline import Check, Stage
 
 
 def specs(stage: Stage) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking, description=c.description,
-                              partitions_def=domain_partitions) for c in stage.checks]
+    """Partitioned like the asset, so each result shows its domain (a Dagster preview feature: its warning is
+    silenced here, the feature is what the check pages need)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return [dg.AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking, description=c.description,
+                                  partitions_def=domain_partitions) for c in stage.checks]
 
 
 def results(stage: Stage, decisions: Sequence[Decision], partition: str) -> list[dg.AssetCheckResult]:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dagster._core.execution.compute_logs import redirect_to_file
 from dagster._core.storage.compute_log_manager import CapturedLogContext, ComputeIOType
 from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, LocalComputeLogManager
-from dagster._utils import touch_file
+from dagster._utils import ensure_file, touch_file
 
 
 class CapturedComputeLogManager(LocalComputeLogManager):
@@ -23,6 +23,8 @@ class CapturedComputeLogManager(LocalComputeLogManager):
     def capture_logs(self, log_key: Sequence[str]) -> Generator[CapturedLogContext, None, None]:
         outpath = self.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDOUT])
         errpath = self.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDERR])
+        ensure_file(outpath)
+        ensure_file(errpath)
         with redirect_to_file(sys.stdout, outpath), redirect_to_file(sys.stderr, errpath):
             yield CapturedLogContext(log_key)
         touch_file(self.complete_artifact_path(log_key))  # the UI knows the capture is complete

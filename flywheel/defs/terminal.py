@@ -30,7 +30,7 @@ class Terminal:
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
-        self.bars: dict[tuple, object] = {}
+        self.bars: dict[str, object] = {}
 
     @classmethod
     def on_stderr(cls) -> Terminal:
@@ -48,17 +48,19 @@ class Terminal:
             print(message, file=self.stream, flush=True)
 
     def __call__(self, asset: str, event: dict) -> None:
+        """One bar per asset (a stage's phases, e.g. ingest's check then copy, reuse it in turn)."""
         from tqdm.auto import tqdm
 
         if not isinstance(event.get("done"), int) or not isinstance(event.get("total"), int):
             return
-        step = event.get("step") or event.get("stage")
-        key = (asset, step)
-        bar = self.bars.get(key)
-        if bar is None:
-            label = f"[{asset}]" + (f" {step}" if step and step != asset else "")
-            bar = self.bars[key] = tqdm(total=event["total"], desc=label, leave=False, file=self.stream,
-                                        dynamic_ncols=True)
+        phase = event.get("step") or event.get("stage")
+        label = f"[{asset}]" + (f" {phase}" if phase and phase != asset else "")
+        bar = self.bars.get(asset)
+        if bar is None or bar.desc != label or event["done"] < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[asset] = tqdm(total=event["total"], desc=label, leave=False, file=self.stream,
+                                          dynamic_ncols=True, position=0)
         bar.total = event["total"]
         bar.n = event["done"]
         shown = {k: v for k, v in event.items() if k not in ("done", "total") and isinstance(v, (int, float))
@@ -68,7 +70,7 @@ class Terminal:
         bar.refresh()
         if event["done"] >= event["total"]:
             bar.close()
-            del self.bars[key]
+            del self.bars[asset]
 
     def close(self) -> None:
         for bar in self.bars.values():
