@@ -147,7 +147,7 @@ def converted(robot_datasets, tmp_path_factory):
     before = hash_tree(source)
     siblings = sorted(p.name for p in robot_datasets.iterdir())
     store = ArtifactStore(tmp_path_factory.mktemp("home"))
-    manifest = ingest(IngestConfig(source=str(source)), store)
+    manifest = ingest(IngestConfig(source=str(source), allow_no_holdout=True), store)
     return dict(store=store, manifest=manifest, before=before, siblings=siblings, source=source)
 
 
@@ -196,12 +196,12 @@ def test_reingest_of_v21_reuses_manifest_and_converted_dataset(converted):
     converted_root = Path(first.frame["dataset_root"].iloc[0])
     stamp = (converted_root / "meta" / "info.json").stat().st_mtime_ns
 
-    again = ingest(IngestConfig(source=str(converted["source"])), store)
+    again = ingest(IngestConfig(source=str(converted["source"]), allow_no_holdout=True), store)
     assert again.key == first.key
     pd.testing.assert_frame_equal(again.frame, first.frame)
 
     # A new split config reads the existing conversion instead of converting again.
-    other = ingest(IngestConfig(source=str(converted["source"]), val_fraction=0.5, test_fraction=0.0), store)
+    other = ingest(IngestConfig(source=str(converted["source"]), val_fraction=0.75, test_fraction=0.0), store)
     assert other.key != first.key
     assert other.frame["dataset_root"].iloc[0] == str(converted_root)
     assert other.frame["content_hash"].tolist() == first.frame["content_hash"].tolist()
@@ -216,7 +216,7 @@ def test_raw_video_folder(clips, store, tmp_path):
     clip_dir, lengths = clips
     folder = make_raw_folder(clip_dir, tmp_path / "robot_clips")
 
-    manifest = ingest(IngestConfig(source=str(folder), format="raw-videos"), store)
+    manifest = ingest(IngestConfig(source=str(folder), format="raw-videos", allow_no_holdout=True), store)
     frame = manifest.frame
 
     assert frame["episode_id"].tolist() == [f"robot_clips/{s}" for s in sorted(lengths)]
@@ -234,7 +234,7 @@ def test_raw_video_folder(clips, store, tmp_path):
 
     # Changing a caption changes that episode's content hash (the caption is its task) and the key.
     (folder / "metas" / "pick_00.txt").write_text("Another description.")
-    changed = ingest(IngestConfig(source=str(folder)), store)
+    changed = ingest(IngestConfig(source=str(folder), allow_no_holdout=True), store)
     assert changed.key != manifest.key
     assert changed.frame["content_hash"].tolist()[1:] == frame["content_hash"].tolist()[1:]
     assert changed.frame["content_hash"].iloc[0] != frame["content_hash"].iloc[0]
@@ -242,16 +242,18 @@ def test_raw_video_folder(clips, store, tmp_path):
 
 def test_split_of_an_episode_never_changes_when_episodes_are_added(clips, store, tmp_path):
     clip_dir, lengths = clips
-    folder = make_raw_folder(clip_dir, tmp_path / "demos", stems={"pick_00", "pick_01"})
-    before = ingest(IngestConfig(source=str(folder), val_fraction=0.4, test_fraction=0.3), store)
+    folder = make_raw_folder(clip_dir, tmp_path / "demos", stems={"pick_00", "pick_02"})
+    config = IngestConfig(source=str(folder), val_fraction=0.4, test_fraction=0.3)
+    before = ingest(config, store)
 
-    shutil.copyfile(clip_dir / "pick_02.mp4", folder / "videos" / "pick_02.mp4")
-    (folder / "metas" / "pick_02.txt").write_text("A new demonstration.")
-    after = ingest(IngestConfig(source=str(folder), val_fraction=0.4, test_fraction=0.3), store)
+    shutil.copyfile(clip_dir / "pick_01.mp4", folder / "videos" / "pick_01.mp4")
+    (folder / "metas" / "pick_01.txt").write_text("A new demonstration.")
+    after = ingest(config, store)
 
     assert after.key != before.key and len(after.frame) == 3
     old = before.frame.set_index("episode_id")["split"]
     new = after.frame.set_index("episode_id")["split"]
+    assert sorted(old) == ["train", "val"]  # one held out, so a move would show
     assert new[old.index].tolist() == old.tolist()
 
 
