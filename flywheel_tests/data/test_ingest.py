@@ -209,6 +209,36 @@ def test_reingest_of_v21_reuses_manifest_and_converted_dataset(converted):
     assert len(list((store.home / "datasets").iterdir())) == 1
 
 
+def test_v21_conversion_never_copies_what_links_point_to(robot_datasets, store, tmp_path):
+    """Links inside a dataset (relative ones too, as in a Hub cache) are read, never followed into the home:
+    a stray link to a big folder outside the dataset leaves no trace in the converted artifact."""
+    root = linked_copy(robot_datasets / V21, tmp_path / V21)
+    for link in [p for p in root.rglob("*") if p.is_symlink()][::2]:  # half of them relative
+        target = os.readlink(link)
+        link.unlink()
+        link.symlink_to(os.path.relpath(target, link.parent))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.bin").write_bytes(b"secret" * 100_000)
+    (root / "scratch").symlink_to(outside)
+    (root / "meta" / "notes.bin").symlink_to(outside / "private.bin")
+
+    # The copy the converter works on (inside the store's temp dir) holds links, not the targets' bytes.
+    from flywheel.data.lerobot_source import copy_dataset
+
+    copy_dataset(root, tmp_path / "copy")
+    copied = [p for p in (tmp_path / "copy").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert copied == [] and (tmp_path / "copy" / "scratch").is_symlink()
+    assert (tmp_path / "copy" / "meta" / "info.json").read_bytes() == (root / "meta" / "info.json").read_bytes()
+
+    manifest = ingest(IngestConfig(source=str(root), allow_no_holdout=True), store)
+    converted = Path(manifest.frame["dataset_root"].iloc[0])
+    assert manifest.summary["episodes"] == 3 and store.verify("datasets", converted.name) > 0
+    assert not [p for p in converted.rglob("*") if p.is_symlink()]
+    assert not [p for p in store.home.rglob("*") if p.is_file() and p.stat().st_size == 600_000]
+    assert (outside / "private.bin").is_file() and (root / "scratch").is_symlink()  # the source is untouched
+
+
 # ----------------------------------------------------------------------------------------------- raw videos
 
 
