@@ -9,7 +9,7 @@ from flywheel.data.splits import assign_splits
 from flywheel_tests.data.test_ingest import linked_copy
 
 SAMPLE = "pusht_rotated"
-# The embedded default's fractions: the held-out episodes are what its evaluation and calibration use.
+# Large enough that every split is populated in the 10-episode sample.
 FRACTIONS = dict(val_fraction=0.4, test_fraction=0.1)
 
 
