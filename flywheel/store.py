@@ -210,43 +210,68 @@ class _KeyLocks:
         self._entries: dict[str, dict] = {}
 
     @contextlib.contextmanager
-    def hold(self, path: Path, what: str) -> Iterator[None]:
+    def hold(self, path: Path, what: str, blocking: bool = True) -> Iterator[bool]:
+        """Yields True once held; with `blocking=False`, yields False at once when another holds it."""
         with self._guard:
             entry = self._entries.setdefault(str(path), {"rlock": threading.RLock(), "count": 0, "fd": None})
-        entry["rlock"].acquire()
+        if not entry["rlock"].acquire(blocking=blocking):
+            yield False
+            return
         try:
             if entry["count"] == 0:
-                entry["fd"] = _flock_exclusive(path, what)
+                entry["fd"] = _flock_exclusive(path, what, blocking)
+                if entry["fd"] is None:
+                    yield False
+                    return
             entry["count"] += 1
             try:
-                yield
+                yield True
             finally:
                 entry["count"] -= 1
                 if entry["count"] == 0:
+                    # Removed while still held, so the file never outlives its use; a waiter that opened it
+                    # meanwhile sees it unlinked once it gets the lock and opens the path again.
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
                     os.close(entry["fd"])  # closing the file releases the flock
                     entry["fd"] = None
         finally:
             entry["rlock"].release()
 
 
-def _flock_exclusive(path: Path, what: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _flock_exclusive(path: Path, what: str, blocking: bool = True) -> int | None:
+    """An exclusive flock on `path` (created), as an open fd; waits (saying for whom) while another holds it,
+    or returns None at once when not `blocking`."""
+    warned = False
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_writer(path)
-            log.warning("%s: %s is writing it; waiting for it to finish, then reusing it", what,
-                        _describe_writer(holder))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        record = json.dumps(_writer_record()).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    os.close(fd)
+                    return None
+                if not warned:
+                    log.warning("%s: %s is writing it; waiting for it to finish, then reusing it", what,
+                                _describe_writer(_read_writer(path)))
+                    warned = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:  # the holder removed it on release: lock the new file instead
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_writer_record()).encode(), 0)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
 
 
 _KEY_LOCKS = _KeyLocks()
@@ -295,7 +320,7 @@ class Swept:
     path: Path
     bytes: int
     reason: str
-    removed: bool
+    goes: bool      # removed (or, in a dry run, would be); False: kept, `reason` says why
 
 
 class ArtifactStore:
@@ -361,6 +386,12 @@ class ArtifactStore:
         leaves the block. Check `exists` inside it, so the second one reuses what the first wrote. Reentrant."""
         with _KEY_LOCKS.hold(self.home / LOCKS_DIR / kind / f"{key}.lock", f"{kind}/{key}"):
             yield
+
+    @contextlib.contextmanager
+    def try_lock(self, kind: str, key: str) -> Iterator[bool]:
+        """Like `lock`, without waiting: yields whether the key is now held (False: another process has it)."""
+        with _KEY_LOCKS.hold(self.home / LOCKS_DIR / kind / f"{key}.lock", f"{kind}/{key}", blocking=False) as held:
+            yield held
 
     def build(self, kind: str, key: str, fn: Callable[[Path], Any], meta: dict | None = None) -> tuple[Path, bool]:
         """The artifact's path and whether it was reused: `fn(tmp_dir)` fills it unless it exists; a process
@@ -480,7 +511,7 @@ class ArtifactStore:
             size = tree_size(path)
             if remove and not dry_run:
                 shutil.rmtree(path, ignore_errors=True)
-            return [Swept(path, size, reason, remove and not dry_run)]
+            return [Swept(path, size, reason, remove)]
         finally:
             os.close(fd)
 

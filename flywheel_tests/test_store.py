@@ -183,12 +183,12 @@ def test_sweep_removes_what_killed_writers_left_and_spares_live_ones(tmp_path):
 
         # A killed run's checkpoints are kept for the rerun to resume from ...
         swept = store.sweep()
-        assert [(s.path.name.split("-")[1], s.removed) for s in swept] == [("a", True), ("b", False)]
+        assert [(s.path.name.split("-")[1], s.goes) for s in swept] == [("a", True), ("b", False)]
         assert "resumable" in swept[1].reason and swept[0].bytes >= 4096
         assert [p.name for p in (tmp_path / "adapters").iterdir()][0].startswith(".tmp-c-")  # the live writer's
         assert (tmp_path / "work" / "adapters-b" / "checkpoint-100" / "state.pt").is_file()
         # ... until the artifact exists, or gc asks for every dead writer's scratch dir.
-        assert [s.removed for s in store.sweep(work_max_age_s=None)] == [True]
+        assert [s.goes for s in store.sweep(work_max_age_s=None)] == [True]
         assert not (tmp_path / "work" / "adapters-b").exists()
         assert live.poll() is None and store.sweep() == []
     finally:
@@ -240,6 +240,6 @@ def test_working_dir_is_kept_for_resume_only_while_it_matters(tmp_path):
     past = time.time() - 30 * 86400
     os.utime(old / "checkpoint-5" / "w", (past, past))
     os.utime(old / "checkpoint-5", (past, past))
-    assert [(s.removed, "untouched" in s.reason) for s in store.sweep(dry_run=True)] == [(False, True)]
-    assert old.exists()
-    assert [s.removed for s in store.sweep()] == [True] and not old.exists()
+    assert [(s.goes, "untouched" in s.reason) for s in store.sweep(dry_run=True)] == [(True, True)]
+    assert old.exists()  # a dry run only tells
+    assert [s.goes for s in store.sweep()] == [True] and not old.exists()
