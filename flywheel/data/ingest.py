@@ -11,8 +11,16 @@ Inputs:
 
 Output: `<home>/manifests/<key>/manifest.parquet` + `manifest.json` (see flywheel/data/manifest.py), where
 key = hash of the inputs' content hashes + the ingest config. Ingesting the same input again returns the
-existing artifact. Every episode is checked before anything is written (files present, video decodable,
-frame rate and frame count matching the metadata); bad input raises IngestError naming the file.
+existing artifact. Everything later stages rely on is checked before anything is written, cheap checks first, so
+a bad dataset fails here in seconds instead of stalling a later stage; bad input raises IngestError naming the
+file (and field, episode, frame or time) and what to do:
+  - info.json: fps a positive number, totals (episodes, frames, tasks) matching the tables, camera shapes;
+  - tables: every episode listed once and every listed episode present, lengths, task indices in the tasks table;
+  - per-frame features: `required_features` present, every numeric feature numeric, of its declared shape and
+    finite (NaN/inf rows named);
+  - videos: frame rate and height x width of the stream against info.json, packets per episode, and every frame
+    decoded strictly (`decode: all`; `sample` decodes each episode's first, middle and last frame);
+  - splits: at least one real episode held out, unless `allow_no_holdout`.
 """
 
 from __future__ import annotations

@@ -312,3 +312,13 @@ def test_detect_format_and_config_validation(robot_datasets, clips, tmp_path):
     with pytest.raises(ValidationError):
         IngestConfig(source="x", format="lerobot-v1.6")
     assert issubclass(IngestError, ValueError)
+
+
+def test_sample_decoding_for_large_datasets(robot_datasets, tmp_path):
+    """decode="sample" reads each episode's first, middle and last frame instead of every frame: same manifest."""
+    root = robot_datasets / "pusht_rotated"
+    full = ingest(IngestConfig(source=str(root)), ArtifactStore(tmp_path / "a"))
+    sampled = ingest(IngestConfig(source=str(root), decode="sample"), ArtifactStore(tmp_path / "b"))
+    pd.testing.assert_frame_equal(full.frame, sampled.frame)
+    with pytest.raises(ValidationError):
+        IngestConfig(source=str(root), decode="none")
