@@ -248,7 +248,10 @@ def _flock_exclusive(path: Path, what: str, blocking: bool = True) -> int | None
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    log.warning("%s: file locks are not supported under %s; processes sharing this home will "
+                                "not wait for each other", what, path.parent)
+                    return fd
             except BlockingIOError:
                 if not blocking:
                     os.close(fd)
@@ -286,7 +289,8 @@ def _claim_dir(path: Path, *, exist_ok: bool) -> int:
     for _ in range(100):
         path.mkdir(parents=True, exist_ok=exist_ok)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not _flock(fd, fcntl.LOCK_SH):
+            return fd  # no locks on this file system: the writer record alone tells the sweeper who wrote it
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -296,18 +300,45 @@ def _claim_dir(path: Path, *, exist_ok: bool) -> int:
     raise OSError(errno.EAGAIN, f"{path}: removed repeatedly while being created; is a sweep looping?")
 
 
-def _try_lock_unused(path: Path) -> int | None:
-    """An exclusive flock on a directory when no process holds it (the fd to close), else None."""
+def _flock(fd: int, operation: int) -> bool:
+    """flock, or False on a file system without locks (some network and FUSE mounts); BlockingIOError passes."""
+    try:
+        fcntl.flock(fd, operation)
+        return True
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            log.debug("%s: no file locks here (%s)", fd, e)
+            return False
+        raise
+
+
+def _try_lock_unused(path: Path) -> tuple[int | None, bool]:
+    """(fd holding an exclusive flock, True) when no process holds the directory; (None, True) when one does;
+    (fd, False) on a file system without locks, where only the writer record can tell."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return None
+        return None, True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        return None
-    return fd
+        return None, True
+
+
+def _alive_here(writer: dict) -> bool:
+    """Whether a writer record names a live process of this host."""
+    if writer.get("host") != socket.gethostname() or not isinstance(writer.get("pid"), int):
+        return False
+    try:
+        os.kill(writer["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- the store
@@ -500,11 +531,13 @@ class ArtifactStore:
         return f"resumable: checkpoints of {kind}/{key} (untouched for {age / 3600:.1f} h), kept", False
 
     def _sweep_one(self, path: Path, reason: str, remove: bool, foreign_max_age_s: float, dry_run: bool) -> list[Swept]:
-        fd = _try_lock_unused(path)
+        fd, locks = _try_lock_unused(path)
         if fd is None:
             return []  # its writer is alive
         try:
             writer = _read_writer(path / WRITER_FILE)
+            if not locks and (not writer or _alive_here(writer)):
+                return []
             if writer.get("host") not in (None, socket.gethostname()):
                 if time.time() - float(writer.get("started", 0)) < foreign_max_age_s:
                     return []
