@@ -322,3 +322,14 @@ def test_sample_decoding_for_large_datasets(robot_datasets, tmp_path):
     pd.testing.assert_frame_equal(full.frame, sampled.frame)
     with pytest.raises(ValidationError):
         IngestConfig(source=str(root), decode="none")
+
+
+def test_a_manifest_written_before_split_keys_still_loads(robot_datasets, store):
+    """Schema 2 manifests (in existing homes) had no split_key: their split came from the episode id."""
+    manifest = ingest(IngestConfig(source=str(robot_datasets / "pusht_rotated")), store)
+    old = manifest.path.parent / "old"
+    old.mkdir()
+    manifest.frame.drop(columns=["split_key"]).to_parquet(old / "manifest.parquet", index=False)
+    loaded = load_manifest(old)
+    assert list(loaded.frame.columns) == list(MANIFEST_COLUMNS)
+    assert loaded.frame["split_key"].tolist() == loaded.frame["episode_id"].tolist()
