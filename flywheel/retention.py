@@ -124,8 +124,8 @@ def artifacts(store: ArtifactStore) -> dict[str, Artifact]:
     return found
 
 
-def upstream(artifact: Artifact, everything: dict[str, Artifact], home: Path) -> set[str]:
-    """The artifacts this one records as its inputs: any path `<home>/<kind>/<key>` or bare key of another artifact
+def upstream(artifact: Artifact, everything: dict[str, Artifact]) -> set[str]:
+    """The artifacts this one records as its inputs: any path `.../<kind>/<key>` or bare key of another artifact
     found in its metadata or link files. A dataset's base version is not an input (see the module doc)."""
     if artifact.kind == "datasets":
         return set()
@@ -142,13 +142,13 @@ def upstream(artifact: Artifact, everything: dict[str, Artifact], home: Path) ->
     found = set()
     for text in texts:
         candidate = None
-        if text.startswith(str(home) + os.sep):
-            parts = Path(text).relative_to(home).parts
-            if len(parts) >= 2:
-                candidate = f"{parts[0]}/{parts[1]}"
-        elif HEX_KEY.match(text) and text in by_key:
-            candidate = by_key[text]
-        if candidate in everything and candidate != f"{artifact.kind}/{artifact.key}":
+        if HEX_KEY.match(text):
+            candidate = by_key.get(text)
+        elif os.sep in text:
+            # A path to `<kind>/<key>[/file]`, whatever home it was written in (a home may be copied or moved).
+            parts = Path(text).parts
+            candidate = next((f"{a}/{b}" for a, b in zip(parts, parts[1:]) if f"{a}/{b}" in everything), None)
+        if candidate and candidate != f"{artifact.kind}/{artifact.key}":
             found.add(candidate)
     return found
 
@@ -208,7 +208,7 @@ def read_records(home: Path) -> Records:
         reason = f"{tracking.registered_model_name(domain)} v{version}: {', '.join(why)}"
         tags = client.get_model_version(tracking.registered_model_name(domain), version).tags
         stored = tags.get(TAG_ADAPTER_PATH, "")
-        if stored and Path(stored).parent == home / "adapters":
+        if stored and Path(stored).parent.name == "adapters":  # recorded in this home, or before it moved
             records.adapters[f"adapters/{Path(stored).name}"] = reason
         if tags.get(registry.TAG_ADAPTER_DIGEST):
             records.adapters[f"digest:{tags[registry.TAG_ADAPTER_DIGEST]}"] = reason
@@ -287,7 +287,7 @@ def plan(home: str | os.PathLike | None = None, policy: Policy | None = None) ->
             if artifact.finished >= since:
                 keep(name, "finished while an iteration is running")
     # The newest dataset versions of each domain.
-    for domain, names in _datasets_by_domain(everything, records, store.home).items():
+    for domain, names in _datasets_by_domain(everything, records).items():
         newest = sorted(names, key=lambda n: everything[n].finished, reverse=True)[:policy.keep_datasets]
         for rank, name in enumerate(newest, 1):
             keep(name, f"dataset version {rank} of the {policy.keep_datasets} newest of {domain}")
@@ -299,7 +299,7 @@ def plan(home: str | os.PathLike | None = None, policy: Policy | None = None) ->
     frontier = list(kept)
     while frontier:
         name = frontier.pop()
-        for dependency in upstream(everything[name], everything, store.home):
+        for dependency in upstream(everything[name], everything):
             if dependency not in kept:
                 kept[dependency] = f"an input of {name}"
                 frontier.append(dependency)
@@ -326,7 +326,7 @@ def _why_it_goes(artifact: Artifact) -> str:
     return "not part of a kept adapter's or dataset's lineage, nor of a running iteration"
 
 
-def _datasets_by_domain(everything: dict[str, Artifact], records: Records, home: Path) -> dict[str, list[str]]:
+def _datasets_by_domain(everything: dict[str, Artifact], records: Records) -> dict[str, list[str]]:
     """Dataset versions grouped by domain: the domain of the iteration that refreshed them, else the external
     dataset their chain of base versions starts from."""
     domain_of_key = {}
@@ -337,18 +337,18 @@ def _datasets_by_domain(everything: dict[str, Artifact], records: Records, home:
     for name, artifact in everything.items():
         if artifact.kind != "datasets":
             continue
-        domain = domain_of_key.get(artifact.key) or f"source {_chain_root(artifact, everything, home)}"
+        domain = domain_of_key.get(artifact.key) or f"source {_chain_root(artifact, everything)}"
         groups.setdefault(domain, []).append(name)
     return groups
 
 
-def _chain_root(artifact: Artifact, everything: dict[str, Artifact], home: Path) -> str:
+def _chain_root(artifact: Artifact, everything: dict[str, Artifact]) -> str:
     seen = set()
     while True:
         base = str(artifact.meta.get("base_root") or artifact.meta.get("source") or "")
         parent = Path(base)
         name = f"datasets/{parent.name}"
-        if parent.parent == home / "datasets" and name in everything and name not in seen:
+        if parent.parent.name == "datasets" and name in everything and name not in seen:
             seen.add(name)
             artifact = everything[name]
             continue

@@ -2,6 +2,7 @@
 running iteration needs; registry and records are real (MLflow sqlite store in the home)."""
 
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -108,6 +109,11 @@ def test_gc_removes_only_what_nothing_kept_needs(three_iterations):
     expected_bytes = sum(d.bytes for d in plan.remove) + sum(s.bytes for s in plan.leftovers)
     assert plan.bytes == expected_bytes > 9000
     assert "in 10 artifact(s) and 2 leftover dir(s)" in plan.lines()[-1]
+    # A home copied elsewhere (its records name the old paths) plans the same.
+    copy = store.home.parent / "copied-home"
+    shutil.copytree(store.home, copy, symlinks=True)
+    assert {d.name for d in retention.plan(copy, NOW).remove} == gone
+    shutil.rmtree(copy)
 
     # Another process (here: thread) holding one of them: that one is left, the rest goes.
     held, release = threading.Event(), threading.Event()
