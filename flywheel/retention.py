@@ -198,10 +198,13 @@ def read_records(home: Path) -> Records:
     from flywheel.lineage.recorder import TAG_ADAPTER_PATH
 
     client = tracking.client(home)
+    stacks: dict[str, list[str]] = {}
     for row in registry.list_adapters(home):
         domain, version = row["domain"], row["version"]
         why = [a for a in row["aliases"] if a in (registry.CHAMPION, registry.CANDIDATE)]
-        if version in registry.champion_stack(home, domain)[:-1]:
+        if domain not in stacks:
+            stacks[domain] = registry.champion_stack(home, domain)
+        if version in stacks[domain][:-1]:
             why.append("an earlier champion (rollback target)")
         if not why:
             continue
@@ -248,74 +251,84 @@ def plan(home: str | os.PathLike | None = None, policy: Policy | None = None) ->
     everything = artifacts(store)
     records = read_records(store.home)
     kept: dict[str, str] = {}
-
-    def keep(name: str, why: str) -> None:
-        if name in everything and name not in kept:
-            kept[name] = why
-
-    by_key = {a.key: name for name, a in everything.items()}
-    # The registry's adapters, found by the path recorded at registration or else by their content digest.
-    digests = {}
-    for name, artifact in everything.items():
-        if artifact.kind == "adapters" and any(k.startswith("digest:") for k in records.adapters):
-            digests[f"digest:{hash_tree(artifact.path)}"] = name
-    needed_adapters = {}
-    for ref, why in records.adapters.items():
-        name = digests.get(ref, ref)
-        if name in everything:
-            needed_adapters[name] = why
-    for name, why in needed_adapters.items():
-        keep(name, why)
-    # The iterations that made them, whole.
-    for iteration in records.iterations:
-        made = {by_key[k] for k in iteration.produced if k in by_key}
-        if made & set(needed_adapters):
-            adapter = sorted(made & set(needed_adapters))[0]
-            for name in made:
-                keep(name, f"made by the iteration of {needed_adapters[adapter]}")
-    # Running iterations: what they produced or reused so far, and everything since the earliest began.
-    running = [i for i in records.iterations if i.status == "RUNNING"]
-    records.notes += [f"an iteration of {i.domain or 'a domain'} started {time.ctime(i.started)} is RUNNING: what it "
-                      "made or reused, and everything finished since, stays" for i in running]
-    for iteration in running:
-        for key in iteration.produced:
-            if key in by_key:
-                keep(by_key[key], f"used by a running iteration of {iteration.domain or 'a domain'}")
-    if running:
-        since = min(i.started for i in running)
-        for name, artifact in everything.items():
-            if artifact.finished >= since:
-                keep(name, "finished while an iteration is running")
-    # The newest dataset versions of each domain.
-    for domain, names in _datasets_by_domain(everything, records).items():
-        newest = sorted(names, key=lambda n: everything[n].finished, reverse=True)[:policy.keep_datasets]
-        for rank, name in enumerate(newest, 1):
-            keep(name, f"dataset version {rank} of the {policy.keep_datasets} newest of {domain}")
-    now = time.time()
-    for name, artifact in everything.items():
-        if now - artifact.finished < policy.min_age_s:
-            keep(name, f"finished {(now - artifact.finished) / 60:.0f} min ago (younger than min_age_s)")
-    # What the kept ones depend on.
-    frontier = list(kept)
+    for name, why in [*_registry_roots(everything, records), *_running_roots(everything, records),
+                      *_dataset_roots(everything, records, policy), *_young_roots(everything, policy)]:
+        kept.setdefault(name, why)
+    frontier = list(kept)  # what the kept ones depend on
     while frontier:
         name = frontier.pop()
         for dependency in upstream(everything[name], everything):
             if dependency not in kept:
                 kept[dependency] = f"an input of {name}"
                 frontier.append(dependency)
-
     remove = [Doomed(a.kind, a.key, a.path, tree_size(a.path), _why_it_goes(a))
               for name, a in sorted(everything.items()) if name not in kept]
-    doomed_versions = {d.key for d in remove if d.kind == "datasets"}
-    reports = store.home / REPORTS
-    if reports.is_dir():
-        for report in sorted(reports.iterdir()):
-            if report.is_dir() and (report.name in doomed_versions or f"datasets/{report.name}" not in everything):
-                fate = "which goes" if report.name in doomed_versions else "which is gone"
-                remove.append(Doomed("reports/usefulness", report.name, report, tree_size(report),
-                                     f"usefulness report of dataset version {report.name}, {fate}"))
+    remove += _reports_that_go(store.home, everything, {d.key for d in remove if d.kind == "datasets"})
     leftovers = [s for s in store.sweep(work_max_age_s=None, dry_run=True) if s.goes]
     return Plan(store.home, remove, kept, leftovers, records.notes)
+
+
+def _registry_roots(everything: dict[str, Artifact], records: Records) -> list[tuple[str, str]]:
+    """The registry's adapters (found by the path recorded at registration, else by their content digest), and
+    every artifact of the iterations that made them."""
+    digests = {}
+    if any(ref.startswith("digest:") for ref in records.adapters):
+        digests = {f"digest:{hash_tree(a.path)}": name for name, a in everything.items() if a.kind == "adapters"}
+    needed = {}
+    for ref, why in records.adapters.items():
+        name = digests.get(ref, ref)
+        if name in everything:
+            needed.setdefault(name, why)
+    roots = list(needed.items())
+    by_key = {a.key: name for name, a in everything.items()}
+    for iteration in records.iterations:
+        made = {by_key[k] for k in iteration.produced if k in by_key}
+        if adapters := sorted(made & set(needed)):
+            roots += [(name, f"made by the iteration of {needed[adapters[0]]}") for name in sorted(made)]
+    return roots
+
+
+def _running_roots(everything: dict[str, Artifact], records: Records) -> list[tuple[str, str]]:
+    """What running iterations produced or reused so far, and everything finished since the earliest began."""
+    running = [i for i in records.iterations if i.status == "RUNNING"]
+    records.notes += [f"an iteration of {i.domain or 'a domain'} started {time.ctime(i.started)} is RUNNING: what it "
+                      "made or reused, and everything finished since, stays" for i in running]
+    by_key = {a.key: name for name, a in everything.items()}
+    roots = [(by_key[key], f"used by a running iteration of {i.domain or 'a domain'}")
+             for i in running for key in sorted(i.produced) if key in by_key]
+    if running:
+        since = min(i.started for i in running)
+        roots += [(name, "finished while an iteration is running") for name, a in everything.items()
+                  if a.finished >= since]
+    return roots
+
+
+def _dataset_roots(everything: dict[str, Artifact], records: Records, policy: Policy) -> list[tuple[str, str]]:
+    roots = []
+    for domain, names in _datasets_by_domain(everything, records).items():
+        newest = sorted(names, key=lambda n: everything[n].finished, reverse=True)[:policy.keep_datasets]
+        roots += [(name, f"dataset version {rank} of the {policy.keep_datasets} newest of {domain}")
+                  for rank, name in enumerate(newest, 1)]
+    return roots
+
+
+def _young_roots(everything: dict[str, Artifact], policy: Policy) -> list[tuple[str, str]]:
+    now = time.time()
+    return [(name, f"finished {(now - a.finished) / 60:.0f} min ago (younger than min_age_s)")
+            for name, a in everything.items() if now - a.finished < policy.min_age_s]
+
+
+def _reports_that_go(home: Path, everything: dict[str, Artifact], doomed_versions: set[str]) -> list[Doomed]:
+    reports = home / REPORTS
+    if not reports.is_dir():
+        return []
+    gone = []
+    for report in sorted(p for p in reports.iterdir() if p.is_dir()):
+        if report.name in doomed_versions or f"datasets/{report.name}" not in everything:
+            fate = "which goes" if report.name in doomed_versions else "which is gone"
+            gone.append(Doomed("reports/usefulness", report.name, report, tree_size(report),
+                               f"usefulness report of dataset version {report.name}, {fate}"))
+    return gone
 
 
 def _why_it_goes(artifact: Artifact) -> str:
