@@ -92,7 +92,7 @@ class FlywheelConfig(BaseModel):
     domain: str = Field("pusht-rotated", pattern=r"^[a-z0-9][a-z0-9_-]*$",
                         description="the domain (a Dagster partition): a robot cell, camera view or task family")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    ingest: IngestConfig = Field(default_factory=lambda: IngestConfig(source="", val_fraction=0.4, test_fraction=0.1))
+    ingest: IngestConfig = Field(default_factory=lambda: IngestConfig(source="", val_fraction=0.2, test_fraction=0.0))
     clips: ClipConfig = Field(default_factory=lambda: ClipConfig(max_clips_per_episode=2))
     train: TrainConfig = Field(default_factory=_embedded_train)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

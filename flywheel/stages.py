@@ -156,17 +156,17 @@ def train_stage(home, latent_cache_path, train_config, model, progress: Progress
     path = store.path("adapters", key)
     if store.exists("adapters", key):
         return StageResult("adapter", key, path, store.meta("adapters", key), path / "loss.png", reused=True)
-    work_dir = store.home / "work" / f"train-{key}"
-    started = time.perf_counter()
-    result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
-    meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
-            "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
-    world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
-    if world.is_main:
-        with store.write("adapters", key, meta) as tmp:
-            shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    world.barrier()
+    # <home>/work/adapters-<key>: checkpoints a rerun resumes from; removed once the adapter exists (see store.working).
+    with store.working("adapters", key) as work_dir:
+        started = time.perf_counter()
+        result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
+        meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
+                "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
+        world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
+        if world.is_main:
+            with store.write("adapters", key, meta) as tmp:
+                shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
+        world.barrier()
     return StageResult("adapter", key, path, meta, path / "loss.png")
 
 

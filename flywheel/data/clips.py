@@ -89,7 +89,7 @@ ASPECT_NOTES = {
 class ClipConfig(BaseModel):
     """How episodes become clips. None means: the model preset's value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt_prefix: str = "The robot arm is performing a task. "
     fps: int | None = Field(None, gt=0, description="clip frame rate; None = the model preset's (16 for Cosmos)")

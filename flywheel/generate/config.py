@@ -27,7 +27,7 @@ PROMPT_VARIATIONS: list[str] = [
 class GenerateConfig(BaseModel):
     """Image-to-world generation settings. None means: the model preset's value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     adapter: str = Field("champion", description="which adapter generates the synthetic videos: 'champion' (the "
                          "domain's promoted adapter; the base model while there is none), 'base', a registry version "

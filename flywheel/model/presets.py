@@ -252,7 +252,6 @@ FULL_TEXT_ENCODER = dict(
 
 def _build_random_components(preset: ModelPreset, seed: int, device: torch.device | str | None) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, UniPCMultistepScheduler
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tiny = preset.name == "tiny"
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -261,15 +260,11 @@ def _build_random_components(preset: ModelPreset, seed: int, device: torch.devic
         transformer = CosmosTransformer3DModel(**(TINY_TRANSFORMER if tiny else FULL_TRANSFORMER))
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLWan(**(TINY_VAE if tiny else FULL_VAE))
-        torch.manual_seed(seed + 2)
-        text_config = Qwen2_5_VLConfig(**(TINY_TEXT_ENCODER if tiny else FULL_TEXT_ENCODER))
-        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR) if tiny else _full_tokenizer_stand_in()
+    text_encoder, tokenizer = _random_text_encoder(preset, seed, device)
     dtype = preset.torch_dtype
-    transformer.to(dtype=dtype)
-    text_encoder.to(dtype=dtype)
-    vae.to(dtype=torch.float32 if tiny else dtype)
-    for module in (transformer, vae, text_encoder):
+    _cast(transformer, dtype)
+    _cast(vae, torch.float32 if tiny else dtype)
+    for module in (transformer, vae):
         module.eval().requires_grad_(False)
     return dict(
         transformer=transformer,
@@ -278,6 +273,34 @@ def _build_random_components(preset: ModelPreset, seed: int, device: torch.devic
         tokenizer=tokenizer,
         scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
     )
+
+
+def _random_text_encoder(preset: ModelPreset, seed: int, device: torch.device) -> tuple[Any, Any]:
+    """The random Qwen2.5-VL text encoder of a preset and its tokenizer. Seeded on its own (seed + 2), so it is
+    the same whether or not the transformer and VAE were built before it."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tiny = preset.name == "tiny"
+    with torch.device(device):
+        torch.manual_seed(seed + 2)
+        text_config = Qwen2_5_VLConfig(**(TINY_TEXT_ENCODER if tiny else FULL_TEXT_ENCODER))
+        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR) if tiny else _full_tokenizer_stand_in()
+    _cast(text_encoder, preset.torch_dtype)
+    return text_encoder.eval().requires_grad_(False), tokenizer
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a freshly built model's floating-point weights to `dtype`, keeping the modules the model keeps in
+    float32 (diffusers' `_keep_in_fp32_modules`, e.g. Cosmos's learnable_pos_embed) as `from_pretrained(...,
+    torch_dtype=...)` does. `module.to(dtype)` would cast those too (diffusers warns about it on every load)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, sub in module.named_modules():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        for tensors in (sub._parameters, sub._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != target:
+                    tensor.data = tensor.data.to(target)
 
 
 def _full_tokenizer_stand_in():
@@ -325,8 +348,7 @@ def read_tiny_pusht_meta(weights_dir: Path) -> dict[str, Any]:
 def tiny_text_encoder(seed: int) -> tuple[Any, Any]:
     """(text_encoder, tokenizer) of the `tiny` preset built from `seed`, always on CPU: CUDA draws other
     random numbers, and tiny-pusht was trained on the embeddings of exactly this CPU-built encoder."""
-    components = _build_random_components(PRESETS["tiny"], seed, "cpu")
-    return components["text_encoder"], components["tokenizer"]
+    return _random_text_encoder(PRESETS["tiny"], seed, torch.device("cpu"))
 
 
 def prompt_fingerprint(prompt_embeds: torch.Tensor) -> list[float]:

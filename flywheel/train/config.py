@@ -21,7 +21,7 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "
 class TrainConfig(BaseModel):
     """LoRA / DoRA adapter training settings (one adapter on a frozen Cosmos transformer)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["lora", "dora"] = "lora"
     rank: int = Field(32, gt=0, description="LoRA rank r")

@@ -23,7 +23,7 @@ TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset
 
 DOMAIN = "pusht-small"
 FAST = {
-    "demonstrations": {"min_episodes": 2, "min_val_episodes": 0},
+    "demonstrations": {"min_episodes": 2, "min_val_episodes": 0, "allow_no_holdout": True},
     "training_clips": {"max_clips_per_episode": 1},
     # a short, hot schedule: enough for the adapter to beat the base model (the evaluation gate) on the tiny preset
     "adapter": {"steps": 10, "learning_rate": 0.02, "warmup_steps": 1, "f_max": 1.0, "f_min": 1.0,
@@ -224,7 +224,7 @@ def test_the_domains_next_demonstrations_are_its_refreshed_version(flywheel_run)
     refreshed = latest(instance, "refreshed_dataset")
     assert refreshed["next_iteration_ingests_it"] is True
     assert registration(home, DOMAIN)["refreshed"] == str(Path(refreshed["path"]).resolve())
-    gate = {"min_episodes": 2, "min_val_episodes": 0}
+    gate = {"min_episodes": 2, "min_val_episodes": 0, "allow_no_holdout": True}
     mats = materialized(dg.materialize(assets_named("demonstrations"), partition_key=DOMAIN, instance=instance,
                                        resources=resources, run_config={"ops": {"demonstrations": {"config": gate}}}))
     demos = mats["demonstrations"]
