@@ -67,9 +67,9 @@ def cmd_run(args, until: str | None) -> int:
                 config = config.model_copy(deep=True)
                 config.ingest.source = str(refreshed.path)
                 say(f"[iterations] {turn + 1}/{count}: ingesting the refreshed version {refreshed.path}")
-            say(f"[run] domain {config.domain}: Dagster job flywheel_iteration"
-                  + (f" up to {until}" if until else "") + f" on {Path(config.home) / 'dagster'}")
-            outcome = launch(config, until)
+            scope = (f" {until} alone" if getattr(args, "only", False) else f" up to {until}") if until else ""
+            say(f"[run] domain {config.domain}: Dagster job flywheel_iteration{scope} on {Path(config.home) / 'dagster'}")
+            outcome = launch(config, until, only=getattr(args, "only", False))
             history.append(outcome)
             say(f"[run] Dagster run {outcome.run_id} {'succeeded' if outcome.success else 'failed'} "
                   f"(`flywheel ui --home {config.home}` shows it)")
@@ -134,6 +134,40 @@ def cmd_domain_add(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from flywheel.retention import Policy, apply, plan
+    from flywheel.store import resolve_home
+
+    policy = Policy(keep_datasets=args.keep_datasets, min_age_s=args.min_age_hours * 3600)
+    home = resolve_home(args.home)
+    if args.dry_run:
+        current = plan(home, policy)
+        print("\n".join(current.lines()))
+        print(f"(dry run: nothing deleted; `flywheel gc --home {home}` deletes these)")
+        return 0
+    removal = apply(home, policy)
+    for name in removal.removed:
+        print(f"removed {name}")
+    for name, why in removal.skipped.items():
+        print(f"kept {name}: {why}")
+    print(f"freed {removal.freed_bytes / 1e6:.1f} MB in {len(removal.removed)} item(s)")
+    return 0
+
+
+def cmd_adapters_import(args) -> int:
+    from flywheel.config import load_config
+    from flywheel.decisions import import_adapter_version
+
+    config = load_config(args.config, overrides={"home": args.home} if args.home else None, set_args=args.set or [])
+    version, adapter_dir = import_adapter_version(
+        config, Path(args.path), args.domain, alpha=args.alpha, rank=args.rank,
+        actor=f"user {os.environ.get('USER', 'unknown')} via `flywheel adapters import`")
+    print(f"imported {args.path} as flywheel-{args.domain} v{version} (candidate, lineage external): {adapter_dir}\n"
+          f"it becomes champion only through the adapter gate: `flywheel evaluate --domain {args.domain} --only "
+          f"--set evaluate.adapter={version}` evaluates it against the base model and the champion and decides")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flywheel.lineage.cli import add_adapters_parser
     from flywheel.pipeline import STAGE_LIST
@@ -162,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGE_LIST:
         p = sub.add_parser(stage.command, help=f"{stage.help} (the job up to {stage.asset}; upstream results are reused)")
         add_run_args(p)
+        p.add_argument("--only", action="store_true", help=f"materialize {stage.asset} alone, on the domain's latest "
+                                                           "upstream results (an experiment: e.g. other seeds)")
         p.set_defaults(func=lambda a, s=stage.asset: cmd_run(a, s))
 
     p = sub.add_parser("config", help="print the default config (every key documented), or validate a config file")
@@ -184,7 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="flywheel home (default: $FLYWHEEL_HOME or ./.flywheel)")
     p.set_defaults(func=cmd_domain_add)
 
-    add_adapters_parser(sub)
+    p = sub.add_parser("gc", help="delete what no champion, candidate, recent dataset version or running iteration "
+                                  "needs (lineage-aware); --dry-run lists it with sizes")
+    p.add_argument("--home", help="flywheel home (default: $FLYWHEEL_HOME or ./.flywheel)")
+    p.add_argument("--dry-run", action="store_true", help="list what would go and its size, delete nothing")
+    p.add_argument("--keep-datasets", type=int, default=3, metavar="N", help="newest dataset versions kept per domain")
+    p.add_argument("--min-age-hours", type=float, default=1.0, metavar="H", help="artifacts younger than this stay")
+    p.set_defaults(func=cmd_gc)
+
+    adapters = add_adapters_parser(sub)
+    actions = next(a for a in adapters._actions if isinstance(a, argparse._SubParsersAction))
+    p = actions.add_parser("import", help="register a LoRA/DoRA adapter trained elsewhere (diffusers recipe file, "
+                                          "peft dir) as a candidate, after checking it against the base model")
+    p.add_argument("path", help="pytorch_lora_weights.safetensors, or a directory holding it / a peft adapter")
+    p.add_argument("--domain", required=True, help="the domain whose adapter line it joins")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha, required when the file does not record it")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank, checked against the file's")
+    p.add_argument("--config", help="YAML merged over the defaults: its model.preset is the base checked against")
+    p.add_argument("--home", help="flywheel home (default: $FLYWHEEL_HOME or ./.flywheel)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. model.preset=tiny")
+    p.set_defaults(func=cmd_adapters_import)
     return parser
 
 

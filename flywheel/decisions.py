@@ -303,7 +303,11 @@ def build_on_decision(refreshed: dict[str, Any], loads: bool, gate: RefreshGate,
 def register_candidate(lineage, run, adapter_result, training_digest: str, parent_version: str | None) -> str:
     """Register a trained (or imported) adapter as the newest `candidate` of the domain's line; returns its
     version. Idempotent on the adapter's content: the same files are the same version. The parent is set only
-    when training continued that adapter (flywheel.train.init_adapter)."""
+    when training continued that adapter (flywheel.train.init_adapter). Its files are verified against the
+    digests recorded when it was written first: a changed file registers nothing (IntegrityError)."""
+    from flywheel.store import verify_dir
+
+    verify_dir(adapter_result.path)
     return lineage.register_adapter(run, adapter_result, training_digest, parent_version)
 
 
@@ -417,8 +421,11 @@ def choose_generating_adapter(lineage, choice: str, latest_adapter: dict[str, An
         path = Path(home) / "adapters" / choice
     if not (path / "adapter_card.json").is_file():
         raise DecisionRefused(f"generate.adapter {choice!r}: no adapter_card.json at {path}; give 'champion', 'base', a "
-                              f"registry version (e.g. '3'), 'latest', an adapter key (a folder name under "
-                              f"{Path(home) / 'adapters'}) or an adapter directory")
+                              f"registry version (e.g. '3'), 'latest', or an adapter key (a folder name under "
+                              f"{Path(home) / 'adapters'}); an adapter trained elsewhere: `flywheel adapters import` it")
+    if path.resolve().parent != (Path(home) / "adapters").resolve():
+        raise DecisionRefused(f"generate.adapter {choice!r}: {path} is not in this home's adapter store, so its files "
+                              "cannot be verified; `flywheel adapters import` it first and use the version it gets")
     version = lineage.version_of_adapter_dir(path)
     return GeneratingAdapter(path=str(path.resolve()), key=path.name, version=version, label=path.name)
 
@@ -543,6 +550,21 @@ def decide_adapter(step: Step, result) -> list[Decision]:
     return [decision]
 
 
+def prepare_adapter_evaluation(step: Step) -> None:
+    """`evaluate.adapter`: the latest trained adapter (default), or a registered version / adapter key."""
+    from flywheel.stages import StageResult
+
+    choice = step.config.evaluate.adapter
+    if choice == "latest":
+        return
+    chosen = choose_generating_adapter(step.lineage, choice, None)
+    if chosen.path is None:
+        raise DecisionRefused(f"evaluate.adapter {choice!r}: the base model is what adapters are compared with; "
+                              "name an adapter ('latest', a registry version, or an adapter key)")
+    step.inputs["adapter"] = StageResult(stage="adapter", key=chosen.key, path=Path(chosen.path),
+                                         metadata={"registered_version": chosen.version})
+
+
 def decide_adapter_evaluation(step: Step, result) -> list[Decision]:
     adapter = step.inputs["adapter"]
     version = adapter.metadata.get("registered_version") or step.lineage.version_of_adapter_dir(adapter.path)
@@ -616,3 +638,47 @@ def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
     if build.passed:
         record_refreshed_version(step.home, step.domain, result.path)
     return [loads, build]
+
+
+# ------------------------------------------------------------------------------------------------- import
+
+
+def import_adapter_version(config, source: Path, domain: str, alpha: float | None, rank: int | None,
+                           actor: str) -> tuple[str, Path]:
+    """`flywheel adapters import`: check an adapter trained elsewhere against the base model (every targeted
+    module present, shapes matching, alpha known), write it into the home's adapter store (content-addressed,
+    its files' digests recorded), and register it as the domain's newest candidate with lineage `external`.
+    It becomes champion only through the adapter gate, like any other. Returns (version, adapter dir)."""
+    from flywheel.domains import check_domain_name
+    from flywheel.lineage import registry
+    from flywheel.model.presets import load_pipeline
+    from flywheel.stages import StageResult
+    from flywheel.store import ArtifactStore, hash_file, hash_json, resolve_home, verify_dir
+    from flywheel.train.adapter_import import declared_base_model, import_adapter
+
+    check_domain_name(domain)
+    home = resolve_home(config.home)
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DecisionRefused(f"{source}: not found; give a pytorch_lora_weights.safetensors file, a folder holding "
+                              "it, or a peft adapter folder")
+    weights = source if source.is_file() else next(iter(sorted(source.glob("*.safetensors"))), None)
+    digest = hash_file(weights) if weights is not None else hash_json(str(source.resolve()))
+    pipe = load_pipeline(config.model.preset, seed=config.model.seed, device="cpu", safety=config.model.safety)
+    store = ArtifactStore(home)
+    key = "import-" + hash_json({"source": digest, "alpha": alpha, "rank": rank,
+                                 "model": config.model.model_dump(mode="json", exclude={"device"})})[:24]
+    with store.lock("adapters", key):
+        if not store.exists("adapters", key):
+            with store.write("adapters", key, {"lineage": "external", "source_sha256": digest}) as tmp:
+                import_adapter(source, pipe.transformer, tmp, base_model=declared_base_model(pipe), alpha=alpha,
+                               rank=rank)
+    path = store.path("adapters", key)
+    verify_dir(path)
+    version = registry.register_adapter(home, domain, path, None, f"external:{digest}", 0, parent_version=None)
+    decision = Decision(name="import", subject=f"{registry.registered_model_name(domain)} v{version}", passed=True,
+                        outcome=f"candidate v{version} (lineage external, source sha256 {digest[:16]})", actor=actor,
+                        criteria=[Criterion(name="keys and shapes match the base", value="yes", threshold="yes",
+                                            rule="every targeted module present, shapes equal", passed=True)])
+    registry.record_import(home, domain, str(version), decision, str(source))
+    return str(version), path

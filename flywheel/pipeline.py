@@ -119,7 +119,7 @@ STAGE_LIST = (
           description="A LoRA/DoRA adapter (&lt;home&gt;/adapters/&lt;key&gt;), registered as the domain's newest "
                       "candidate in MLflow. A retried step resumes from its last checkpoint."),
     Stage("adapter_evaluation", "evaluate", "evaluate", _evaluate, ("adapter", "training_clips"), gpu=True,
-          decide=decisions.decide_adapter_evaluation,
+          prepare=decisions.prepare_adapter_evaluation, decide=decisions.decide_adapter_evaluation,
           checks=(Check("adapter_gate", "adapter gate", "better than the base model (PSNR gain, SSIM, video-filter "
                                                         "pass rate) and not worse than the champion: promoted, else "
                                                         "refused (gates.adapter)"),),

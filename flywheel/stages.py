@@ -8,6 +8,7 @@ same inputs returns the existing artifact (`reused=True`) instead of recomputing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ from typing import Any
 
 import pydantic
 
-from flywheel.store import ArtifactStore, hash_json
+from flywheel.store import ArtifactStore, hash_json, verify_dir
 
 Progress = Callable[[dict], None] | None
 # Metadata keys whose values are paths on the flywheel home (rendered as paths in the Dagster UI).
@@ -81,6 +82,21 @@ def _pipeline(model, vae_only: bool = False):
 
     device = model.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety, vae_only=vae_only)
+
+
+@contextlib.contextmanager
+def claimed(store: ArtifactStore, kind: str, key: str):
+    """Hold an artifact's key while deciding whether to build it and building it; yields whether it exists.
+
+    A second process that wants the same artifact waits here and then reuses it instead of computing it again
+    (and failing to rename its own copy into place). Under torchrun only rank 0 holds the key, and every rank
+    acts on rank 0's answer, so the ranks of one job never disagree about whether to work."""
+    from flywheel.train.distributed import current_world
+
+    world = current_world()
+    with store.lock(kind, key) if world.is_main else contextlib.nullcontext():
+        exists = store.exists(kind, key)
+        yield world.broadcast_object(exists) if world.is_distributed else exists
 
 
 def ingest_stage(home, config, progress: Progress = None) -> StageResult:
@@ -154,20 +170,21 @@ def train_stage(home, latent_cache_path, train_config, model, progress: Progress
     key = hash_json({"cache": Path(latent_cache_path).name, "train": train_config.model_dump(mode="json"),
                      "model": model.model_dump(mode="json", exclude={"device"})})[:24]
     path = store.path("adapters", key)
-    if store.exists("adapters", key):
-        return StageResult("adapter", key, path, store.meta("adapters", key), path / "loss.png", reused=True)
-    # <home>/work/adapters-<key>: checkpoints a rerun resumes from; removed once the adapter exists (see store.working).
-    with store.working("adapters", key) as work_dir:
-        started = time.perf_counter()
-        result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
-        meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
-                "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
-        world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
-        if world.is_main:
-            with store.write("adapters", key, meta) as tmp:
-                shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
-        world.barrier()
-    return StageResult("adapter", key, path, meta, path / "loss.png")
+    with claimed(store, "adapters", key) as exists:
+        if exists:
+            return StageResult("adapter", key, path, store.meta("adapters", key), path / "loss.png", reused=True)
+        # <home>/work/adapters-<key>: checkpoints a rerun resumes from; removed once the adapter exists (see store.working).
+        with store.working("adapters", key) as work_dir:
+            started = time.perf_counter()
+            result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
+            meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
+                    "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
+            world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
+            if world.is_main:
+                with store.write("adapters", key, meta) as tmp:
+                    shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
+            world.barrier()
+        return StageResult("adapter", key, path, meta, path / "loss.png")
 
 
 def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, progress: Progress = None,
@@ -180,20 +197,22 @@ def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, pr
     store = ArtifactStore(home)
     generate_config = generate_config or GenerateConfig()
     key = hash_json({"adapter": Path(adapter_path).name, "clips": Path(clip_set_path).name,
-                     "evaluate": evaluate_config.model_dump(mode="json"),
+                     "evaluate": evaluate_config.model_dump(mode="json", exclude={"adapter"}),
                      "generate": generate_config.model_dump(mode="json", exclude={"adapter"}),
                      "model": model.model_dump(mode="json", exclude={"device"}),
                      **({"filters": filter_config.model_dump(mode="json")} if filter_config else {})})[:24]
     path = store.path("evaluations", key)
-    if store.exists("evaluations", key):
-        return StageResult("adapter_evaluation", key, path, store.meta("evaluations", key), path / "comparison.png",
-                           reused=True)
-    clip_set = load_clip_set(clip_set_path)
-    metrics: dict = {}  # filled inside; the store writes it as the artifact's metadata on completion
-    with store.write("evaluations", key, metrics) as tmp:
-        metrics.update(evaluate_adapter(_pipeline(model), Path(adapter_path), clip_set, evaluate_config, tmp,
-                                        generate_config, progress=progress, filter_config=filter_config))
-    return StageResult("adapter_evaluation", key, path, metrics, path / "comparison.png")
+    with claimed(store, "evaluations", key) as exists:
+        if exists:
+            return StageResult("adapter_evaluation", key, path, store.meta("evaluations", key), path / "comparison.png",
+                               reused=True)
+        verify_dir(adapter_path)  # the adapter evaluated is the one that was written (IntegrityError otherwise)
+        clip_set = load_clip_set(clip_set_path)
+        metrics: dict = {}  # filled inside; the store writes it as the artifact's metadata on completion
+        with store.write("evaluations", key, metrics) as tmp:
+            metrics.update(evaluate_adapter(_pipeline(model), Path(adapter_path), clip_set, evaluate_config, tmp,
+                                            generate_config, progress=progress, filter_config=filter_config))
+        return StageResult("adapter_evaluation", key, path, metrics, path / "comparison.png")
 
 
 def generate_stage(home, adapter_path, clip_set_path, generate_config, model, progress: Progress = None,
@@ -209,46 +228,49 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
                      "split": split, "generate": generate_config.model_dump(mode="json", exclude={"adapter"}),
                      "model": model.model_dump(mode="json", exclude={"device"})})[:24]
     path = store.path("synthetic", key)
-    if store.exists("synthetic", key):
-        return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png",
-                           reused=True)
-    clip_set = load_clip_set(clip_set_path)
-    clips = clip_set.frame[clip_set.frame["split"] == split]
-    adapter_name = "adapter" if adapter_path else None
-    requests = requests_from_clips(clips, clip_set.path, generate_config, adapter_name)
-    if generate_config.max_videos:
-        requests = requests[: generate_config.max_videos]
-    if not requests:
-        raise ValueError(f"{clip_set.path}: no {split!r} clips to generate from")
-    pipe = _pipeline(model)
-    adapters = {adapter_name: Path(adapter_path)} if adapter_path else None
-    world = current_world()
-    if not world.is_main:  # several GPUs (torchrun): this rank's share of the videos, into rank 0's directory
-        try:
-            generate_videos(pipe, requests, None, generate_config, adapters=adapters, progress=progress)
-        finally:
-            unload_adapters(pipe)
-        world.barrier()  # rank 0 has written the artifact
-        return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png")
-    started = time.perf_counter()
-    meta: dict = {}
-    with store.write("synthetic", key, meta) as tmp:
-        out = tmp / "out"
-        try:
-            result = generate_videos(pipe, requests, out, generate_config, adapters=adapters, progress=progress)
-        finally:
-            unload_adapters(pipe)
-        for item in out.iterdir():
-            item.rename(tmp / item.name)
-        out.rmdir()
-        _keep_first_frames(tmp, requests)
-        meta.update({"videos": len(result.frame), "adapter": str(adapter_path) if adapter_path else "base",
-                "seeds": list(generate_config.seeds), "seconds": round(time.perf_counter() - started, 2),
-                "seconds_per_video": round((time.perf_counter() - started) / max(len(result.frame), 1), 2),
-                **pipe.flywheel_safety})
-        (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2))
-    world.barrier()
-    return StageResult("synthetic_videos", key, path, meta, path / "contact_sheet.png")
+    with claimed(store, "synthetic", key) as exists:
+        if exists:
+            return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png",
+                               reused=True)
+        clip_set = load_clip_set(clip_set_path)
+        clips = clip_set.frame[clip_set.frame["split"] == split]
+        if adapter_path:
+            verify_dir(adapter_path)  # generate with the adapter that was written (IntegrityError otherwise)
+        adapter_name = "adapter" if adapter_path else None
+        requests = requests_from_clips(clips, clip_set.path, generate_config, adapter_name)
+        if generate_config.max_videos:
+            requests = requests[: generate_config.max_videos]
+        if not requests:
+            raise ValueError(f"{clip_set.path}: no {split!r} clips to generate from")
+        pipe = _pipeline(model)
+        adapters = {adapter_name: Path(adapter_path)} if adapter_path else None
+        world = current_world()
+        if not world.is_main:  # several GPUs (torchrun): this rank's share of the videos, into rank 0's directory
+            try:
+                generate_videos(pipe, requests, None, generate_config, adapters=adapters, progress=progress)
+            finally:
+                unload_adapters(pipe)
+            world.barrier()  # rank 0 has written the artifact
+            return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png")
+        started = time.perf_counter()
+        meta: dict = {}
+        with store.write("synthetic", key, meta) as tmp:
+            out = tmp / "out"
+            try:
+                result = generate_videos(pipe, requests, out, generate_config, adapters=adapters, progress=progress)
+            finally:
+                unload_adapters(pipe)
+            for item in out.iterdir():
+                item.rename(tmp / item.name)
+            out.rmdir()
+            _keep_first_frames(tmp, requests)
+            meta.update({"videos": len(result.frame), "adapter": str(adapter_path) if adapter_path else "base",
+                    "seeds": list(generate_config.seeds), "seconds": round(time.perf_counter() - started, 2),
+                    "seconds_per_video": round((time.perf_counter() - started) / max(len(result.frame), 1), 2),
+                    **pipe.flywheel_safety})
+            (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2))
+        world.barrier()
+        return StageResult("synthetic_videos", key, path, meta, path / "contact_sheet.png")
 
 
 def _keep_first_frames(synthetic_dir: Path, requests) -> None:
@@ -290,13 +312,14 @@ def idm_stage(home, manifest_path, idm_config, progress: Progress = None) -> Sta
     config = idm_config.model_copy(update={"episodes": train + held_out, "val_episodes": held_out})
     key = hash_json({"manifest": manifest.key, "idm": config.model_dump(mode="json")})[:24]
     path = store.path("idm", key)
-    if store.exists("idm", key):
-        return StageResult("idm", key, path, store.meta("idm", key), path / "pred_vs_true.png", reused=True)
-    meta: dict = {}
-    with store.write("idm", key, meta) as tmp:
-        result = train_idm(_dataset_root(manifest), config, tmp, progress=progress)
-        meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
-    return StageResult("idm", key, path, meta, path / "pred_vs_true.png")
+    with claimed(store, "idm", key) as exists:
+        if exists:
+            return StageResult("idm", key, path, store.meta("idm", key), path / "pred_vs_true.png", reused=True)
+        meta: dict = {}
+        with store.write("idm", key, meta) as tmp:
+            result = train_idm(_dataset_root(manifest), config, tmp, progress=progress)
+            meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+        return StageResult("idm", key, path, meta, path / "pred_vs_true.png")
 
 
 def label_stage(home, synthetic_path, manifest_path, label_config, progress: Progress = None) -> StageResult:
@@ -313,31 +336,32 @@ def label_stage(home, synthetic_path, manifest_path, label_config, progress: Pro
     key = hash_json({"synthetic": Path(synthetic_path).name, "idm": idm.key,
                      "window": label_config.window.model_dump(mode="json")})[:24]
     path = store.path("labels", key)
-    if store.exists("labels", key):
-        return StageResult("pseudo_actions", key, path, store.meta("labels", key), idm.preview, reused=True)
-    samples = pd.read_parquet(Path(synthetic_path) / "samples.parquet")
-    model = InverseDynamicsModel.load(idm.path)
-    meta: dict = {}
-    with store.write("labels", key, meta) as tmp:
-        (tmp / "actions").mkdir()
-        rows = []
-        for i, sample in enumerate(samples.itertuples()):
-            frames = read_frames(Path(synthetic_path) / sample.video)
-            actions, disagreement = label_video(model, frames, float(sample.fps), label_config.window)
-            np.savez(tmp / "actions" / f"{sample.request_id}.npz", actions=actions, disagreement=disagreement)
-            rows.append({"request_id": sample.request_id, "actions": f"actions/{sample.request_id}.npz",
-                         "num_frames": len(frames), "fps": float(sample.fps),
-                         "mean_disagreement": float(np.mean(disagreement))})
-            if progress:
-                progress({"stage": "label", "done": i + 1, "total": len(samples)})
-        table = pd.DataFrame(rows)
-        table.to_parquet(tmp / "labels.parquet", index=False)
-        (tmp / "labels.json").write_text(json.dumps({"synthetic": str(synthetic_path), "idm": str(idm.path)}))
-        meta.update({"videos": len(table), "mean_disagreement": float(table["mean_disagreement"].mean()),
-                     "idm": str(idm.path), "idm_mae_mean": idm.metadata.get("mae_mean"),
-                     "idm_baseline_mae_mean": idm.metadata.get("baseline_mae_mean"),
-                     "synthetic": str(synthetic_path)})
-    return StageResult("pseudo_actions", key, path, meta, idm.preview)
+    with claimed(store, "labels", key) as exists:
+        if exists:
+            return StageResult("pseudo_actions", key, path, store.meta("labels", key), idm.preview, reused=True)
+        samples = pd.read_parquet(Path(synthetic_path) / "samples.parquet")
+        model = InverseDynamicsModel.load(idm.path)
+        meta: dict = {}
+        with store.write("labels", key, meta) as tmp:
+            (tmp / "actions").mkdir()
+            rows = []
+            for i, sample in enumerate(samples.itertuples()):
+                frames = read_frames(Path(synthetic_path) / sample.video)
+                actions, disagreement = label_video(model, frames, float(sample.fps), label_config.window)
+                np.savez(tmp / "actions" / f"{sample.request_id}.npz", actions=actions, disagreement=disagreement)
+                rows.append({"request_id": sample.request_id, "actions": f"actions/{sample.request_id}.npz",
+                             "num_frames": len(frames), "fps": float(sample.fps),
+                             "mean_disagreement": float(np.mean(disagreement))})
+                if progress:
+                    progress({"stage": "label", "done": i + 1, "total": len(samples)})
+            table = pd.DataFrame(rows)
+            table.to_parquet(tmp / "labels.parquet", index=False)
+            (tmp / "labels.json").write_text(json.dumps({"synthetic": str(synthetic_path), "idm": str(idm.path)}))
+            meta.update({"videos": len(table), "mean_disagreement": float(table["mean_disagreement"].mean()),
+                         "idm": str(idm.path), "idm_mae_mean": idm.metadata.get("mae_mean"),
+                         "idm_baseline_mae_mean": idm.metadata.get("baseline_mae_mean"),
+                         "synthetic": str(synthetic_path)})
+        return StageResult("pseudo_actions", key, path, meta, idm.preview)
 
 
 def _synthetic_clips(labels_path: Path):

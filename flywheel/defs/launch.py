@@ -66,17 +66,24 @@ def run_config(config: FlywheelConfig, home: Path) -> dict:
             "loggers": {"flywheel_console": {"config": {"log_level": "INFO"}}}}
 
 
-def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = "flywheel CLI") -> RunOutcome:
-    """Run the iteration job (or the selection up to `until`, an asset name) for config.domain; never raises
-    for a failed step or check: the outcome says what happened."""
+def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = "flywheel CLI",
+           only: bool = False) -> RunOutcome:
+    """Run the iteration job (or the selection up to `until`, an asset name; with `only`, that asset alone on
+    the domain's latest upstream results) for config.domain; never raises for a failed step or check: the
+    outcome says what happened."""
     from flywheel.defs.definitions import build_definitions
     from flywheel.defs.instance import flywheel_instance, use_flywheel_instance
     from flywheel.defs.jobs import ITERATION_JOB
     from flywheel.defs.partitions import add_domain
     from flywheel.defs.resources import FlywheelResource
 
+    from flywheel.runtime import configure_threads
+    from flywheel.store import ArtifactStore
+
     home = resolve_home(config.home)
     os.environ["FLYWHEEL_HOME"] = str(home)
+    threads = configure_threads()
+    ArtifactStore(home).sweep()  # what killed writers left behind (their temp and scratch dirs)
     use_flywheel_instance(home)
     instance = flywheel_instance(home, echo_step_output=False)
     try:
@@ -85,11 +92,12 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
             warnings.simplefilter("ignore", dg.PreviewWarning)
             defs = build_definitions(FlywheelResource.from_env())
         job = defs.resolve_job_def(ITERATION_JOB)
-        selection = up_to(until) if until else [s.asset for s in STAGE_LIST]
+        selection = [until] if until and only else up_to(until) if until else [s.asset for s in STAGE_LIST]
         result = job.execute_in_process(
             run_config=run_config(config, home), instance=instance, partition_key=config.domain,
             raise_on_error=False, asset_selection=[dg.AssetKey(a) for a in selection],
-            tags={"flywheel/launched_by": launched_by, "flywheel/selection": ",".join(selection)})
+            tags={"flywheel/launched_by": launched_by, "flywheel/selection": ",".join(selection),
+                  "flywheel/torch_threads": f"{threads['torch_threads']} ({threads['threads_source']})"})
         return outcome_of(result, config.domain)
     finally:
         instance.dispose()

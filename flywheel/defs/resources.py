@@ -58,6 +58,11 @@ class FlywheelResource(dg.ConfigurableResource):
     def inbox_path(self) -> Path:
         return Path(self.inbox).expanduser().resolve() if self.inbox else self.home_path / "inbox"
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from flywheel.store import ArtifactStore
+
+        ArtifactStore(self.home_path).sweep()  # temp and scratch dirs of writers that are gone
+
     def flywheel_config(self, domain: str):
         """The validated flywheel.config.FlywheelConfig of this run and domain (errors name the Launchpad field)."""
         return self.run.to_core(home=str(self.home_path), domain=domain)

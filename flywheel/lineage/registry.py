@@ -262,6 +262,15 @@ def apply_rollback(home, domain: str, target: str | None, decision, reason: str 
             _mirror_history(home, mlflow_client, domain)
 
 
+def record_import(home, domain: str, version: str, decision, source: str) -> None:
+    """An `import` governance run: which file became which candidate version, and who imported it."""
+    home = resolve_home(home)
+    mlflow_client = tracking.client(home)
+    with tracking.file_lock(home, f"registry-{domain}"):
+        previous = _alias_version(mlflow_client, registered_model_name(domain), CHAMPION)
+        _record_event(home, mlflow_client, domain, "import", version, previous, decision, f"imported from {source}")
+
+
 def _record_event(home, mlflow_client, domain, event, version, previous, decision, reason="") -> str:
     """A governance run: the decision, its criteria (as metrics and params), the actor and the reason."""
     experiment_id = tracking.get_or_create_experiment(mlflow_client, home, domain)

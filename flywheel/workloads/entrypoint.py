@@ -104,8 +104,11 @@ def format_progress(event: dict) -> str:
 
 def main(run: StageRun, argv: list[str] | None = None) -> int:
     """Run `run(stage, home, args, progress)` as a process (or as one rank of a torchrun job); the exit code."""
+    from flywheel.runtime import configure_threads
+
     ns = parse_args(argv)
     workload = ns.stage
+    configure_threads()  # OMP_NUM_THREADS if set, else this process's share of the cores it may use
     bound = lambda home, args, progress: run(workload, home, args, progress)  # noqa: E731
     rank = _torchrun_env("RANK", 0)
     run = bound
