@@ -125,7 +125,7 @@ class Layer:
         origin: dict[tuple[str, ...], str] = {}
 
         def walk(node: Any, path: tuple[str, ...]) -> None:
-            if isinstance(node, dict) and node:
+            if isinstance(node, dict) and (node or not path):
                 for k, v in node.items():
                     walk(v, (*path, str(k)))
             else:

@@ -594,6 +594,8 @@ def decide_synthetic_videos(step: Step, result) -> list[Decision]:
     chosen: GeneratingAdapter = step.facts["generating_adapter"]
     step.lineage.record_synthetic(step.run, result, chosen.version, step.config.model.preset)
     result.metadata["generated_with"] = chosen.label
+    if chosen.version:
+        result.metadata["registered_version"] = chosen.version  # the asset links to that model version
     return []
 
 
@@ -619,6 +621,10 @@ def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
     """The version loads with LeRobot (its counts matching), and whether the next iteration builds on it."""
     from flywheel.domains import record_refreshed_version
 
+    import json
+
+    curated = step.inputs["curated_trajectories"].path / "curated.json"
+    step.lineage.record_refreshed(step.run, result, Path(json.loads(curated.read_text())["synthetic"]).name)
     meta, subject = result.metadata, f"{step.subject} dataset version {str(result.key)[:12]}"
     expected = int(meta.get("real_episodes", 0)) + int(meta.get("synthetic_episodes", 0))
     try:

@@ -122,7 +122,8 @@ STAGE_LIST = (
           prepare=decisions.prepare_adapter_evaluation, decide=decisions.decide_adapter_evaluation,
           checks=(Check("adapter_gate", "adapter gate", "better than the base model (PSNR gain, SSIM, video-filter "
                                                         "pass rate) and not worse than the champion: promoted, else "
-                                                        "refused (gates.adapter)"),),
+                                                        "refused and the champion stays (gates.adapter); generation "
+                                                        "uses the champion either way", blocking=False),),
           preview_title="base vs adapter vs real",
           help="compare the adapter with the base model on held-out clips (the adapter gate)",
           description="Base vs adapter generations against the real held-out clips: PSNR, SSIM and the video "

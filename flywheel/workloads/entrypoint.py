@@ -12,6 +12,7 @@ DAGSTER_PIPES_CONTEXT too but ignore it: they run silently and only print an err
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -109,9 +110,8 @@ def main(run: StageRun, argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     workload = ns.stage
     configure_threads()  # OMP_NUM_THREADS if set, else this process's share of the cores it may use
-    bound = lambda home, args, progress: run(workload, home, args, progress)  # noqa: E731
+    run = functools.partial(run, workload)
     rank = _torchrun_env("RANK", 0)
-    run = bound
     if _torchrun_env("WORLD_SIZE", 1) > 1:
         run = _in_process_group(workload, run)
     from dagster_pipes import PipesEnvVarParamsLoader
