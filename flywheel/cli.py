@@ -34,11 +34,29 @@ def load_run_config(args):
     if getattr(args, "domain", None):
         overrides = (overrides or {}) | {"domain": args.domain}
     config = load_config(args.config, overrides=overrides, set_args=args.set or [])
+    if not domain_was_given(args) and config.ingest.source:
+        # your data is not the sample's domain: name the domain after the dataset instead of adding its
+        # adapters to the sample's line
+        from flywheel.domains import domain_for_source
+
+        config.domain = domain_for_source(config.ingest.source)
     if config.home is None:
         from flywheel.store import resolve_home
 
         config.home = str(resolve_home())
     return config
+
+
+def domain_was_given(args) -> bool:
+    """--domain, `--set domain=...`, or a `domain:` key in the --config file."""
+    import yaml
+
+    if getattr(args, "domain", None) or any(item.split("=", 1)[0] == "domain" for item in (args.set or [])):
+        return True
+    if args.config and Path(args.config).is_file():
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        return isinstance(data, dict) and "domain" in data
+    return False
 
 
 def cmd_run(args, until: str | None) -> int:

@@ -35,6 +35,12 @@ def check_domain_name(name: str) -> str:
     return name
 
 
+def domain_for_source(source: str | Path) -> str:
+    """A domain name derived from a dataset's folder name (or Hub repo id): lower-case, '-' for other characters."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", Path(str(source).rstrip("/")).name.lower()).strip("-_")[:63]
+    return check_domain_name(name or "default")
+
+
 def registration_path(home: str | Path, domain: str) -> Path:
     return resolve_home(home) / "domains" / f"{check_domain_name(domain)}.json"
 
