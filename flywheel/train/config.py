@@ -122,14 +122,14 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False  # kept for old configs: True means activation_checkpointing "full"
     activation_checkpointing: Literal["none", "full", "selective"] | None = Field(
         None, description="per DiT block: none (fastest, most memory), full (recompute the block in backward), "
-        "selective (recompute all but what selective_save names); None: 'full' if gradient_checkpointing, else "
-        "'selective' on a CUDA GPU and 'none' on a CPU")
+        "selective (recompute all but what selective_save names); None: 'full' if gradient_checkpointing, else on a "
+        "CUDA GPU the fastest of selective / full that fits its free memory (see selective_save), 'none' on a CPU")
     selective_save: Literal["attention", "attention_matmul"] | None = Field(
         None, description="what 'selective' keeps from the forward: attention outputs (backward never "
         "recomputes attention; 20.6 GiB at the 2B recipe shape), or those plus the outputs of the large projections "
-        "(faster; 53 GiB there). None, with activation_checkpointing None too: the fastest mode that fits the free "
-        "GPU memory with a margin (attention_matmul, else attention, else full checkpointing); recorded in the "
-        "adapter card")
+        "(faster; 53 GiB there). None: on a CUDA GPU, the fastest that fits its free memory with a margin "
+        "(attention_matmul, else attention, else full checkpointing when activation_checkpointing is None too), "
+        "estimated from those peaks scaled by the clip's tokens; the choice is recorded in the adapter card")
     compile: bool | None = Field(None, description="torch.compile each DiT block once (regional compile) for training; "
                                  "None: on a CUDA GPU, not on a CPU")
     compile_backend: Literal["inductor", "aot_eager"] = Field(
