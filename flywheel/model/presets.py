@@ -263,25 +263,36 @@ def _random_transformer(preset: ModelPreset, seed: int, device: torch.device | s
     return transformer.to(dtype=preset.torch_dtype).eval().requires_grad_(False)
 
 
-def _build_random_components(preset: ModelPreset, seed: int, device: torch.device | str | None) -> dict[str, Any]:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+def _random_vae(preset: ModelPreset, seed: int, device: torch.device | str | None) -> torch.nn.Module:
+    """The random preset's VAE alone (its own seed, as in `_build_random_components`)."""
+    from diffusers import AutoencoderKLWan
+
+    tiny = preset.name == "tiny"
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device(device):
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLWan(**(TINY_VAE if tiny else FULL_VAE))
+    return vae.to(dtype=torch.float32 if tiny else preset.torch_dtype).eval().requires_grad_(False)
+
+
+def _build_random_components(preset: ModelPreset, seed: int, device: torch.device | str | None,
+                             vae_only: bool = False) -> dict[str, Any]:
+    from diffusers import UniPCMultistepScheduler
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tiny = preset.name == "tiny"
     device = torch.device(device) if device is not None else torch.device("cpu")
+    vae = _random_vae(preset, seed, device)
+    if vae_only:  # a codec roundtrip: no 2B DiT, no 7B text encoder to build
+        return dict(transformer=None, vae=vae, text_encoder=None, tokenizer=None,
+                    scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG))
     transformer = _random_transformer(preset, seed, device)
     with torch.device(device):
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKLWan(**(TINY_VAE if tiny else FULL_VAE))
         torch.manual_seed(seed + 2)
         text_config = Qwen2_5_VLConfig(**(TINY_TEXT_ENCODER if tiny else FULL_TEXT_ENCODER))
         text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR) if tiny else _full_tokenizer_stand_in()
-    dtype = preset.torch_dtype
-    text_encoder.to(dtype=dtype)
-    vae.to(dtype=torch.float32 if tiny else dtype)
-    for module in (vae, text_encoder):
-        module.eval().requires_grad_(False)
+    text_encoder.to(dtype=preset.torch_dtype).eval().requires_grad_(False)
     return dict(
         transformer=transformer,
         vae=vae,
@@ -440,8 +451,8 @@ def load_pipeline(
     """Build or load the `Cosmos2_5_PredictBasePipeline` of a preset.
 
     `vae_only`: a downloaded / local model is loaded without its transformer and text encoder (diffusers
-    skips components passed as None): all a codec roundtrip needs, without the 7B text encoder. The toy
-    presets are built whole either way (they are small).
+    skips components passed as None), a random-weight one built without them: all a codec roundtrip needs,
+    without the 7B text encoder. tiny-pusht is loaded whole either way (it is small).
     `transformer_only`: a `TransformerOnly` holding the DiT alone, for every preset (for the random ones the
     same weights as the whole pipeline's): what training on a latent cache needs.
 
@@ -508,7 +519,7 @@ def _load_whole(preset: ModelPreset, seed: int, device, safety: SafetyChoice, we
         _check_text_encoder(pipe, meta, weights_dir)
     elif preset.random_weights:
         preset = resolved_preset(preset, seed=seed)
-        components = _build_random_components(preset, seed, device)
+        components = _build_random_components(preset, seed, device, vae_only=vae_only)
         pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
     else:
         kwargs: dict[str, Any] = dict(torch_dtype=preset.torch_dtype, safety_checker=checker)

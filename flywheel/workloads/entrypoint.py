@@ -119,21 +119,23 @@ def process_started_at() -> float | None:
 
 
 def workload_measurements(run_started_at: float, run_ended_at: float, main_at: float | None = None) -> dict[str, Any]:
-    """What this process spent where (epoch times, seconds, GiB): merged into the stage's result metadata."""
+    """What this process spent where: epoch times (s; `*_at`), durations (s), model loads, CUDA peaks (GiB).
+
+    The stage's result carries it as one JSON value, `workload` (Dagster rounds float metadata to 4 digits, which
+    would turn an epoch time into a day), plus the two peaks at the top level for the asset page."""
     process_at = process_started_at()
-    out: dict[str, Any] = {"workload_run_started_at": round(run_started_at, 3),
-                           "workload_run_ended_at": round(run_ended_at, 3),
-                           "workload_run_s": round(run_ended_at - run_started_at, 3)}
+    out: dict[str, Any] = {"run_started_at": round(run_started_at, 3), "run_ended_at": round(run_ended_at, 3),
+                           "run_s": round(run_ended_at - run_started_at, 3)}
     if process_at is not None:
-        out["workload_process_started_at"] = round(process_at, 3)
-        out["workload_startup_s"] = round(run_started_at - process_at, 3)  # interpreter + imports + Pipes handshake
+        out["process_started_at"] = round(process_at, 3)
+        out["startup_s"] = round(run_started_at - process_at, 3)  # interpreter + imports + the Pipes handshake
     if main_at is not None:
-        out["workload_main_at"] = round(main_at, 3)
+        out["main_at"] = round(main_at, 3)
     presets = sys.modules.get("flywheel.model.presets")
     loads = presets.model_loads() if presets is not None else []
-    out["workload_model_loads"] = loads
-    out["workload_model_load_s"] = round(sum(load["load_s"] for load in loads), 3)
-    out["workload_model_import_s"] = round(sum(load["import_s"] for load in loads), 3)
+    out["model_loads"] = loads
+    out["model_load_s"] = round(sum(load["load_s"] for load in loads), 3)
+    out["model_import_s"] = round(sum(load["import_s"] for load in loads), 3)
     out.update(cuda_memory_peaks())
     return out
 
@@ -155,7 +157,9 @@ def _measured(run: Callable[[Path, dict, Callable[[dict], None]], Any], main_at:
     def run_measured(home: Path, args: dict, progress: Callable[[dict], None]):
         started = time.time()
         result = run(home, args, progress)
-        result.metadata.update(workload_measurements(started, time.time(), main_at))
+        measured = workload_measurements(started, time.time(), main_at)
+        result.metadata["workload"] = measured
+        result.metadata.update({k: v for k, v in measured.items() if k.startswith("gpu_peak_")})
         return result
 
     return run_measured
@@ -165,8 +169,9 @@ def main(run: StageRun, argv: list[str] | None = None) -> int:
     """Run `run(stage, home, args, progress)` as a process (or as one rank of a torchrun job); the exit code."""
     main_at = time.time()
     ns = parse_args(argv)
-    workload = ns.stage
-    bound = lambda home, args, progress: run(workload, home, args, progress)  # noqa: E731
+    workload, stage_run = ns.stage, run
+    # `stage_run`, not `run`: the lambda must not see `run` rebound below (it would call itself)
+    bound = lambda home, args, progress: stage_run(workload, home, args, progress)  # noqa: E731
     rank = _torchrun_env("RANK", 0)
     run = _measured(bound, main_at)
     if _torchrun_env("WORLD_SIZE", 1) > 1:

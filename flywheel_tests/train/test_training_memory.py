@@ -94,6 +94,10 @@ def test_the_transformer_alone_has_the_whole_pipelines_weights(tiny_pipe):
     assert ours.keys() == whole.keys() and all(torch.equal(ours[k], whole[k]) for k in ours)
     pretrained = load_pipeline("tiny-pusht", transformer_only=True)
     assert pretrained.flywheel_preset.revision == load_pipeline("tiny-pusht").flywheel_preset.revision
+    codec = load_pipeline("tiny", vae_only=True)  # a random preset's codec: no DiT, no text encoder built
+    assert codec.transformer is None and codec.text_encoder is None
+    ours, whole = codec.vae.state_dict(), tiny_pipe.vae.state_dict()
+    assert ours.keys() == whole.keys() and all(torch.equal(ours[k], whole[k]) for k in ours)
     with pytest.raises(ValueError, match="vae_only or transformer_only"):
         load_pipeline("tiny", vae_only=True, transformer_only=True)
 
