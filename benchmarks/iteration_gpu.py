@@ -395,7 +395,8 @@ def markdown(report: dict) -> str:
                       f"{e['fixed_overhead_s']} s is {e['fixed_overhead_over_gpu_busy']:.1%} of it (goal: <= 5%)."]
     lines += ["", "| stage | rule | fixed s | per item s | items |", "|---|---|---|---|---|"]
     for asset, s in e["stages"].items():
-        lines.append(f"| {asset} | {s['rule']} | {s['fixed_s']} | {s.get('per_item_s', '')} | {s.get('items', '')} |")
+        per_item = "" if s.get("per_item_s") is None else s["per_item_s"]
+        lines.append(f"| {asset} | {s['rule']} | {s['fixed_s']} | {per_item} | {s['items'] or ''} |")
     lines += ["", e["notes"] + ".", ""]
     return "\n".join(lines)
 
