@@ -39,6 +39,8 @@ from pathlib import Path
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import parse_wheel_filename
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE_CALL_MIB = 64
@@ -51,9 +53,9 @@ TARGET_ENV = {"implementation_name": "cpython", "platform_machine": "x86_64", "p
               "platform_system": "Linux", "python_full_version": "3.12.3", "python_version": "3.12",
               "sys_platform": "linux", "os_name": "posix", "platform_release": "", "platform_version": "",
               "implementation_version": "3.12.3"}
-PLATFORMS = ["manylinux_2_39_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
-             "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+# pip matches a manylinux tag exactly, so every glibc version up to the host's (2.39) is listed, newest first.
+PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(39, 4, -1)] + [
+    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
 
 # Python packages of the device machines' image ('cuda'), as the device notes list them (read 2026-11-17).
 HOST_PACKAGES = """
@@ -138,6 +140,32 @@ def lock_closure(leave_out: set[str]) -> set[str]:
     return {name for name, _ in seen}
 
 
+def target_tags() -> list:
+    """The wheel tags the GPU host's CPython 3.12 accepts, most specific first (what pip ranks by)."""
+    return [*cpython_tags((3, 12), abis=["cp312"], platforms=PLATFORMS),
+            *compatible_tags((3, 12), interpreter="cp312", platforms=PLATFORMS)]
+
+
+def planned_sizes(selected: list[tuple[str, str, list[str]]]) -> dict[str, int]:
+    """Bytes of the wheel pip would pick for each package, from uv.lock's file list (no download): what
+    `--profile all` weighs (torch and the CUDA libraries included) without fetching gigabytes."""
+    lock = tomllib.loads((REPO_ROOT / "uv.lock").read_text())
+    files = {(normalize(p["name"]), p["version"]): p.get("wheels", []) for p in lock["package"]}
+    rank = {tag: i for i, tag in enumerate(target_tags())}
+    sizes = {}
+    for name, version, _ in selected:
+        best = None
+        for wheel in files[(normalize(name), version)]:
+            tags = parse_wheel_filename(wheel["url"].rsplit("/", 1)[-1])[3]
+            score = min((rank[t] for t in tags if t in rank), default=None)
+            if score is not None and (best is None or score < best[0]):
+                best = (score, wheel["size"])
+        if best is None:
+            raise SystemExit(f"uv.lock has no wheel of {name}=={version} for CPython 3.12 on Linux x86_64")
+        sizes[f"{name}=={version}"] = best[1]
+    return sizes
+
+
 def host_packages(freeze: Path | None) -> set[str]:
     if freeze is None:
         return {normalize(n) for n in HOST_PACKAGES}
@@ -172,7 +200,11 @@ def tree_mib() -> float:
     """What the device tool sends besides the carried paths: tracked and untracked-not-ignored files."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
                            check=True, capture_output=True).stdout.split(b"\0")
-    return sum((REPO_ROOT / f.decode()).stat().st_size for f in files if f and (REPO_ROOT / f.decode()).is_file()) / 2**20
+    paths = [REPO_ROOT / f.decode() for f in files if f]
+    shared = REPO_ROOT / "shared"  # travels whole where the checkout has one
+    if shared.is_dir():
+        paths += [p for p in shared.rglob("*") if not p.is_relative_to(REPO_ROOT / "shared" / ".git")]
+    return sum(p.stat().st_size for p in set(paths) if p.is_file()) / 2**20
 
 
 def pack_parts(wheels: list[Path], out: Path, part_mib: float) -> list[Path]:
@@ -194,18 +226,19 @@ def pack_parts(wheels: list[Path], out: Path, part_mib: float) -> list[Path]:
 
 
 def install_commands(parts: list[Path], out: Path) -> list[str]:
-    """The device commands, one per call, that bring the parts over and install them into INSTALL_DIR."""
+    """The device commands, one per call, that bring the parts over and install them into INSTALL_DIR (the last
+    one can go on with the work: docs/gpu.md starts the iteration benchmark there)."""
     rel = out.resolve().relative_to(REPO_ROOT)
     commands = []
     for i, part in enumerate(parts, 1):
-        copy = f"mkdir -p {PARTS_DIR} && cp {rel}/{part.name} {PARTS_DIR}/"
+        command = f"mkdir -p {PARTS_DIR} && cp {rel}/{part.name} {PARTS_DIR}/"
         if i == len(parts):
-            copy += (f" && mkdir -p /tmp/wheelhouse && cat {PARTS_DIR}/part-* | tar -x -C /tmp/wheelhouse"
-                     f" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
-                     f" --target {INSTALL_DIR} /tmp/wheelhouse/*.whl && rm -rf {PARTS_DIR}"
-                     f" && PYTHONPATH={INSTALL_DIR} python3 -c 'import dagster, mlflow, lerobot, av, diffusers;"
-                     f" print(\"installed\", dagster.__version__, mlflow.__version__, diffusers.__version__)'")
-        commands.append(f"carry=[\"{rel}/{part.name}\"]  command: {copy}")
+            command += (f" && mkdir -p /tmp/wheelhouse && cat {PARTS_DIR}/part-* | tar -x -C /tmp/wheelhouse"
+                        f" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+                        f" --target {INSTALL_DIR} /tmp/wheelhouse/*.whl || exit 1; export PYTHONPATH={INSTALL_DIR};"
+                        f" python3 -m pip check | head -20; python3 -c 'import dagster, mlflow, lerobot, av, diffusers;"
+                        f" print(\"installed\", dagster.__version__, mlflow.__version__, diffusers.__version__)'")
+        commands.append(f"carry [\"{rel}/{part.name}\"]: {command}")
     return commands
 
 
@@ -216,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "tmp" / "wheelhouse")
     parser.add_argument("--part-mib", type=float, help="largest part (default: 64 MiB - working tree - 2 MiB)")
     parser.add_argument("--no-parts", action="store_true", help="keep the wheels as files (a cluster copy, no device)")
+    parser.add_argument("--plan-only", action="store_true", help="print what would be fetched and its size (from "
+                                                                 "uv.lock's file list), download nothing")
     args = parser.parse_args(argv)
 
     locked = locked_requirements()
@@ -224,6 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile != "all":
         have = host_packages(args.host_freeze)
         selected = [e for e in selected if normalize(e[0]) not in have and normalize(e[0]) not in GPU_HOST_SKIP]
+    planned = planned_sizes(selected)
+    if args.plan_only:
+        total = sum(planned.values()) / 2**20
+        largest = sorted(((round(b / 2**20, 1), n) for n, b in planned.items()), reverse=True)[:8]
+        print(f"profile {args.profile}: {len(selected)} wheels, {total:.1f} MiB")
+        print("largest:", ", ".join(f"{n} {mib} MiB" for mib, n in largest))
+        return {"profile": args.profile, "packages": len(selected), "total_mib": round(total, 1), "largest": largest}
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -231,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     download(selected, wheels_dir)
     wheels = sorted(wheels_dir.glob("*.whl"))
     sizes = {w.name: w.stat().st_size for w in wheels}
+    if sum(sizes.values()) != sum(planned.values()):  # pip picked other files than uv.lock's best match
+        print(f"note: downloaded {sum(sizes.values())} bytes, uv.lock's best matches weigh {sum(planned.values())}")
     total_mib = sum(sizes.values()) / 2**20
     report = {"profile": args.profile, "packages": len(selected), "wheels": len(wheels),
               "total_mib": round(total_mib, 1), "largest": sorted(((round(s / 2**20, 1), n) for n, s in sizes.items()),
