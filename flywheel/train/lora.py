@@ -538,8 +538,7 @@ def free_device_memory(device: torch.device, world: World = SINGLE) -> int | Non
     a CPU."""
     if device.type != "cuda":
         return None
-    free = torch.cuda.mem_get_info(device)[0]
-    return min(world.all_gather_object(free)) if world.is_distributed else free
+    return min(world.all_gather_object(torch.cuda.mem_get_info(device)[0]))
 
 
 def tokens_per_gpu(cache: LatentCache, transformer: torch.nn.Module, config: TrainConfig, clip_id: str,
