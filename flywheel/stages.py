@@ -75,13 +75,14 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _pipeline(model, vae_only: bool = False):
+def _pipeline(model, vae_only: bool = False, transformer_only: bool = False):
     import torch
 
     from flywheel.model.presets import load_pipeline
 
     device = model.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety, vae_only=vae_only)
+    return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety, vae_only=vae_only,
+                         transformer_only=transformer_only)
 
 
 @contextlib.contextmanager
@@ -176,15 +177,40 @@ def train_stage(home, latent_cache_path, train_config, model, progress: Progress
         # <home>/work/adapters-<key>: checkpoints a rerun resumes from; removed once the adapter exists (see store.working).
         with store.working("adapters", key) as work_dir:
             started = time.perf_counter()
-            result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
+            # Training reads the latent cache: the transformer alone is loaded (not the 7B text encoder, not the
+            # VAE), so the training device holds what the step needs and nothing else.
+            result = train_adapter(cache, _pipeline(model, transformer_only=True), train_config, work_dir,
+                                   progress=progress)
             meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
-                    "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
+                    "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path),
+                    **_training_mode_meta(result)}
             world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
             if world.is_main:
                 with store.write("adapters", key, meta) as tmp:
                     shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
             world.barrier()
         return StageResult("adapter", key, path, meta, path / "loss.png")
+
+
+def _training_mode_meta(result) -> dict[str, Any]:
+    """The training mode and the step times, flat (the stage's metadata; the card has the mode too)."""
+    import statistics
+
+    meta: dict[str, Any] = {}
+    mode = result.training_mode
+    if mode is not None:
+        meta["training_mode"] = mode.activation_checkpointing + (f"({mode.selective_save})" if mode.selective_save else "")
+        meta["training_mode_chosen_by"] = mode.chosen_by
+        if mode.estimated_step_gib is not None:
+            meta["estimated_step_gib"] = mode.estimated_step_gib
+        if mode.free_gib is not None:
+            meta["free_gpu_gib_at_start"] = mode.free_gib
+    steps = result.step_seconds
+    if steps:
+        meta["first_step_s"] = round(steps[0], 3)  # includes compiling, on a GPU
+        later = steps[2:] if len(steps) > 3 else steps[1:] or steps
+        meta["step_s_median"] = round(statistics.median(later), 4)
+    return meta
 
 
 def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, progress: Progress = None,

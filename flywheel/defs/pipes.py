@@ -140,11 +140,15 @@ def k8s_pod_spec(home: str, gpus_per_pod: int, volume_claim: str, service_accoun
     return spec
 
 
-def workload_command(python: str, stage: str, home: str, args: dict, processes: int = 1) -> list[str]:
-    """`python -m flywheel.workloads.stage --stage <asset> ...`, or under torchrun for several processes."""
+def workload_command(python: str, stage: str, home: str, args: dict, processes: int = 1,
+                     config_file: Path | None = None) -> list[str]:
+    """`python -m flywheel.workloads.stage --stage <asset> ...`, or under torchrun for several processes. With
+    `config_file` (holding `args` as JSON) the arguments go through it: the inputs' metadata carries the upstream
+    preview images (~250 KB), more than one command-line argument may hold (Linux: 128 KiB)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if processes > 1 else []
-    return [python, *launcher, "-m", "flywheel.workloads.stage", "--stage", stage, "--home", home,
-            "--config-json", json.dumps(args, sort_keys=True, default=str)]
+    source = (["--config-file", str(config_file)] if config_file is not None else
+              ["--config-json", json.dumps(args, sort_keys=True, default=str)])
+    return [python, *launcher, "-m", "flywheel.workloads.stage", "--stage", stage, "--home", home, *source]
 
 
 def processes_for(stage: Stage, flywheel: FlywheelResource) -> int:
@@ -205,14 +209,20 @@ class GpuLauncher(dg.ConfigurableResource):
 
     def _run_subprocess(self, context, workload: str, home: str, args: dict, gpus: int, processes: int = 1):
         client = GpuPipesSubprocessClient(forward_termination=True, termination_timeout_seconds=self.termination_timeout_s)
-        command = workload_command(self.python or sys.executable, workload, home, args, processes)
+        args_file = Path(home) / "dagster" / "workload-args" / f"{context.run_id}-{workload}.json"
+        args_file.parent.mkdir(parents=True, exist_ok=True)
+        args_file.write_text(json.dumps(args, sort_keys=True, default=str))
+        command = workload_command(self.python or sys.executable, workload, home, args, processes, args_file)
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         with gpu_slot(Path(home) / "dagster" / "gpu-locks", gpus, log=context.log.info, count=processes) as device:
             where = (f"GPU{'s' if ',' in device else ''} {device}" if device else "CPU")
             how = (f"torchrun, {processes} processes: " if processes > 1 else "") + f"python -m flywheel.workloads.stage"
             context.log.info(f"running {workload} on {where}: {how}")
             env = {**tracking_env(home), "CUDA_VISIBLE_DEVICES": device, "FLYWHEEL_HOME": home, "PYTHONPATH": pythonpath}
-            return client.run(context=context, command=command, env=env, extras={"workload": workload})
+            try:
+                return client.run(context=context, command=command, env=env, extras={"workload": workload})
+            finally:
+                args_file.unlink(missing_ok=True)
 
     def _run_k8s(self, context, workload: str, home: str, args: dict, processes: int = 1):
         from dagster_k8s import PipesK8sClient

@@ -4,6 +4,10 @@ Under Dagster Pipes (the orchestrator set DAGSTER_PIPES_CONTEXT) progress goes t
 and the result becomes the asset's materialization; standalone, progress is printed and the result is
 written to stdout as JSON. Either way the exit code says whether a retry can help (flywheel.workloads.gpu).
 
+Every result also says what the process spent where (`workload_measurements`): when the process started, how long
+until the stage began (interpreter, imports, the Pipes handshake), the stage's own time, each model load, and on a
+CUDA GPU the peak memory torch allocated and reserved, so a step's fixed costs are measured, not guessed.
+
 Under torchrun (WORLD_SIZE > 1; `train` and `generate` only) every rank joins the process group
 (flywheel.train.distributed) and runs the same stage. Rank 0 behaves as above; the other ranks inherit
 DAGSTER_PIPES_CONTEXT too but ignore it: they run silently and only print an error if they fail.
@@ -103,14 +107,74 @@ def format_progress(event: dict) -> str:
     return " ".join(parts)
 
 
+def process_started_at() -> float | None:
+    """Wall-clock time (epoch seconds) this process was created, to 10 ms: its age from /proc (Linux), so the
+    interpreter's own start and every import count. None where /proc is not there."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22 of proc(5), counted after the ")" that ends the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def workload_measurements(run_started_at: float, run_ended_at: float, main_at: float | None = None) -> dict[str, Any]:
+    """What this process spent where: epoch times (s; `*_at`), durations (s), model loads, CUDA peaks (GiB).
+
+    The stage's result carries it as one JSON value, `workload` (Dagster rounds float metadata to 4 digits, which
+    would turn an epoch time into a day), plus the two peaks at the top level for the asset page."""
+    process_at = process_started_at()
+    out: dict[str, Any] = {"run_started_at": round(run_started_at, 3), "run_ended_at": round(run_ended_at, 3),
+                           "run_s": round(run_ended_at - run_started_at, 3)}
+    if process_at is not None:
+        out["process_started_at"] = round(process_at, 3)
+        out["startup_s"] = round(run_started_at - process_at, 3)  # interpreter + imports + the Pipes handshake
+    if main_at is not None:
+        out["main_at"] = round(main_at, 3)
+    presets = sys.modules.get("flywheel.model.presets")
+    loads = presets.model_loads() if presets is not None else []
+    out["model_loads"] = loads
+    out["model_load_s"] = round(sum(load["load_s"] for load in loads), 3)
+    out["model_import_s"] = round(sum(load["import_s"] for load in loads), 3)
+    out.update(cuda_memory_peaks())
+    return out
+
+
+def cuda_memory_peaks() -> dict[str, Any]:
+    """torch's peak allocated / reserved memory on this process's GPU, when it used one (else nothing)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    device = torch.cuda.current_device()
+    gib = 2**30
+    return {"gpu_name": torch.cuda.get_device_name(device),
+            "gpu_total_gib": round(torch.cuda.get_device_properties(device).total_memory / gib, 2),
+            "gpu_peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / gib, 2),
+            "gpu_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / gib, 2)}
+
+
+def _measured(run: Callable[[Path, dict, Callable[[dict], None]], Any], main_at: float):
+    def run_measured(home: Path, args: dict, progress: Callable[[dict], None]):
+        started = time.time()
+        result = run(home, args, progress)
+        measured = workload_measurements(started, time.time(), main_at)
+        result.metadata["workload"] = measured
+        result.metadata.update({k: v for k, v in measured.items() if k.startswith("gpu_peak_")})
+        return result
+
+    return run_measured
+
+
 def main(run: StageRun, argv: list[str] | None = None) -> int:
     """Run `run(stage, home, args, progress)` as a process (or as one rank of a torchrun job); the exit code."""
     from flywheel.runtime import configure_threads
 
+    main_at = time.time()
     ns = parse_args(argv)
     workload = ns.stage
     configure_threads()  # OMP_NUM_THREADS if set, else this process's share of the cores it may use
-    run = functools.partial(run, workload)
+    run = _measured(functools.partial(run, workload), main_at)
     rank = _torchrun_env("RANK", 0)
     if _torchrun_env("WORLD_SIZE", 1) > 1:
         run = _in_process_group(workload, run)
