@@ -616,3 +616,40 @@ def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
     if build.passed:
         record_refreshed_version(step.home, step.domain, result.path)
     return [loads, build]
+
+
+# ------------------------------------------------------------------------------------------- adapter import
+
+
+def import_adapter_version(home, domain: str, adapter_dir, actor: str, reason: str = "") -> tuple[str, Decision]:
+    """Register an adapter written by flywheel.train.adapter_import.import_adapter as the domain's newest
+    `candidate` (lineage "external"), recorded as an `import` governance run. Refused -- recorded as
+    `import-refused`, nothing registered -- when its card is not an import's (lineage external, source digest)
+    or its declared base model is not the one the domain's adapter line is built on. The candidate then goes
+    through the same adapter gate as a trained one (materialize adapter_evaluation for it). Returns
+    (version, decision); registering the same files again returns the same version."""
+    from flywheel.lineage import registry
+
+    adapter_dir = Path(adapter_dir)
+    card = registry.read_adapter_card(adapter_dir)
+    source = card.get("source") if isinstance(card.get("source"), dict) else {}
+    declared = f"{card.get('base_model_id')}@{card.get('base_revision')}"
+    line = registry.line_base_model(home, domain)
+    criteria = [
+        Criterion(name="card lineage", value=str(card.get("lineage")), threshold="external", rule="external",
+                  passed=card.get("lineage") == "external"),
+        Criterion(name="source digest", value=str(source.get("sha256") or "none")[:16], threshold="recorded",
+                  rule="the imported file's sha256, recorded", passed=bool(source.get("sha256"))),
+        Criterion(name="base model", value=declared, threshold=line or "any",
+                  rule=f"the line's base model {line}" if line else "any (the line has no version yet)",
+                  passed=line is None or declared == line),
+    ]
+    passed = all(c.passed for c in criteria)
+    subject = f"{registry.registered_model_name(domain)} import of {source.get('file') or adapter_dir.name}"
+    decision = Decision(name="import", subject=subject, passed=passed, actor=actor, criteria=criteria,
+                        outcome=("the newest candidate (lineage external); its evaluation gates it like a trained "
+                                 "one" if passed else "refused: nothing registered; import it with "
+                                 "flywheel.train.adapter_import against the domain's base model"))
+    version = registry.apply_import(home, domain, adapter_dir, decision, reason)
+    decision.refuse()
+    return str(version), decision

@@ -90,6 +90,10 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
             run_config=run_config(config, home), instance=instance, partition_key=config.domain,
             raise_on_error=False, asset_selection=[dg.AssetKey(a) for a in selection],
             tags={"flywheel/launched_by": launched_by, "flywheel/selection": ",".join(selection)})
+        # The run has ended: so do its MLflow parent runs (no daemon runs the run-status sensors here).
+        from flywheel.defs.run_status import close_lineage_of_run
+
+        close_lineage_of_run(home, instance.get_run_by_id(result.run_id))
         return outcome_of(result, config.domain)
     finally:
         instance.dispose()
