@@ -45,3 +45,33 @@ def _close_on(status: dg.DagsterRunStatus) -> dg.RunStatusSensorDefinition:
 
 RUN_STATUS_SENSORS = [_close_on(s) for s in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE,
                                              dg.DagsterRunStatus.CANCELED)]
+
+
+def reap_dead_runs(instance: dg.DagsterInstance, home) -> list[str]:
+    """Dagster runs of this instance still marked in progress whose process died (SIGKILL, a crash): marked
+    CANCELED with their pool slots (e.g. `gpu`) freed, their MLflow runs KILLED. Returns their run ids.
+
+    Dagster keeps such a run STARTED and its pool slot claimed, so every later run waits for that slot forever.
+    A run counts as dead when each of its MLflow parent runs names a process (flywheel.lineage.runs.owner_tags)
+    that this host can see is gone; a run without a parent run (no stage started) or of another host is left
+    alone. Call it before launching (flywheel.defs.launch) and wherever runs are started by hand."""
+    from flywheel.lineage import runs, tracking
+
+    in_progress = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    candidates = instance.get_runs(filters=dg.RunsFilter(statuses=in_progress))
+    if not candidates:
+        return []
+    client = tracking.client(home)
+    experiments = tracking.flywheel_experiment_ids(client)
+    reaped = []
+    for run in candidates:
+        parents = [r for r in runs.find_runs(client, experiments, {tracking.TAG_DAGSTER_RUN_ID: run.run_id})
+                   if r.data.tags.get(tracking.TAG_KIND) in ("iteration", "experiment")] if experiments else []
+        if not parents or any(runs.owner_alive(p.data.tags) is not False for p in parents):
+            continue
+        instance.report_run_canceled(run, message="its process is gone (found by flywheel at the next start)")
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        close_dagster_run(home, run.run_id, "KILLED")
+        reaped.append(run.run_id)
+    return reaped

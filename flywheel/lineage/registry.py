@@ -201,8 +201,8 @@ def register_adapter(
         TAG_CODE_VERSION: code_version or "unknown",
     }
     if lineage.kind == EXTERNAL:
-        tags |= {TAG_SOURCE_FORMAT: str(lineage.source.get("format", "")), TAG_SOURCE_SHA: str(lineage.source["sha256"]),
-                 TAG_SOURCE_FILE: str(lineage.source.get("file", ""))}
+        tags |= {TAG_SOURCE_FORMAT: str(lineage.source.get("format", "")),
+                 TAG_SOURCE_SHA: str(lineage.source["sha256"]), TAG_SOURCE_FILE: str(lineage.source.get("file", ""))}
     if run_id:
         tags[TAG_TRAINING_RUN] = run_id
     with tracking.file_lock(home, f"registry-{domain}"):
@@ -235,9 +235,10 @@ def _parent_version(mlflow_client, name: str, lineage: CardLineage, claimed: str
     """The registered version training continued, checked against the card; "" when there is none."""
     if lineage.kind != CONTINUED:
         if claimed is not None:
-            raise IntegrityError(f"{where}: the card says this adapter was {'imported' if lineage.kind == EXTERNAL else 'trained from the base model'} "
-                                 f"(no parent_adapter), but parent_version={claimed} was given; a parent is "
-                                 "recorded only when training continued an adapter")
+            origin = "imported" if lineage.kind == EXTERNAL else "trained from the base model"
+            raise IntegrityError(f"{where}: the card says this adapter was {origin} (no parent_adapter), but "
+                                 f"parent_version={claimed} was given; a parent is recorded only when training "
+                                 "continued an adapter")
         return ""
     by_weights = _versions_with_tag(mlflow_client, name, TAG_WEIGHTS_SHA, lineage.parent_weights_sha256)
     if claimed is None:
@@ -367,11 +368,12 @@ def _describe(tags: dict[str, str], lineage: CardLineage) -> str:
     if lineage.kind == EXTERNAL:
         source = lineage.source
         origin = (f"imported (lineage external) from a {source.get('format', '?')} file `{source.get('file', '?')}` "
-                  f"sha256 `{str(source.get('sha256'))[:16]}`, alpha from {source.get('alpha_from') or 'its metadata'}; "
-                  "its training data is not known")
+                  f"sha256 `{str(source.get('sha256'))[:16]}`, alpha from "
+                  f"{source.get('alpha_from') or 'its metadata'}; its training data is not known")
     else:
         if lineage.kind == CONTINUED:
-            parent = (f"version {tags[TAG_PARENT_VERSION]}" if tags[TAG_PARENT_VERSION] else "an adapter not registered here")
+            parent = (f"version {tags[TAG_PARENT_VERSION]}" if tags[TAG_PARENT_VERSION]
+                      else "an adapter not registered here")
             origin = f"continued from {parent} (weights `{lineage.parent_weights_sha256[:16]}`)"
         else:
             origin = "trained from the base model"

@@ -11,7 +11,8 @@ Tags on every run: flywheel.kind, flywheel.domain, flywheel.iteration (numbered 
 flywheel.code_version, dagster.run_id (latest attempt); step runs add flywheel.asset, flywheel.partition,
 flywheel.step_key and mlflow.parentRunId (the UI nests them under the iteration).
 
-Every RUNNING run names the process that keeps it running: flywheel.host, flywheel.pid and
+Every RUNNING run names the process that keeps it running: flywheel.host, flywheel.pid_ns (the pid
+namespace: containers sharing a hostname do not judge each other's pids), flywheel.pid and
 flywheel.pid_start (the process's start time, so a reused pid is not mistaken for it). `owner_alive` reads
 them; flywheel.lineage.recorder closes the runs of processes that died.
 
@@ -67,6 +68,7 @@ LINEAGE_ARTIFACT_DIR = "lineage"
 MLFLOW_DIGEST_LEN = 32
 TAG_HOST = "flywheel.host"
 TAG_PID = "flywheel.pid"
+TAG_PID_NS = "flywheel.pid_ns"
 TAG_PID_START = "flywheel.pid_start"
 ENV_PACKAGES = ("torch", "diffusers", "peft", "transformers", "lerobot", "dagster", "mlflow", "flywheel")
 
@@ -225,14 +227,15 @@ def finish_iteration_run(home, run_id: str, status: str = "FINISHED") -> None:
 def owner_tags(pid: int | None = None) -> dict[str, str]:
     """Tags naming the process that keeps a run RUNNING (default: this one)."""
     pid = os.getpid() if pid is None else int(pid)
-    return {TAG_HOST: socket.gethostname(), TAG_PID: str(pid), TAG_PID_START: _process_start(pid) or ""}
+    return {TAG_HOST: socket.gethostname(), TAG_PID_NS: _pid_namespace(), TAG_PID: str(pid),
+            TAG_PID_START: _process_start(pid) or ""}
 
 
 def owner_alive(tags: dict[str, str]) -> bool | None:
-    """Whether the process a run's tags name is still running: None when this host cannot tell (no owner
-    recorded, or another host's process)."""
+    """Whether the process a run's tags name is still running: None when this process cannot tell (no owner
+    recorded, another host's or another pid namespace's process)."""
     pid, host = tags.get(TAG_PID), tags.get(TAG_HOST)
-    if not pid or not pid.isdigit() or host != socket.gethostname():
+    if not pid or not pid.isdigit() or host != socket.gethostname() or tags.get(TAG_PID_NS, "") != _pid_namespace():
         return None
     try:
         os.kill(int(pid), 0)
@@ -242,6 +245,13 @@ def owner_alive(tags: dict[str, str]) -> bool | None:
         pass  # someone else's process: alive
     recorded = tags.get(TAG_PID_START)
     return not recorded or _process_start(int(pid)) == recorded
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return ""
 
 
 def _process_start(pid: int) -> str | None:

@@ -179,12 +179,17 @@ def _ensure_default_experiment(uri: str, root: str | None) -> None:
     the first MLflow client happened to start in (MLflow's default root is relative to the working directory)."""
     if not root:
         return
+    wanted = f"{root}/0"
+    if uri.startswith("sqlite:///"):  # the common case, read without building a store: already right?
+        with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60)) as conn:
+            row = conn.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
+        if row and row[0] == wanted:
+            return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     store = SqlAlchemyStore(uri, root)  # creates experiment 0 under `root` when the database has none
     try:
         default = store.get_experiment("0")
-        wanted = f"{root}/0"
         if default.artifact_location != wanted and not store.search_runs(["0"], "", 0, max_results=1):
             with store.ManagedSessionMaker() as session:
                 from mlflow.store.tracking.dbmodels.models import SqlExperiment

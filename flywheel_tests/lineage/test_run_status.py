@@ -7,7 +7,7 @@ import pytest
 
 from flywheel.defs.lineage import is_whole_iteration
 from flywheel.defs.resources import FlywheelResource
-from flywheel.defs.run_status import RUN_STATUS_SENSORS, close_lineage_of_run
+from flywheel.defs.run_status import RUN_STATUS_SENSORS, close_lineage_of_run, reap_dead_runs
 from flywheel.lineage import tracking
 from flywheel.lineage.recorder import IterationLineage, next_iteration
 from flywheel.pipeline import STAGE_LIST
@@ -85,6 +85,34 @@ def test_a_cancelled_run_is_killed_by_the_run_status_sensor(home):
     parent = parents_of(home, dagster_run.run_id)["iteration"]
     assert parent.info.status == "KILLED" and "flywheel.iteration" not in parent.data.tags
     assert next_iteration(home, domain) == 1  # the cancelled run did not consume an iteration number
+
+
+def test_a_run_whose_process_died_is_reaped_and_frees_its_pool_slot(home):
+    """A SIGKILLed `flywheel iterate` leaves its Dagster run STARTED holding the `gpu` slot, which would make every
+    later run wait forever; the next start cancels it, frees the slot and kills its MLflow runs."""
+    import subprocess
+    import sys
+
+    domain = "status-dead"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended: what a SIGKILLed run worker leaves behind
+    with dg.instance_for_test() as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        dagster_run = instance.create_run_for_job(job_def=stage_job(domain, interrupt=False))
+        instance.handle_run_event(dagster_run.run_id, dg.DagsterEvent(
+            event_type_value="PIPELINE_START", job_name=dagster_run.job_name))
+        lineage = IterationLineage.for_dagster_run(home, domain, dagster_run.run_id, owner_pid=dead_pid)
+        with lineage.stage("adapter", "k", {"n": 1}):
+            assert storage.claim_concurrency_slot("gpu", dagster_run.run_id, "adapter").is_claimed
+        live = instance.create_run_for_job(job_def=stage_job(domain, interrupt=False))  # no MLflow parent: left alone
+        assert reap_dead_runs(instance, home) == [dagster_run.run_id]
+        assert instance.get_run_by_id(dagster_run.run_id).status == dg.DagsterRunStatus.CANCELED
+        assert instance.get_run_by_id(live.run_id).status == dg.DagsterRunStatus.NOT_STARTED
+        assert not storage.get_concurrency_info("gpu").claimed_slots
+    parent = parents_of(home, dagster_run.run_id)["iteration"]
+    assert parent.info.status == "KILLED" and parent.data.tags["flywheel.released_iteration"] == "1"
+    assert next_iteration(home, domain) == 1
 
 
 def test_only_a_run_of_every_stage_is_a_numbered_iteration():

@@ -122,6 +122,7 @@ with lineage.stage("adapter", "k", {"rank": 4}) as run:
 """
 
 
+@pytest.mark.multiprocess
 def test_a_dead_process_runs_are_killed_at_the_next_start_and_its_iteration_number_is_given_back(home):
     import subprocess
     import sys
