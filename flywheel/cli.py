@@ -174,10 +174,10 @@ def cmd_gc(args) -> int:
 
 def cmd_adapters_import(args) -> int:
     from flywheel.config import load_config
-    from flywheel.decisions import import_adapter_version
+    from flywheel.decisions import import_adapter_file
 
     config = load_config(args.config, overrides={"home": args.home} if args.home else None, set_args=args.set or [])
-    version, adapter_dir = import_adapter_version(
+    version, adapter_dir = import_adapter_file(
         config, Path(args.path), args.domain, alpha=args.alpha, rank=args.rank,
         actor=f"user {os.environ.get('USER', 'unknown')} via `flywheel adapters import`")
     print(f"imported {args.path} as flywheel-{args.domain} v{version} (candidate, lineage external): {adapter_dir}\n"

@@ -646,19 +646,51 @@ def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
     return [loads, build]
 
 
-# ------------------------------------------------------------------------------------------------- import
+# ------------------------------------------------------------------------------------------- adapter import
 
 
-def import_adapter_version(config, source: Path, domain: str, alpha: float | None, rank: int | None,
-                           actor: str) -> tuple[str, Path]:
+def import_adapter_version(home, domain: str, adapter_dir, actor: str, reason: str = "") -> tuple[str, Decision]:
+    """Register an adapter written by flywheel.train.adapter_import.import_adapter as the domain's newest
+    `candidate` (lineage "external"), recorded as an `import` governance run. Refused -- recorded as
+    `import-refused`, nothing registered -- when its card is not an import's (lineage external, source digest)
+    or its declared base model is not the one the domain's adapter line is built on. The candidate then goes
+    through the same adapter gate as a trained one (materialize adapter_evaluation for it). Returns
+    (version, decision); registering the same files again returns the same version."""
+    from flywheel.lineage import registry
+
+    adapter_dir = Path(adapter_dir)
+    card = registry.read_adapter_card(adapter_dir)
+    source = card.get("source") if isinstance(card.get("source"), dict) else {}
+    declared = f"{card.get('base_model_id')}@{card.get('base_revision')}"
+    line = registry.line_base_model(home, domain)
+    criteria = [
+        Criterion(name="card lineage", value=str(card.get("lineage")), threshold="external", rule="external",
+                  passed=card.get("lineage") == "external"),
+        Criterion(name="source digest", value=str(source.get("sha256") or "none")[:16], threshold="recorded",
+                  rule="the imported file's sha256, recorded", passed=bool(source.get("sha256"))),
+        Criterion(name="base model", value=declared, threshold=line or "any",
+                  rule=f"the line's base model {line}" if line else "any (the line has no version yet)",
+                  passed=line is None or declared == line),
+    ]
+    passed = all(c.passed for c in criteria)
+    subject = f"{registry.registered_model_name(domain)} import of {source.get('file') or adapter_dir.name}"
+    decision = Decision(name="import", subject=subject, passed=passed, actor=actor, criteria=criteria,
+                        outcome=("the newest candidate (lineage external); its evaluation gates it like a trained "
+                                 "one" if passed else "refused: nothing registered; import it with "
+                                 "flywheel.train.adapter_import against the domain's base model"))
+    version = registry.apply_import(home, domain, adapter_dir, decision, reason)
+    decision.refuse()
+    return str(version), decision
+
+
+def import_adapter_file(config, source: Path, domain: str, alpha: float | None, rank: int | None,
+                        actor: str) -> tuple[str, Path]:
     """`flywheel adapters import`: check an adapter trained elsewhere against the base model (every targeted
-    module present, shapes matching, alpha known), write it into the home's adapter store (content-addressed,
-    its files' digests recorded), and register it as the domain's newest candidate with lineage `external`.
+    module present, shapes matching, alpha known: flywheel.train.adapter_import), write it into the home's
+    adapter store (content-addressed, its files' digests recorded), and register it (`import_adapter_version`).
     It becomes champion only through the adapter gate, like any other. Returns (version, adapter dir)."""
     from flywheel.domains import check_domain_name
-    from flywheel.lineage import registry
     from flywheel.model.presets import load_pipeline
-    from flywheel.stages import StageResult
     from flywheel.store import ArtifactStore, hash_file, hash_json, resolve_home, verify_dir
     from flywheel.train.adapter_import import declared_base_model, import_adapter
 
@@ -670,7 +702,8 @@ def import_adapter_version(config, source: Path, domain: str, alpha: float | Non
                               "it, or a peft adapter folder")
     weights = source if source.is_file() else next(iter(sorted(source.glob("*.safetensors"))), None)
     digest = hash_file(weights) if weights is not None else hash_json(str(source.resolve()))
-    pipe = load_pipeline(config.model.preset, seed=config.model.seed, device="cpu", safety=config.model.safety)
+    pipe = load_pipeline(config.model.preset, seed=config.model.seed, device="cpu", safety=config.model.safety,
+                         transformer_only=True)
     store = ArtifactStore(home)
     key = "import-" + hash_json({"source": digest, "alpha": alpha, "rank": rank,
                                  "model": config.model.model_dump(mode="json", exclude={"device"})})[:24]
@@ -681,10 +714,5 @@ def import_adapter_version(config, source: Path, domain: str, alpha: float | Non
                                rank=rank)
     path = store.path("adapters", key)
     verify_dir(path)
-    version = registry.register_adapter(home, domain, path, None, f"external:{digest}", 0, parent_version=None)
-    decision = Decision(name="import", subject=f"{registry.registered_model_name(domain)} v{version}", passed=True,
-                        outcome=f"candidate v{version} (lineage external, source sha256 {digest[:16]})", actor=actor,
-                        criteria=[Criterion(name="keys and shapes match the base", value="yes", threshold="yes",
-                                            rule="every targeted module present, shapes equal", passed=True)])
-    registry.record_import(home, domain, str(version), decision, str(source))
-    return str(version), path
+    version, _ = import_adapter_version(home, domain, path, actor, reason=f"imported from {source}")
+    return version, path

@@ -15,6 +15,7 @@ from flywheel.defs.assets import FLYWHEEL_ASSETS
 from flywheel.defs.jobs import flywheel_iteration
 from flywheel.defs.pipes import GpuLauncher
 from flywheel.defs.resources import FlywheelResource
+from flywheel.defs.run_status import RUN_STATUS_SENSORS
 from flywheel.defs.schedules import flywheel_iteration_schedule
 from flywheel.defs.sensors import inbox_sensor
 from flywheel.defs.terminal import flywheel_console
@@ -50,7 +51,7 @@ def build_definitions(flywheel: FlywheelResource | None = None, gpu: GpuLauncher
         assets=FLYWHEEL_ASSETS,
         jobs=[flywheel_iteration],
         schedules=[flywheel_iteration_schedule],
-        sensors=[inbox_sensor],
+        sensors=[inbox_sensor, *RUN_STATUS_SENSORS],
         resources={"flywheel": flywheel, "gpu": gpu or gpu_launcher_from_env()},
         executor=choose_executor(flywheel.executor),
         loggers={"flywheel_console": flywheel_console},

@@ -87,6 +87,9 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
     use_flywheel_instance(home)
     instance = flywheel_instance(home, echo_step_output=False)
     try:
+        from flywheel.defs.run_status import reap_dead_runs
+
+        reap_dead_runs(instance, home)  # a killed earlier run: its Dagster run, gpu slot and MLflow runs end
         add_domain(config.domain, home=home, instance=instance)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dg.PreviewWarning)
@@ -98,6 +101,10 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
             raise_on_error=False, asset_selection=[dg.AssetKey(a) for a in selection],
             tags={"flywheel/launched_by": launched_by, "flywheel/selection": ",".join(selection),
                   "flywheel/torch_threads": f"{threads['torch_threads']} ({threads['threads_source']})"})
+        # The run has ended: so do its MLflow parent runs (no daemon runs the run-status sensors here).
+        from flywheel.defs.run_status import close_lineage_of_run
+
+        close_lineage_of_run(home, instance.get_run_by_id(result.run_id))
         return outcome_of(result, config.domain)
     finally:
         instance.dispose()

@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Any
 
-LIST_COLUMNS = ("domain", "version", "aliases", "iteration", "method", "rank", "alpha", "parent_version", "gate", "created")
+LIST_COLUMNS = ("domain", "version", "aliases", "lineage", "iteration", "method", "rank", "alpha", "parent_version", "gate",
+                "created")
 
 
 def add_adapters_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,15 +95,16 @@ def _show(args) -> None:
     history = governance_history(args.home, args.domain)
     if args.json:
         return _print_json(info | {"champion_stack": champion_stack(args.home, args.domain), "history": history})
-    for key in ("registered_model", "version", "aliases", "base_model", "method", "rank", "alpha", "iteration",
-                "parent_version", "adapter_digest", "training_dataset_digest", "training_run_id", "model_id", "gate", "url"):
+    for key in ("registered_model", "version", "aliases", "description", "lineage", "base_model", "method", "rank",
+                "alpha", "iteration", "parent_version", "adapter_digest", "training_dataset_digest", "training_run_id",
+                "model_id", "gate", "url"):
         print(f"{key:>24}  {info[key]}")
     for label, metrics in (("eval", info["eval"]), ("base eval", info["base_eval"])):
         if metrics:
             print(f"{label:>24}  " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())))
     if history:
         print("\ngovernance history:")
-        _print_table(history, ("event", "version", "previous_champion", "reason", "run_id"))
+        _print_table(history, ("event", "version", "previous_champion", "actor", "reasons", "reason", "run_id"))
 
 
 def _lineage(args) -> None:
