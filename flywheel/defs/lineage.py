@@ -82,7 +82,9 @@ def iteration_lineage(context: dg.AssetExecutionContext, flywheel: FlywheelResou
     """The MLflow parent run of this Dagster run and domain: opened by the run's first stage, not here."""
     use_tracking_store(flywheel)
     instance = context.instance
-    selection = context.run.asset_selection
+    # a run of a whole job (launched without a selection; or an ad-hoc job such as dg.materialize's, whose run
+    # records an empty one) covers what its job materializes
+    selection = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
     label = ", ".join(sorted(key.path[-1] for key in selection)) if selection else ""
     return IterationLineage.for_dagster_run(
         flywheel.home_path, partition_of(context), context.run.run_id, numbered=is_whole_iteration(selection),

@@ -62,6 +62,9 @@ def prepare_home(home: str | os.PathLike | None, gpus: int | None = None) -> tup
     dagster_home = use_flywheel_instance(home, gpus)
     instance = flywheel_instance(home)
     try:
+        from flywheel.defs.run_status import reap_dead_runs
+
+        reap_dead_runs(instance, home)  # runs of processes killed earlier: ended, their gpu slots freed
         if not instance.get_dynamic_partitions("domain"):  # its demonstrations are the embedded sample
             add_domain(SAMPLE_DOMAIN, home=home, instance=instance)
     finally:
@@ -83,8 +86,11 @@ def start_ui(home: str | os.PathLike | None = None, port: int = 3000, mlflow_por
     if mlflow:
         from flywheel.lineage.tracking import tracking_env
 
+        from flywheel.lineage.tracking import record_ui_url
+
         env.update(tracking_env(home))  # every step process writes lineage to the store this UI shows
         env["FLYWHEEL_MLFLOW_UI_URL"] = f"http://{host}:{mlflow_port}"
+        record_ui_url(home, host, mlflow_port)  # links printed later (flywheel adapters show) use this port
         processes.append(("mlflow", start_mlflow(mlflow, env, logs / "mlflow.log"), logs / "mlflow.log"))
     processes.append(("dagster", _start(dagster_command(port, host), env, logs / "dagster.log"), logs / "dagster.log"))
     print(f"Dagster UI  http://{host}:{port}")
