@@ -12,7 +12,7 @@ import os
 import dagster as dg
 
 from flywheel.defs.assets import FLYWHEEL_ASSETS
-from flywheel.defs.jobs import flywheel_iteration
+from flywheel.defs.jobs import flywheel_gc, flywheel_iteration
 from flywheel.defs.pipes import GpuLauncher
 from flywheel.defs.resources import FlywheelResource
 from flywheel.defs.run_status import RUN_STATUS_SENSORS
@@ -49,7 +49,7 @@ def build_definitions(flywheel: FlywheelResource | None = None, gpu: GpuLauncher
     flywheel = flywheel or FlywheelResource.from_env()
     return dg.Definitions(
         assets=FLYWHEEL_ASSETS,
-        jobs=[flywheel_iteration],
+        jobs=[flywheel_iteration, flywheel_gc],
         schedules=[flywheel_iteration_schedule],
         sensors=[inbox_sensor, *RUN_STATUS_SENSORS],
         resources={"flywheel": flywheel, "gpu": gpu or gpu_launcher_from_env()},

@@ -20,6 +20,8 @@ import dagster as dg
 
 from flywheel.stages import PATH_KEYS, StageResult
 
+# What an asset's metadata holds for the UI only: not read back as part of the stage's result.
+UI_ONLY = ("preview_image", "size_mb", "inputs")
 PREVIEW_MAX_WIDTH = 1024
 PREVIEW_MAX_BYTES = 450_000  # metadata lives in the event log: keep the embedded image small
 
@@ -99,7 +101,7 @@ def latest(context, asset: str) -> StageResult | None:
         return None
     materialization = records.records[0].asset_materialization
     return StageResult.from_metadata({k: (v.value if isinstance(v, dg.MetadataValue) else v)
-                                      for k, v in materialization.metadata.items()})
+                                      for k, v in materialization.metadata.items() if k not in UI_ONLY})
 
 
 def upstream(context, asset: str) -> StageResult:

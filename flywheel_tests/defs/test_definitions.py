@@ -251,3 +251,24 @@ def test_executor_is_chosen_by_configuration(tmp_path):
     assert local.resolve_job_def("flywheel_iteration").executor_def.name == "multi_or_in_process_executor"
     cluster = build_definitions(FlywheelResource(home=str(tmp_path), executor="k8s"))
     assert cluster.resolve_job_def("flywheel_iteration").executor_def.name == "k8s"
+
+
+def test_the_gc_job_lists_and_deletes_what_flywheel_gc_would(tmp_path):
+    from flywheel.defs.jobs import flywheel_gc
+    from flywheel.defs.resources import FlywheelResource
+    from flywheel.store import ArtifactStore
+
+    home = tmp_path / "home"
+    store = ArtifactStore(home)
+    with store.write("synthetic", "old0000000000000000000000", {}) as tmp:  # nothing needs it
+        (tmp / "video.mp4").write_bytes(b"x" * 1000)
+    resources = {"flywheel": FlywheelResource(home=str(home))}
+    with dg.instance_for_test() as instance:
+        run = {"ops": {"collect_garbage": {"config": {"min_age_hours": 0}}}}
+        dry = flywheel_gc.execute_in_process(run_config=run, instance=instance, resources=resources)
+        logs = [r.user_message for r in instance.all_logs(dry.run_id)]
+        assert any("synthetic/old0000000000000000000000" in m for m in logs), logs
+        assert store.exists("synthetic", "old0000000000000000000000")  # a dry run deletes nothing
+        run["ops"]["collect_garbage"]["config"]["dry_run"] = False
+        flywheel_gc.execute_in_process(run_config=run, instance=instance, resources=resources)
+    assert not store.exists("synthetic", "old0000000000000000000000")
