@@ -53,7 +53,8 @@ class Terminal:
 
         if not isinstance(event.get("done"), int) or not isinstance(event.get("total"), int):
             return
-        phase = event.get("step") or event.get("stage")
+        # a named phase ("check videos", "encode"); a numeric `step` is a counter inside the item, not a phase
+        phase = event.get("step") if isinstance(event.get("step"), str) else event.get("stage")
         label = f"[{asset}]" + (f" {phase}" if phase and phase != asset else "")
         bar = self.bars.get(asset)
         if bar is None or bar.desc != label or event["done"] < bar.n:
