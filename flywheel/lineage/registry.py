@@ -86,14 +86,11 @@ TRAINED, CONTINUED, EXTERNAL = "trained", "continued", "external"
 
 
 def read_adapter_card(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(adapter_dir) / ADAPTER_CARD
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: an adapter dir needs {ADAPTER_CARD} next to its weights")
-    try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rewrite it from the training run") from err
-    return _flat_base(card)
+    """The card (flywheel.train.adapter_io.AdapterCard, the one reader) as a dict with its base model's identity
+    also at the top level."""
+    from flywheel.train.adapter_io import AdapterCard
+
+    return _flat_base(AdapterCard.read(adapter_dir).model_dump(mode="json"))
 
 
 def _flat_base(card: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +148,7 @@ class CardLineage:
                    base_revision=str(_card_field(card, where, "base_revision", "revision")),
                    method=str(_card_field(card, where, "method")),
                    rank=str(_card_field(card, where, "rank")),
-                   alpha=str(_card_field(card, where, "alpha")),
+                   alpha=f"{float(_card_field(card, where, 'alpha')):g}",
                    parent_weights_sha256=parent_sha, source=dict(source))
 
 

@@ -33,6 +33,7 @@ import torch
 from flywheel.errors import DataError
 from flywheel.store import hash_file
 from flywheel.train.adapter_io import (
+    AdapterCard,
     ADAPTER_WEIGHTS,
     lora_config_values,
     non_default_lora_fields,
@@ -42,7 +43,6 @@ from flywheel.train.adapter_io import (
     write_card,
 )
 
-CARD_FORMAT = "flywheel-adapter/1"  # the same card format as a trained adapter (flywheel.train.lora)
 LINEAGE_EXTERNAL = "external"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -119,38 +119,20 @@ def import_adapter(source: Path, transformer: torch.nn.Module, out_dir: Path, *,
                           portable_lora_config(lora_config))
     write_card(out_dir, card)
     verify_saved_adapter(out_dir, rank=found_rank, alpha=found_alpha, use_dora=use_dora)
-    return ImportedAdapter(adapter_dir=out_dir, card=card, source_path=src.weights_file)
+    return ImportedAdapter(adapter_dir=out_dir, card=card.model_dump(mode="json"), source_path=src.weights_file)
 
 
-def _external_card(src: _Source, lora_config, base_model: Mapping[str, Any], alpha_from: str) -> dict[str, Any]:
-    """The adapter card of an import: what a trained card says about the adapter, and its source."""
-    return {
-        "format": CARD_FORMAT,
-        "lineage": LINEAGE_EXTERNAL,
-        "method": "dora" if lora_config.use_dora else "lora",
-        "rank": lora_config.r,
-        "alpha": lora_config.lora_alpha,
-        "scaling": lora_config.lora_alpha / lora_config.r,
-        "target_modules": sorted(lora_config.target_modules),
-        "base_model": dict(base_model),
-        "num_trainable_parameters": sum(t.numel() for t in src.state.values()),
-        "source": {
-            "format": src.kind,
-            "file": src.weights_file.name,
-            "sha256": src.digests[src.weights_file.name],
-            "files_sha256": dict(sorted(src.digests.items())),
-            "alpha_from": alpha_from,
-            "rank_from": "tensor shapes",
-            "config_from": src.config_origin,
-        },
-        # What a trained adapter's card has and an imported one cannot know.
-        "training_data": None,
-        "parent_adapter": None,
-        "steps": None,
-        "final_loss": None,
-        "seed": None,
-        "config": None,
-    }
+def _external_card(src: _Source, lora_config, base_model: Mapping[str, Any], alpha_from: str) -> AdapterCard:
+    """The adapter card of an import: what a trained card says about the adapter, and its source (what a trained
+    adapter's card has and an import cannot know -- its training data, steps, loss -- stays empty)."""
+    return AdapterCard(
+        lineage=LINEAGE_EXTERNAL, method="dora" if lora_config.use_dora else "lora", rank=lora_config.r,
+        alpha=lora_config.lora_alpha, scaling=lora_config.lora_alpha / lora_config.r,
+        target_modules=sorted(lora_config.target_modules), base_model=dict(base_model),
+        num_trainable_parameters=sum(t.numel() for t in src.state.values()),
+        source={"format": src.kind, "file": src.weights_file.name, "sha256": src.digests[src.weights_file.name],
+                "files_sha256": dict(sorted(src.digests.items())), "alpha_from": alpha_from,
+                "rank_from": "tensor shapes", "config_from": src.config_origin})
 
 
 # --- reading the source --------------------------------------------------------------------------

@@ -24,9 +24,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flywheel.errors import DataError
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_CARD = "adapter_card.json"
@@ -162,11 +165,10 @@ def write_adapter_weights(out_dir: Path, state_dict: dict[str, torch.Tensor], me
     return out_dir / ADAPTER_WEIGHTS
 
 
-def write_card(out_dir: Path, card: dict) -> Path:
-    """adapter_card.json: sorted keys, so the same card gives the same bytes."""
-    path = Path(out_dir) / ADAPTER_CARD
-    path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
-    return path
+def write_card(out_dir: Path, card: AdapterCard | dict) -> Path:
+    """adapter_card.json, validated by AdapterCard and written with sorted keys (the same card, the same bytes)."""
+    card = card if isinstance(card, AdapterCard) else AdapterCard.model_validate(card)
+    return card.write(out_dir)
 
 
 def save_adapter(transformer: torch.nn.Module, out_dir: Path, card: dict, adapter_name: str = TRAINING_ADAPTER_NAME) -> Path:
@@ -211,11 +213,75 @@ def verify_saved_adapter(adapter_dir: Path, *, rank: int, alpha: float, use_dora
         raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: saved adapter does not round-trip: {'; '.join(problems)}")
 
 
-def read_card(adapter_dir: Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / ADAPTER_CARD
-    if not path.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CARD}; this is not a flywheel adapter directory")
-    return json.loads(path.read_text())
+CARD_FORMAT = "flywheel-adapter/1"
+
+
+class BaseModelRef(BaseModel):
+    """The frozen model an adapter is for."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_id: str
+    revision: str | None = None
+    preset: str | None = None
+    dtype: str | None = None
+
+
+class ParentRef(BaseModel):
+    """The adapter training continued from, by its weights' digest (a path would not survive a moved home)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    weights_sha256: str
+
+
+class AdapterCard(BaseModel):
+    """adapter_card.json: what an adapter is and where it came from. The one reader (`read`) and writer (`write`)
+    of the card: training, import, registration, generation and lineage all go through it."""
+
+    model_config = ConfigDict(extra="allow")  # a newer flywheel's extra fields are kept, not refused
+
+    format: str = CARD_FORMAT
+    lineage: Literal["trained", "continued", "external"] = "trained"
+    method: Literal["lora", "dora"]
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    scaling: float
+    target_modules: list[str]
+    base_model: BaseModelRef
+    num_trainable_parameters: int
+    training_data: dict[str, Any] | None = None   # trained: the latent cache it learned from
+    steps: int | None = None
+    final_loss: float | None = None
+    last_step_loss: float | None = None
+    seed: int | None = None
+    parent_adapter: ParentRef | None = None        # continued: the adapter training started from
+    source: dict[str, Any] | None = None           # external: the imported file, its digest, where alpha came from
+    config: dict[str, Any] | None = None           # trained: the TrainConfig
+    training_mode: dict[str, Any] | None = None    # trained: the checkpointing mode and why it was chosen
+
+    @classmethod
+    def read(cls, adapter_dir: str | os.PathLike) -> AdapterCard:
+        path = Path(adapter_dir) / ADAPTER_CARD
+        if not path.is_file():
+            raise DataError(f"{adapter_dir}: no {ADAPTER_CARD}; this is not a flywheel adapter directory (an adapter "
+                            "trained elsewhere: `flywheel adapters import` it)")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise DataError(f"{path}: not a valid adapter card ({problems}); rewrite it from the training run or "
+                            "import the adapter again") from None
+
+    def write(self, out_dir: str | os.PathLike) -> Path:
+        """Sorted keys, no nulls beyond the model's own fields: the same card gives the same bytes."""
+        path = Path(out_dir) / ADAPTER_CARD
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def read_card(adapter_dir: Path) -> AdapterCard:
+    return AdapterCard.read(adapter_dir)
 
 
 def adapter_scalings(transformer: torch.nn.Module, adapter_name: str) -> set[float]:
@@ -225,7 +291,7 @@ def adapter_scalings(transformer: torch.nn.Module, adapter_name: str) -> set[flo
     return {m.scaling[adapter_name] for m in transformer.modules() if isinstance(m, LoraLayer) and adapter_name in m.scaling}
 
 
-def load_adapter(pipe, adapter_dir: Path, adapter_name: str) -> dict[str, Any]:
+def load_adapter(pipe, adapter_dir: Path, adapter_name: str) -> AdapterCard:
     """Load a saved adapter into `pipe` with the stock diffusers loader and make it the active one.
 
     Returns the adapter card. Checks that the loaded scaling is the card's alpha / rank.
@@ -237,7 +303,7 @@ def load_adapter(pipe, adapter_dir: Path, adapter_name: str) -> dict[str, Any]:
                          "remove_adapter(pipe, name) first or pick another name")
     pipe.load_lora_weights(str(adapter_dir), weight_name=ADAPTER_WEIGHTS, adapter_name=adapter_name)
     pipe.set_adapters(adapter_name)
-    expected = card["alpha"] / card["rank"]
+    expected = card.alpha / card.rank
     got = adapter_scalings(pipe.transformer, adapter_name)
     if got != {expected}:
         remove_adapter(pipe, adapter_name)

@@ -43,6 +43,7 @@ from flywheel.train import checkpoint as ckpt
 from flywheel.train.adapter_io import (
     ADAPTER_WEIGHTS,
     TRAINING_ADAPTER_NAME,
+    AdapterCard,
     read_card,
     read_saved_adapter,
     remove_adapter,
@@ -59,7 +60,6 @@ from flywheel.train.speed import (
 )
 
 ADAPTER_DIR = "adapter"
-CARD_FORMAT = "flywheel-adapter/1"
 FINAL_LOSS_WINDOW = 10  # the card's final_loss: mean of the last steps, one step's loss is too noisy
 
 
@@ -288,7 +288,7 @@ def set_training_adapter_weights(transformer: torch.nn.Module, weights: dict[str
                          f"(unexpected {unexpected[:3]}, missing {missing[:3]}); check rank, method and target_modules")
 
 
-def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: TrainConfig) -> dict[str, Any]:
+def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: TrainConfig) -> AdapterCard:
     """Start from a saved parent adapter (same method, rank, alpha, targets); returns the parent's card."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
@@ -392,31 +392,19 @@ def training_data_record(cache: LatentCache, clip_ids: list[str]) -> dict[str, A
 
 def adapter_card(config: TrainConfig, base_model: dict, training_data: dict, losses: list[float],
                  num_params: int, parent_dir: Path | None, training_mode: TrainingModeChoice | None = None
-                 ) -> dict[str, Any]:
-    """What the adapter is. Deterministic given the inputs: no times, no resume history (and of the training
-    mode's choice, not the free memory it was read from)."""
+                 ) -> AdapterCard:
+    """What the adapter is. Deterministic given the inputs: no times, no paths, no resume history (and of the
+    training mode's choice, not the free memory it was read from)."""
     tail = losses[-FINAL_LOSS_WINDOW:]
-    card = {
-        "format": CARD_FORMAT,
-        "method": config.method,
-        "rank": config.rank,
-        "alpha": config.alpha,
-        "scaling": config.alpha / config.rank,
-        "target_modules": list(config.target_modules),
-        "base_model": base_model,
-        "training_data": training_data,
-        "steps": config.steps,
-        "final_loss": sum(tail) / len(tail),
-        "last_step_loss": losses[-1],
-        "seed": config.seed,
-        "num_trainable_parameters": num_params,
-        "parent_adapter": None if parent_dir is None else {
-            "path": str(parent_dir), "weights_sha256": hash_file(Path(parent_dir) / ADAPTER_WEIGHTS)},
-        "config": config.model_dump(mode="json"),
-    }
-    if training_mode is not None:
-        card["training_mode"] = training_mode.model_dump(mode="json", exclude={"free_gib"})
-    return card
+    return AdapterCard(
+        lineage="continued" if parent_dir is not None else "trained",
+        method=config.method, rank=config.rank, alpha=config.alpha, scaling=config.alpha / config.rank,
+        target_modules=list(config.target_modules), base_model=base_model, training_data=training_data,
+        steps=config.steps, final_loss=sum(tail) / len(tail), last_step_loss=losses[-1], seed=config.seed,
+        num_trainable_parameters=num_params,
+        parent_adapter=None if parent_dir is None else {"weights_sha256": hash_file(Path(parent_dir) / ADAPTER_WEIGHTS)},
+        config=config.model_dump(mode="json"),
+        training_mode=None if training_mode is None else training_mode.model_dump(mode="json", exclude={"free_gib"}))
 
 
 def _write_loss_csv(path: Path, losses: list[float], lrs: list[float]) -> None:
@@ -432,14 +420,15 @@ def _read_loss_csv(path: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: dict, losses: list[float], lrs: list[float]) -> None:
+def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: AdapterCard, losses: list[float],
+                      lrs: list[float]) -> None:
     """The final adapter directory, filled in a temp dir and renamed into place."""
     tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         save_adapter(transformer, tmp, card)
         _write_loss_csv(tmp / "loss.csv", losses, lrs)
         write_loss_plot(losses, tmp / "loss.png",
-                        title=f"{card['method']} r={card['rank']} alpha={card['alpha']:g}: flow-matching loss")
+                        title=f"{card.method} r={card.rank} alpha={card.alpha:g}: flow-matching loss")
         os.rename(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -448,11 +437,11 @@ def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: dict,
 
 def _finished_result(adapter_dir: Path, config: TrainConfig) -> TrainResult:
     card = read_card(adapter_dir)
-    if _changed_fields(card.get("config") or {}, config.model_dump(mode="json")):
+    if _changed_fields(card.config or {}, config.model_dump(mode="json")):
         raise ValueError(f"{adapter_dir}: holds an adapter trained with another config; "
                          "use a new work_dir for a new config (adapters are immutable)")
-    return TrainResult(adapter_dir=adapter_dir, card=card, losses=_read_loss_csv(adapter_dir / "loss.csv"),
-                       resumed_from_step=card["steps"])
+    return TrainResult(adapter_dir=adapter_dir, card=card.model_dump(mode="json"),
+                       losses=_read_loss_csv(adapter_dir / "loss.csv"), resumed_from_step=card.steps)
 
 
 def train_adapter(
@@ -529,7 +518,8 @@ def train_adapter(
     if world.is_main:
         for _, path in ckpt.list_checkpoints(work_dir):  # the adapter is final; optimizer states are dead weight
             shutil.rmtree(path, ignore_errors=True)
-    return TrainResult(adapter_dir=final_dir, card=card, losses=run.losses, resumed_from_step=resumed_from_step,
+    return TrainResult(adapter_dir=final_dir, card=card.model_dump(mode="json"), losses=run.losses,
+                       resumed_from_step=resumed_from_step,
                        seconds=time.perf_counter() - started, training_mode=training_mode, step_seconds=step_seconds)
 
 

@@ -57,12 +57,15 @@ def make_adapter(root: Path, seed: int, rank: int = 4, method: str = "lora", ste
         "method": method,
         "rank": rank,
         "alpha": 2 * rank,
+        "scaling": 2.0,
         "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
         "base_model": {"model_id": BASE_MODEL, "revision": base_revision},
+        "num_trainable_parameters": 2 * rank * 32,
         "steps": steps,
         "final_loss": 0.25,
+        "lineage": "trained" if parent is None else "continued",
         "parent_adapter": None if parent is None else {
-            "path": str(parent), "weights_sha256": hash_file(Path(parent) / "pytorch_lora_weights.safetensors")},
+            "weights_sha256": hash_file(Path(parent) / "pytorch_lora_weights.safetensors")},
     }
     if external:
         card |= {"lineage": "external", "steps": None, "final_loss": None, "training_data": None,

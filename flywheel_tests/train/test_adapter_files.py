@@ -95,7 +95,7 @@ def test_peft_config_carries_only_fields_old_peft_has_and_rebuilds_exactly(tiny_
     add_training_adapter(tiny_pipe.transformer, config)
     try:
         trained = tiny_pipe.transformer.peft_config["default"]
-        save_adapter(tiny_pipe.transformer, tmp_path / "adapter", {"method": method, "rank": rank, "alpha": alpha})
+        save_adapter(tiny_pipe.transformer, tmp_path / "adapter", make_card(method, rank, alpha))
     finally:
         remove_adapter(tiny_pipe)
     written = _metadata(tmp_path / "adapter")
@@ -110,3 +110,11 @@ def test_peft_config_carries_only_fields_old_peft_has_and_rebuilds_exactly(tiny_
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(written))
     assert lora_config_values(LoraConfig.from_pretrained(str(tmp_path / "peft"))) == lora_config_values(trained)
+
+
+def make_card(method: str, rank: int, alpha: float):
+    """A complete adapter card for an adapter made in a test (no training data, no steps)."""
+    from flywheel.train.adapter_io import AdapterCard
+
+    return AdapterCard(method=method, rank=rank, alpha=alpha, scaling=alpha / rank, target_modules=["to_q"],
+                       base_model={"model_id": "tiny"}, num_trainable_parameters=0)
