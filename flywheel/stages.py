@@ -504,10 +504,12 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
     episodes, not_refreshable = [], []
     for row in accepted.itertuples():
         z = np.load(Path(links["labels"]) / row.actions)
-        provenance = {"clip_id": row.request_id, "adapter_version": row.adapter_path or "base", "adapter": row.adapter,
+        # keys, not paths: the version's content (and id) must not depend on where the home is
+        provenance = {"clip_id": row.request_id, "adapter_version": Path(row.adapter_path).name if row.adapter_path
+                      else "base", "adapter": row.adapter,
                       "seed": int(row.seed), "prompt": row.prompt, "source_episode": row.source_episode_id,
                       "source_clip": row.source_clip_id, "model_id": row.model_id, "revision": row.revision,
-                      "synthetic_set": str(synthetic),
+                      "synthetic_set": synthetic.name,
                       "filter_scores": {c: float(results.loc[row.request_id, c]) for c in score_cols}}
         features = _simulator_features(root, row, z["actions"], float(row.fps))
         if features is None:

@@ -33,8 +33,9 @@ def iteration(store: ArtifactStore, n: int, dataset_root: str) -> dict[str, str]
     keys["latents"] = put(store, "latents", f"l{k}"[:24], {"clip_set": keys["clips"],
                                                            "clip_set_path": str(home / "clips" / keys["clips"])})
     weights = np.random.default_rng(n).integers(0, 256, 4000, dtype=np.uint8).tobytes()
-    card = {"format": "flywheel-adapter/1", "base_model_id": "flywheel/tiny-pusht", "base_revision": "r1",
-            "method": "lora", "rank": 4, "alpha": 4}
+    card = {"format": "flywheel-adapter/1", "base_model": {"model_id": "flywheel/tiny-pusht", "revision": "r1"},
+            "method": "lora", "rank": 4, "alpha": 4, "scaling": 1.0, "target_modules": ["to_q"],
+            "num_trainable_parameters": 0}
     keys["adapter"] = put(store, "adapters", f"a{k}"[:24], {"latent_cache": str(home / "latents" / keys["latents"])},
                           {"pytorch_lora_weights.safetensors": weights, "adapter_card.json": card})
     keys["evaluation"] = put(store, "evaluations", f"e{k}"[:24], {"passed": True})
@@ -66,13 +67,15 @@ def three_iterations(tmp_path_factory, robot_datasets):
     its = {1: iteration(store, 1, source)}
     its[2] = iteration(store, 2, str(store.path("datasets", its[1]["dataset"])))
     its[3] = iteration(store, 3, str(store.path("datasets", its[2]["dataset"])))
-    passed = registry.GateDecision(passed=True, reasons=[], checks=[])
+    from flywheel.decisions import Decision
+
+    passed = Decision(name="adapter gate", subject="test", passed=True, outcome="promoted to champion")
     for n in (1, 2, 3):
         version = registry.register_adapter(store.home, DOMAIN, store.path("adapters", its[n]["adapter"]), None,
                                             training_dataset_digest=f"data-{n}", iteration=n)
         assert version == str(n)
         if n != 2:
-            registry.promote(store.home, DOMAIN, version, passed)
+            registry.apply_promotion(store.home, DOMAIN, version, passed)
     return store, its
 
 

@@ -11,6 +11,7 @@ on a machine with GPUs, run as Pipes workloads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -85,8 +86,14 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
     threads = configure_threads()
     ArtifactStore(home).sweep()  # what killed writers left behind (their temp and scratch dirs)
     use_flywheel_instance(home)
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
     instance = flywheel_instance(home, echo_step_output=False)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(instance.dispose)
+        # Definitions resolve against the instance this run uses (a process that launched before, e.g. a test or
+        # `--iterations`, may have left another instance's state storage current)
+        cleanup.enter_context(set_defs_state_storage(instance.defs_state_storage))
         from flywheel.defs.run_status import reap_dead_runs
 
         reap_dead_runs(instance, home)  # a killed earlier run: its Dagster run, gpu slot and MLflow runs end
@@ -106,8 +113,6 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
 
         close_lineage_of_run(home, instance.get_run_by_id(result.run_id))
         return outcome_of(result, config.domain)
-    finally:
-        instance.dispose()
 
 
 def outcome_of(result: dg.ExecuteInProcessResult, domain: str) -> RunOutcome:
