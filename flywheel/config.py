@@ -148,6 +148,9 @@ def read_yaml_layer(path: str | Path) -> Layer:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start}); give a YAML config file "
+                          "(`flywheel config` prints one)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, ingest, clips, train, ...)")
     return Layer.from_mapping(data, str(path))
