@@ -335,6 +335,11 @@ def _try_lock_unused(path: Path) -> tuple[int | None, bool]:
         return None, True
 
 
+def process_alive_here(pid: int, host: str) -> bool:
+    """Whether process `pid` of `host` is alive, judged from this host (another host's process: False)."""
+    return _alive_here({"pid": pid, "host": host})
+
+
 def _alive_here(writer: dict) -> bool:
     """Whether a writer record names a live process of this host."""
     if writer.get("host") != socket.gethostname() or not isinstance(writer.get("pid"), int):

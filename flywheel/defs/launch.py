@@ -74,6 +74,7 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
     from flywheel.defs.definitions import build_definitions
     from flywheel.defs.instance import flywheel_instance, use_flywheel_instance
     from flywheel.defs.jobs import ITERATION_JOB
+    from flywheel.defs.orphans import fail_dead_runs, process_tags
     from flywheel.defs.partitions import add_domain
     from flywheel.defs.resources import FlywheelResource
 
@@ -87,6 +88,7 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
     use_flywheel_instance(home)
     instance = flywheel_instance(home, echo_step_output=False)
     try:
+        fail_dead_runs(instance, home)  # runs of killed `flywheel` processes: failed, their MLflow runs ended
         add_domain(config.domain, home=home, instance=instance)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dg.PreviewWarning)
@@ -96,7 +98,7 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
         result = job.execute_in_process(
             run_config=run_config(config, home), instance=instance, partition_key=config.domain,
             raise_on_error=False, asset_selection=[dg.AssetKey(a) for a in selection],
-            tags={"flywheel/launched_by": launched_by, "flywheel/selection": ",".join(selection),
+            tags={**process_tags(), "flywheel/launched_by": launched_by, "flywheel/selection": ",".join(selection),
                   "flywheel/torch_threads": f"{threads['torch_threads']} ({threads['threads_source']})"})
         return outcome_of(result, config.domain)
     finally:

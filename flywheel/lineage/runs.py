@@ -198,6 +198,21 @@ def finish_iteration_run(home, run_id: str, status: str = "FINISHED") -> None:
     tracking.client(home).set_terminated(run_id, status)
 
 
+def end_runs_of_dagster_run(home, dagster_run_id: str, status: str = "KILLED") -> list[str]:
+    """End the runs (iteration and steps) a Dagster run left RUNNING, e.g. when its process was killed; returns
+    their ids. A killed process never reaches `set_terminated`, and nothing else would end them."""
+    mlflow_client = tracking.client(home)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not experiments:
+        return []
+    ended = []
+    for run in find_runs(mlflow_client, experiments, {TAG_DAGSTER_RUN_ID: dagster_run_id}):
+        if run.info.status == "RUNNING":
+            mlflow_client.set_terminated(run.info.run_id, status)
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextlib.contextmanager
 def step_run(
     home,
