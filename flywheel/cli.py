@@ -31,8 +31,10 @@ def load_run_config(args):
     from flywheel.config import load_config
 
     overrides = {"home": args.home} if getattr(args, "home", None) else None
-    if getattr(args, "domain", None):
-        overrides = (overrides or {}) | {"domain": args.domain}
+    if getattr(args, "domain", None) is not None:  # `--domain ''` is a bad name, not "the default"
+        from flywheel.domains import check_domain_name
+
+        overrides = (overrides or {}) | {"domain": check_domain_name(args.domain)}
     config = load_config(args.config, overrides=overrides, set_args=args.set or [])
     if not domain_was_given(args) and config.ingest.source:
         # your data is not the sample's domain: name the domain after the dataset instead of adding its
@@ -92,6 +94,7 @@ def cmd_run(args, until: str | None) -> int:
             say(f"[run] Dagster run {outcome.run_id} {'succeeded' if outcome.success else 'failed'} "
                   f"(`flywheel ui --home {config.home}` shows it)")
             if not outcome.success:
+                terminal.close()  # the failed stage's bar is still drawn: clear it so the message starts a line
                 return report_failure(outcome)
     finally:
         terminal.close()

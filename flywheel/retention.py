@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
+from flywheel.errors import ConfigError
 from flywheel.store import COMPLETE_MARKER, ArtifactStore, Swept, hash_tree, tree_size
 
 # Small JSON files in an artifact that name the artifacts it was made from.
@@ -51,6 +53,14 @@ HEX_KEY = re.compile(r"^[0-9a-f]{16,64}$")
 class Policy:
     keep_datasets: int = 3        # newest dataset versions kept per domain
     min_age_s: float = 3600.0     # artifacts younger than this always stay
+
+    def __post_init__(self):
+        if isinstance(self.keep_datasets, bool) or not isinstance(self.keep_datasets, int) or self.keep_datasets < 0:
+            raise ConfigError(f"keep_datasets={self.keep_datasets!r} (`flywheel gc --keep-datasets N`): keep 0 or more "
+                              "dataset versions per domain")
+        if not isinstance(self.min_age_s, (int, float)) or not math.isfinite(self.min_age_s) or self.min_age_s < 0:
+            raise ConfigError(f"min_age_s={self.min_age_s!r} (`flywheel gc --min-age-hours H`, in hours there): give a "
+                              "finite age of 0 or more")
 
 
 @dataclasses.dataclass

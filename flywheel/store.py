@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flywheel.errors import IntegrityError
+from flywheel.errors import ConfigError, IntegrityError
 
 DEFAULT_HOME = Path(".flywheel")
 HOME_ENV = "FLYWHEEL_HOME"
@@ -60,7 +60,14 @@ log = logging.getLogger(__name__)
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
     """The flywheel home: the argument, else $FLYWHEEL_HOME, else ./.flywheel; always absolute."""
     chosen = home or os.environ.get(HOME_ENV) or DEFAULT_HOME
-    return Path(chosen).expanduser().resolve()
+    path = Path(chosen).expanduser().resolve()
+    for folder in (path, *path.parents):  # the nearest existing one decides whether the home can be made
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{path}: cannot be the flywheel home, {folder} is a file, not a folder; give --home "
+                                  f"(or ${HOME_ENV}) a folder")
+            break
+    return path
 
 
 def hash_bytes(data: bytes) -> str:
@@ -326,6 +333,11 @@ def _try_lock_unused(path: Path) -> tuple[int | None, bool]:
     except BlockingIOError:
         os.close(fd)
         return None, True
+
+
+def process_alive_here(pid: int, host: str) -> bool:
+    """Whether process `pid` of `host` is alive, judged from this host (another host's process: False)."""
+    return _alive_here({"pid": pid, "host": host})
 
 
 def _alive_here(writer: dict) -> bool:

@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from flywheel.data.video import VideoError, read_frames, write_video
+from flywheel.errors import ConfigError
 from flywheel.store import ArtifactStore, hash_file, hash_json
 
 if TYPE_CHECKING:
@@ -102,6 +103,22 @@ class ClipConfig(BaseModel):
         "pad", description="pad: keep the aspect ratio, black bars (default; invertible); center-crop: keep the "
                            "aspect ratio, cut the overflow; stretch: distort to fit")
 
+    # Checked here too (not only once the preset fills the Nones in), so a bad size fails before ingest runs.
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_fit_the_vae(cls, value: int | None) -> int | None:
+        if value is not None and value % FRAMES_MULTIPLE != FRAMES_REMAINDER:
+            raise ValueError(f"{value} frames: the Cosmos VAE needs 4k+1 frames (e.g. 17, 33, 93)")
+        return value
+
+    @field_validator("height", "width")
+    @classmethod
+    def _pixels_fit_the_vae(cls, value: int | None) -> int | None:
+        if value is not None and value % PIXELS_MULTIPLE:
+            raise ValueError(f"{value} pixels: must be a multiple of {PIXELS_MULTIPLE} (VAE 8x downsampling, then 2x2 "
+                             "patches)")
+        return value
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
@@ -128,12 +145,12 @@ def resolve_spec(config: ClipConfig, preset: ModelPreset) -> ClipSpec:
         stride=config.stride or num_frames,
     )
     if spec.num_frames % FRAMES_MULTIPLE != FRAMES_REMAINDER:
-        raise ValueError(f"clips.num_frames={spec.num_frames}: the Cosmos VAE needs 4k+1 frames "
+        raise ConfigError(f"clips.num_frames={spec.num_frames}: the Cosmos VAE needs 4k+1 frames "
                          f"(e.g. 17, 33, 93); set clips.num_frames accordingly")
     for name in ("height", "width"):
         value = getattr(spec, name)
         if value % PIXELS_MULTIPLE:
-            raise ValueError(f"clips.{name}={value}: must be a multiple of {PIXELS_MULTIPLE} "
+            raise ConfigError(f"clips.{name}={value}: must be a multiple of {PIXELS_MULTIPLE} "
                              f"(VAE 8x downsampling, then 2x2 patches)")
     return spec
 

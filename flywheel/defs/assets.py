@@ -60,7 +60,11 @@ def run_step(context: dg.AssetExecutionContext, stage: Stage, flywheel: Flywheel
                           lineage=iteration_lineage(context, flywheel), actor=actor_of(context),
                           inbox=flywheel.inbox_path, latest=lambda asset: latest(context, asset))
     if stage.prepare is not None:
-        stage.prepare(step)
+        try:
+            stage.prepare(step)
+        except BaseException:  # e.g. no source for the domain: the iteration run must not stay RUNNING
+            step.lineage.finish("FAILED")
+            raise
     started = time.perf_counter()
     with step_lineage(context, step, stage_params(step.config, stage.section)) as links:
         progress = stage_progress(context, stage.asset)

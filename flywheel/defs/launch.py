@@ -77,7 +77,6 @@ def launch(config: FlywheelConfig, until: str | None = None, launched_by: str = 
     from flywheel.defs.jobs import ITERATION_JOB
     from flywheel.defs.partitions import add_domain
     from flywheel.defs.resources import FlywheelResource
-
     from flywheel.runtime import configure_threads
     from flywheel.store import ArtifactStore
 

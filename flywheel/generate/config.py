@@ -61,6 +61,12 @@ class GenerateConfig(BaseModel):
         "residual changed by less than this relative amount since the last computed step reuses the other blocks' "
         "residual; higher is faster and less exact; 0 installs the cache but never skips; None: off")
 
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _version_number_as_text(cls, value):
+        # `--set generate.adapter=3` (and `adapter: 3` in YAML) parse as an int: it is registry version "3".
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import flywheel
+from flywheel.errors import NotFound
 from flywheel.lineage import registry, runs, tracking
 from flywheel.store import ArtifactStore, hash_tree, resolve_home
 
@@ -211,7 +212,7 @@ class IterationLineage:
         try:
             model_version = client.get_model_version(name, str(version))
         except Exception as err:
-            raise LookupError(f"{name} has no version {version!r} ({err}); list them with `flywheel adapters list`") from None
+            raise NotFound(f"{name} has no version {version!r} ({err}); list them with `flywheel adapters list`") from None
         stored = model_version.tags.get(TAG_ADAPTER_PATH)
         if stored and (self.home / stored / registry.ADAPTER_WEIGHTS).is_file():  # relative to the home, or absolute
             return self.home / stored

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import IntegrityError
+from flywheel.errors import NotFound
 from flywheel.lineage import tracking
 from flywheel.lineage.tracking import TAG_CODE_VERSION, TAG_DOMAIN, TAG_KIND, registered_model_name
 from flywheel.store import hash_file, hash_tree, resolve_home
@@ -604,7 +605,7 @@ def resolve_adapter(home, domain: str, version: str | int | None = None) -> tupl
     if version is None:
         version = _alias_version(mlflow_client, name, CHAMPION)
         if version is None:
-            raise LookupError(f"{name} has no champion yet; promote a version (flywheel adapters promote) or pass a version")
+            raise NotFound(f"{name} has no champion yet; promote a version (flywheel adapters promote) or pass a version")
     model_version = mlflow_client.get_model_version(name, str(version))
     location = mlflow_client.get_logged_model(model_id_of(model_version)).artifact_location
     if location.startswith("file://"):
@@ -681,7 +682,7 @@ def show_adapter(home, domain: str, version: str | int | None = None) -> dict[st
     if version is None:
         version = _alias_version(mlflow_client, name, CHAMPION) or _alias_version(mlflow_client, name, CANDIDATE)
         if version is None:
-            raise LookupError(f"{name} has no champion or candidate; register an adapter first")
+            raise NotFound(f"{name} has no champion or candidate; register an adapter first")
     model_version = mlflow_client.get_model_version(name, str(version))
     aliases = list(model_version.aliases or [])
     metrics, base_metrics = evaluation_of(home, domain, version)

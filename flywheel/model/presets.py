@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from flywheel.errors import ConfigError
 from flywheel.model.safety import SafetyChoice, resolve_safety_checker
 from flywheel.model.tiny_tokenizer import TOKENIZER_DIR
 
@@ -136,8 +137,8 @@ def get_preset(name_or_path: str) -> ModelPreset:
     path = Path(name_or_path)
     if path.is_dir() and (path / "model_index.json").is_file():
         return dataclasses.replace(PRESETS["cosmos-predict2.5-2b"], name="local", model_id=str(path.resolve()), revision=None)
-    raise ValueError(
-        f"unknown model preset {name_or_path!r}: use one of {sorted(PRESETS)} "
+    raise ConfigError(
+        f"model.preset: unknown model preset {name_or_path!r}: use one of {sorted(PRESETS)} "
         "or a local directory in diffusers layout (with model_index.json)"
     )
 

@@ -38,9 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.data.latent_cache import LatentCache
+from flywheel.errors import ConfigError
 from flywheel.store import hash_file
 from flywheel.train import checkpoint as ckpt
 from flywheel.train.adapter_io import (
+    ADAPTER_CARD,
     ADAPTER_WEIGHTS,
     TRAINING_ADAPTER_NAME,
     AdapterCard,
@@ -292,6 +294,10 @@ def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: Tra
     """Start from a saved parent adapter (same method, rank, alpha, targets); returns the parent's card."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    if not (Path(parent_dir) / ADAPTER_CARD).is_file():
+        raise ConfigError(f"train.init_adapter {parent_dir}: no {ADAPTER_CARD} there, not a flywheel adapter; give "
+                          "'champion' or an adapter directory (<home>/adapters/<key>; one trained elsewhere: "
+                          "`flywheel adapters import` it first)")
     parent_card = read_card(parent_dir)
     state_dict, metadata = read_saved_adapter(parent_dir)
     saved = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
@@ -299,7 +305,7 @@ def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: Tra
     have = dict(r=saved.get("r"), lora_alpha=saved.get("lora_alpha"), use_dora=bool(saved.get("use_dora", False)),
                 target_modules=sorted(saved.get("target_modules") or []))
     if want != have:
-        raise ValueError(f"init_adapter {parent_dir}: parent adapter has {have}, this config wants {want}; "
+        raise ConfigError(f"train.init_adapter {parent_dir}: parent adapter has {have}, this config wants {want}; "
                          "train the child with the parent's method, rank, alpha and target_modules")
     weights = convert_unet_state_dict_to_peft(
         {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}

@@ -23,6 +23,7 @@ from flywheel.data.clips import (
     restore_frames,
 )
 from flywheel.data.video import read_frames
+from flywheel.errors import ConfigError
 from flywheel.generate.preview import LABEL_H, PAD, animated_gif, contact_sheet
 from flywheel.model.presets import get_preset
 from flywheel.store import ArtifactStore, hash_file, hash_json
@@ -226,10 +227,14 @@ def test_config_is_validated():
         ClipConfig(frames=17)
     with pytest.raises(ValidationError):
         ClipConfig(stride=0)
-    with pytest.raises(ValueError, match="num_frames=16: the Cosmos VAE needs 4k\\+1"):
-        resolve_spec(ClipConfig(num_frames=16), TINY)
-    with pytest.raises(ValueError, match="width=100: must be a multiple of 16"):
-        resolve_spec(ClipConfig(width=100), TINY)
+    with pytest.raises(ValidationError, match="16 frames: the Cosmos VAE needs 4k\\+1"):
+        ClipConfig(num_frames=16)  # refused with the rest of the config, before any stage runs
+    with pytest.raises(ValidationError, match="100 pixels: must be a multiple of 16"):
+        ClipConfig(width=100)
+    with pytest.raises(ConfigError, match="num_frames=16: the Cosmos VAE needs 4k\\+1"):
+        resolve_spec(ClipConfig.model_construct(num_frames=16), TINY)
+    with pytest.raises(ConfigError, match="width=100: must be a multiple of 16"):
+        resolve_spec(ClipConfig.model_construct(width=100), TINY)
     spec = resolve_spec(ClipConfig(fps=8), get_preset("cosmos-predict2.5-2b"))
     assert (spec.fps, spec.height, spec.width, spec.num_frames, spec.stride) == (8, 432, 768, 93, 93)
 
