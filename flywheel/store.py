@@ -469,8 +469,10 @@ class ArtifactStore:
             try:
                 yield path
             except BaseException:
-                if not any(p.name != WRITER_FILE for p in path.iterdir()):
-                    shutil.rmtree(path, ignore_errors=True)
+                # the ranks of one multi-process job share the dir: another rank may have removed it already
+                with contextlib.suppress(FileNotFoundError):
+                    if not any(p.name != WRITER_FILE for p in path.iterdir()):
+                        shutil.rmtree(path, ignore_errors=True)
                 raise
             if self.exists(kind, key):
                 shutil.rmtree(path, ignore_errors=True)

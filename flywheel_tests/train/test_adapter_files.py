@@ -19,6 +19,7 @@ from flywheel.train.adapter_io import (
 )
 from flywheel.train.lora import lora_config
 from flywheel_tests.train import tiny_latent_cache  # noqa: F401  (session fixture)
+from flywheel_tests.adapter_card import make_card
 
 FEW_STEPS = dict(rank=4, alpha=8, steps=3, learning_rate=1e-2, warmup_steps=0, f_start=1.0, f_max=1.0, f_min=1.0,
                  checkpoint_every=1000)
@@ -111,10 +112,3 @@ def test_peft_config_carries_only_fields_old_peft_has_and_rebuilds_exactly(tiny_
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(written))
     assert lora_config_values(LoraConfig.from_pretrained(str(tmp_path / "peft"))) == lora_config_values(trained)
 
-
-def make_card(method: str, rank: int, alpha: float):
-    """A complete adapter card for an adapter made in a test (no training data, no steps)."""
-    from flywheel.train.adapter_io import AdapterCard
-
-    return AdapterCard(method=method, rank=rank, alpha=alpha, scaling=alpha / rank, target_modules=["to_q"],
-                       base_model={"model_id": "tiny"}, num_trainable_parameters=0)

@@ -18,6 +18,7 @@ from flywheel.train.adapter_io import ADAPTER_WEIGHTS, adapter_scalings, read_sa
 from flywheel.train.lora import add_training_adapter, load_batch
 from flywheel.train.schedule import lr_multiplier
 from flywheel_tests.train import PROMPT, tiny_latent_cache  # noqa: F401  (session fixture)
+from flywheel_tests.adapter_card import make_card
 
 # A constant LR well above the recipe's: 40 steps must move a random tiny model visibly.
 FAST = dict(rank=4, alpha=4, steps=40, learning_rate=1e-2, warmup_steps=0, f_start=1.0, f_max=1.0, f_min=1.0,
@@ -170,10 +171,3 @@ def test_bad_config_values_name_the_field(field, value):
         TrainConfig(steps=1000 if field != "steps" else value, **({field: value} if field != "steps" else {}))
     assert field in str(err.value), str(err.value)
 
-
-def make_card(method: str, rank: int, alpha: float):
-    """A complete adapter card for an adapter made in a test (no training data, no steps)."""
-    from flywheel.train.adapter_io import AdapterCard
-
-    return AdapterCard(method=method, rank=rank, alpha=alpha, scaling=alpha / rank, target_modules=["to_q"],
-                       base_model={"model_id": "tiny"}, num_trainable_parameters=0)
