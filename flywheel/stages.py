@@ -412,7 +412,7 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
 
     from flywheel.data.ingest import load_manifest
     from flywheel.data.video import read_frames
-    from flywheel.generate.preview import contact_sheet
+    from flywheel.preview import contact_sheet
     from flywheel.label.episodes import load_actions, load_episodes
     from flywheel.label.idm import InverseDynamicsModel
     from flywheel.quality.browse import write_browse
