@@ -619,9 +619,9 @@ def loads_with_lerobot(root: Path) -> dict[str, Any]:
 
 def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
     """The version loads with LeRobot (its counts matching), and whether the next iteration builds on it."""
-    from flywheel.domains import record_refreshed_version
-
     import json
+
+    from flywheel.domains import record_refreshed_version
 
     curated = step.inputs["curated_trajectories"].path / "curated.json"
     step.lineage.record_refreshed(step.run, result, Path(json.loads(curated.read_text())["synthetic"]).name)
