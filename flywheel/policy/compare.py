@@ -46,6 +46,20 @@ class PolicyComparison:
     def metric(self, name: str) -> statistics.MetricComparison:
         return self.metrics[name]
 
+    def flat_metrics(self) -> dict[str, float]:
+        """Every number of the comparison under a flat name (e.g. for MLflow): `<metric>/<arm>/mean|low|high`,
+        `<metric>/difference/mean|low|high|p_value`, `verdict_code` (index in statistics.VERDICTS)."""
+        out: dict[str, float] = {"verdict_code": float(statistics.VERDICTS.index(self.verdict))}
+        for name, m in self.metrics.items():
+            for arm in ("real", "refreshed"):
+                stats_ = getattr(m, arm)
+                out.update({f"{name}/{arm}/mean": stats_.mean, f"{name}/{arm}/low": stats_.low,
+                            f"{name}/{arm}/high": stats_.high})
+            d = m.difference
+            out.update({f"{name}/difference/{k}": v for k, v in
+                        dict(mean=d.mean, low=d.low, high=d.high, p_value=d.p_value).items() if v is not None})
+        return out
+
 
 def dataset_summary(root: Path) -> dict:
     """Episodes and frames of a version, and how many of its episodes are synthetic (from its provenance)."""
@@ -56,6 +70,14 @@ def dataset_summary(root: Path) -> dict:
     synthetic = int(prov["is_synthetic"].sum()) if prov is not None and "is_synthetic" in prov else 0
     return dict(root=str(root), episodes=int(info["total_episodes"]), frames=int(info["total_frames"]),
                 synthetic_episodes=synthetic, real_episodes=int(info["total_episodes"]) - synthetic)
+
+
+def can_evaluate(real_root: str | Path, config: PolicyEvalConfig | None = None) -> bool:
+    """Whether closed-loop evaluation is available for this domain: an evaluator is configured, or the dataset
+    was recorded in a known simulator. Where not, a gate falls back to the IDM proxy (flywheel.refresh)."""
+    from flywheel.policy.simulator import simulator_for_dataset
+
+    return bool(config is not None and config.evaluator) or simulator_for_dataset(real_root) is not None
 
 
 def make_evaluator(config: PolicyEvalConfig, real_root: Path, refreshed_root: Path) -> PolicyEvaluator:

@@ -108,6 +108,24 @@ def simulator_for_dataset(root: str | Path) -> PushTSimulator | None:
     return PushTSimulator.from_dataset(root) if (Path(root) / INIT_FILE).is_file() else None
 
 
+def coverage_of_states(simulator: PushTSimulator, environment_states: np.ndarray) -> np.ndarray:
+    """The env's own goal coverage (gym-pusht's _get_coverage) of each [agent x, y, block x, y, angle] state:
+    the block's body is put in that pose (angle first, so the position is not moved by turning about the
+    centre of gravity; the same body state the env reported) and the env measures it."""
+    env = simulator.make_env()
+    try:
+        env.reset(seed=0)
+        pusht = env.unwrapped
+        out = np.empty(len(environment_states))
+        for i, state in enumerate(np.asarray(environment_states, np.float64)):
+            pusht.block.angle = float(state[4])
+            pusht.block.position = (float(state[2]), float(state[3]))
+            out[i] = pusht._get_coverage()
+        return out
+    finally:
+        env.close()
+
+
 def episode_seeds(start_seed: int, episodes: int) -> list[int]:
     """The start list's reset seeds: a pure function of (start_seed, i), drawn as the PushT sample draws its own."""
     return [episode_reset_seed(start_seed, i) for i in range(episodes)]

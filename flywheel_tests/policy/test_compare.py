@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from flywheel.errors import ConfigError, DataError
-from flywheel.policy import VERDICTS, PolicyEvalConfig, VerdictConfig, compare_arms, load_evaluator
+from flywheel.policy import VERDICTS, PolicyEvalConfig, VerdictConfig, can_evaluate, compare_arms, load_evaluator
 from flywheel.policy.evaluators import EpisodeResult, ScriptedPushTEvaluator
 from flywheel.policy.simulator import PushTSimulator
 
@@ -49,6 +49,8 @@ def test_both_arms_train_the_same_policy_on_the_same_budget_and_starts(rotated_r
     assert result.paths["contact_sheet"].stat().st_size > 0 and result.paths["video"].stat().st_size > 0
     assert (tmp_path / "policies" / "refreshed-seed1" / "model.safetensors").is_file()
     assert {e["stage"] for e in progress} == {"policy_train", "policy_eval"}
+    flat = result.flat_metrics()
+    assert flat["coverage/real/mean"] == cov.real.mean and flat["verdict_code"] == VERDICTS.index(result.verdict)
 
 
 def test_the_saved_policy_is_a_lerobot_policy(tmp_path, rotated_root, tiny_config):
@@ -106,8 +108,10 @@ def test_a_user_evaluator_feeds_the_report_and_verdict(rotated_root, refreshed_r
     assert custom.episodes["coverage"].tolist() == result.episodes["coverage"].tolist()
 
 
-def test_evaluator_specs_and_metrics_are_checked(rotated_root, refreshed_root):
+def test_evaluator_specs_and_metrics_are_checked(rotated_root, refreshed_root, robot_datasets):
     config = PolicyEvalConfig()
+    assert can_evaluate(refreshed_root) and not can_evaluate(robot_datasets / "g1_pick_bottle")
+    assert can_evaluate(robot_datasets / "g1_pick_bottle", PolicyEvalConfig(evaluator="my_lab.robot:evaluator"))
     with pytest.raises(ConfigError, match="no entry point of that name"):
         load_evaluator("no-such-evaluator", config, rotated_root)
     with pytest.raises(ConfigError, match="cannot import"):

@@ -4,10 +4,11 @@ numbers are the env's own."""
 import numpy as np
 import pytest
 
-from flywheel.data.pusht_sample import make_env, read_sample_info, rollout_episode
+from flywheel.data.pusht_sample import environment_state, make_env, read_sample_info, rollout_episode
 from flywheel.policy.simulator import (
     PushTSimulator,
     ScriptedActions,
+    coverage_of_states,
     episode_seeds,
     rollout,
     simulator_for_dataset,
@@ -97,6 +98,24 @@ def test_actions_drive_the_env_state(rotated_root):
         assert outcome.final_coverage == info["coverage"]
         assert np.array_equal(outcome.frames[-1], sim.variant.show(obs["pixels"]))
     env.close()
+
+
+def test_coverage_of_recorded_states_is_the_envs(rotated_root):
+    """What the benchmark computes for a synthetic episode's replayed states: the env's coverage of that state."""
+    from flywheel.data.pusht_sample import ScriptedPusher
+
+    sim = simulator_for_dataset(rotated_root)
+    (seed, state), = starts_from_seeds(episode_seeds(123, 1))
+    env, pusher = make_env(sim.image_size), ScriptedPusher()
+    obs, info = env.reset(seed=seed, options={"reset_to_state": state})
+    states, coverages = [], []
+    for _ in range(60):
+        obs, _, _, _, info = env.step(pusher.act(info["pos_agent"], info["block_pose"]))
+        states.append(environment_state(info))
+        coverages.append(info["coverage"])
+    env.close()
+    assert max(coverages) > 0.1, "the block reached the goal area: coverage is not trivially 0"
+    np.testing.assert_allclose(coverage_of_states(sim, np.stack(states)), coverages, atol=1e-3)
 
 
 def test_no_simulator_for_a_dataset_without_one(robot_datasets):

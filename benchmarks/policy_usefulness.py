@@ -1,0 +1,350 @@
+"""Does the refreshed dataset train a better policy? Closed-loop measurement on the embedded PushT domain.
+
+    # the committed CPU result (see docs/policy.md for the time it takes)
+    nice -n 10 python benchmarks/policy_usefulness.py --iterate-home /tmp/policy-home \\
+        --iterate "" --iterate "generate.max_videos=64;generate.seeds=[0,1,2,3]" --name policy-usefulness-cpu
+
+    # the larger GPU setting (LeRobot's diffusion policy, 20k steps, 5 seeds) on versions you already have
+    python benchmarks/policy_usefulness.py --preset gpu --device cuda --refreshed <refreshed_dataset path> \\
+        --out $OUT --name policy-usefulness-gpu
+
+For every refreshed version (`--refreshed PATH`, or one per `--iterate SETS`: the flywheel's main job run with
+those `--set` values, `;`-separated, in `--iterate-home`, its refreshed_dataset taken from its output), the
+same LeRobot policy is trained on the real version (`--real`, default datasets/pusht_rotated; trained once
+and shared by every comparison) and on the refreshed one, `--seeds` seeds each, and rolled out closed-loop in
+gym-pusht through the domain's camera on one start list (flywheel.policy.compare_arms' pieces). Also measured
+on that start list: the scripted expert that recorded the real data and an idle agent (what a policy that never
+touches the block scores), as anchors; and, per refreshed version, what its synthetic episodes are: how many,
+how long, how much goal coverage the simulator replay of their pseudo-actions gains, against real windows of
+the same length; and the curation's accept / reject counts and reasons when the curated folder is known.
+
+Writes <out>/<name>.json, <out>/<name>.md, <out>/<name>-contact_sheet.png (rows: real arm's episodes, then
+the last refreshed arm's), and every comparison's report.json / episodes.csv / rollouts.mp4 under
+<out>/<name>/<label>/. The JSON is rewritten after every trained arm, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from flywheel.policy import compare  # noqa: E402
+from flywheel.policy.config import PolicyEvalConfig, cpu_config, gpu_config  # noqa: E402
+from flywheel.policy.evaluators import ArmPolicy, ScriptedPushTEvaluator  # noqa: E402
+from flywheel.policy.simulator import (  # noqa: E402
+    PushTSimulator,
+    coverage_of_states,
+    episode_seeds,
+    rollout,
+    starts_from_seeds,
+)
+
+STARTED = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - STARTED:7.0f}s] {msg}", flush=True)
+
+
+# ── Inputs ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def run_iteration(home: Path, sets: str) -> dict:
+    """The main job with `sets` (`;`-separated key=value); returns its refreshed_dataset and curated folders."""
+    cmd = [sys.executable, "-m", "flywheel.cli", "iterate", "--home", str(home)]
+    for item in filter(None, (s.strip() for s in sets.split(";"))):
+        cmd += ["--set", item]
+    log("running " + " ".join(cmd[1:]))
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the main job failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    found = dict(re.findall(r"^\s+(refreshed_dataset|curated_trajectories)\s+(\S+)\s*$", done.stdout, re.M))
+    if "refreshed_dataset" not in found:
+        sys.exit(f"no refreshed_dataset path in the main job's output:\n{done.stdout[-3000:]}")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[") and "done" in ln]
+    return dict(refreshed=found["refreshed_dataset"], curated=found.get("curated_trajectories"), sets=sets,
+                iterate_seconds=round(time.time() - t0, 1), stage_lines=lines)
+
+
+def curation_summary(curated: str | None) -> dict | None:
+    """Accepted / rejected counts and the first failing filter of each rejected candidate."""
+    if not curated or not (Path(curated) / "results.parquet").is_file():
+        return None
+    table = pd.read_parquet(Path(curated) / "results.parquet")
+    reasons = Counter(str(r).split(":")[0] for r in table.loc[~table["accepted"], "reasons"])
+    return dict(path=curated, candidates=len(table), accepted=int(table["accepted"].sum()),
+                rejected=int((~table["accepted"]).sum()), rejected_by=dict(reasons.most_common()))
+
+
+def synthetic_summary(root: Path, simulator: PushTSimulator) -> dict:
+    """What the synthetic episodes of a refreshed version are, next to its real ones: length, and the goal
+    coverage gained along each episode's environment state (for a synthetic episode: the simulator replay of
+    its pseudo-actions, as the refresh stored it) against real windows of the same length."""
+    frames = pd.concat(pd.read_parquet(p, columns=["episode_index", "is_synthetic", "observation.environment_state"])
+                       for p in sorted((root / "data").rglob("*.parquet")))
+    synthetic, real = [], []
+    for _, ep in frames.groupby("episode_index"):
+        states = np.stack(ep["observation.environment_state"].to_numpy())
+        (synthetic if bool(ep["is_synthetic"].iloc[0]) else real).append(states)
+    out = dict(real_episodes=len(real), real_frames=int(sum(len(s) for s in real)),
+               synthetic_episodes=len(synthetic), synthetic_frames=int(sum(len(s) for s in synthetic)))
+    out["synthetic_frame_fraction"] = round(out["synthetic_frames"] / max(1, out["synthetic_frames"] + out["real_frames"]), 4)
+    if not synthetic:
+        return out
+    length = int(np.median([len(s) for s in synthetic]))
+
+    def gain(states):
+        cov = coverage_of_states(simulator, states[[0, -1]])
+        return float(cov[1] - cov[0])
+
+    syn_gain = [gain(s) for s in synthetic]
+    real_gain = [gain(s[i:i + length]) for s in real for i in range(0, len(s) - length + 1, length)]
+    out.update(synthetic_length_median=length, synthetic_coverage_gain=describe(syn_gain),
+               real_window_coverage_gain=describe(real_gain),
+               synthetic_making_progress=float(np.mean(np.asarray(syn_gain) > 0.01)),
+               real_windows_making_progress=float(np.mean(np.asarray(real_gain) > 0.01)))
+    return out
+
+
+def describe(values) -> dict:
+    v = np.asarray(values, float)
+    return dict(n=int(v.size), mean=round(float(v.mean()), 4), median=round(float(np.median(v)), 4),
+                min=round(float(v.min()), 4), max=round(float(v.max()), 4))
+
+
+# ── Anchors ──────────────────────────────────────────────────────────────────────────────────────
+
+
+class IdleActions:
+    """Hold the agent where it is: the block never moves, so its coverage is the start's."""
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, observation: dict) -> np.ndarray:
+        return observation["agent_pos"].astype(np.float64)
+
+
+def anchors(simulator: PushTSimulator, config: PolicyEvalConfig) -> dict:
+    seeds = episode_seeds(config.rollout.start_seed, config.rollout.episodes)
+    expert = ScriptedPushTEvaluator(simulator, config.rollout.max_steps, config.rollout.batch)
+    expert_results = expert.evaluate(ArmPolicy("expert", 0, Path("."), None), seeds)
+    idle = rollout(simulator, IdleActions(), starts_from_seeds(seeds), max_steps=10, batch=config.rollout.batch)
+    mean = lambda xs: round(float(np.mean(xs)), 4)  # noqa: E731
+    return dict(
+        scripted_expert=dict(success=mean([r.metrics["success"] for r in expert_results]),
+                             coverage=mean([r.metrics["coverage"] for r in expert_results])),
+        idle_agent=dict(success=mean([o.success for o in idle]), coverage=mean([o.final_coverage for o in idle])),
+    )
+
+
+# ── Report ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def fmt_arm(arm: dict) -> str:
+    return f"{arm['mean']:.3f} [{arm['low']:.3f}, {arm['high']:.3f}]"
+
+
+def fmt_diff(d: dict) -> str:
+    if d["low"] is None:
+        return f"{d['mean']:+.3f} (no interval)"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"# Policy usefulness: real vs real + synthetic ({result['environment']['date'][:10]})", "",
+        f"Question: does the refreshed dataset train a better policy? Same LeRobot `{c['policy']['type']}` policy "
+        f"(inputs {', '.join(c['policy']['input_features'])}; {c['policy']['steps']} steps of batch "
+        f"{c['policy']['batch_size']}, lr {c['policy']['lr']}, overrides {c['policy']['overrides'] or 'none'}) trained "
+        f"on each version with seeds {c['seeds']}; each run rolled out closed-loop in gym-pusht through the "
+        f"domain's camera on the same {c['rollout']['episodes']} starts (at most {c['rollout']['max_steps']} "
+        f"steps). Primary metric: `{c['verdict']['primary']}`, margin {c['verdict']['margin']}.", "",
+        "| comparison | arm | episodes (synthetic) | success [95% CI] | final coverage [95% CI] | runs (success / coverage per seed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for comp in result["comparisons"]:
+        rep = comp["report"]
+        for arm in ("real", "refreshed"):
+            ds = rep["datasets"][arm]
+            s, cv = rep["metrics"]["success"][arm], rep["metrics"]["coverage"][arm]
+            per = ", ".join(f"{a:.2f}/{b:.3f}" for a, b in zip(s["per_seed"], cv["per_seed"]))
+            lines.append(f"| {comp['label']} | {arm} | {ds['episodes']} ({ds['synthetic_episodes']}) | {fmt_arm(s)} | "
+                         f"{fmt_arm(cv)} | {per} |")
+    lines += ["", "| comparison | metric | refreshed - real [95% CI, t over seeds] | p | start-level CI | verdict |",
+              "|---|---|---|---|---|---|"]
+    for comp in result["comparisons"]:
+        for name in ("success", "coverage", "max_coverage", "block_moved"):
+            m = comp["report"]["metrics"][name]
+            d = m["difference"]
+            start = "—" if d["start_low"] is None else f"[{d['start_low']:+.3f}, {d['start_high']:+.3f}]"
+            p = "—" if d["p_value"] is None else f"{d['p_value']:.3f}"
+            lines.append(f"| {comp['label']} | {name} | {fmt_diff(d)} | {p} | {start} | **{m['verdict']}** |")
+    a = result["anchors"]
+    lines += ["", f"Anchors on the same starts: the scripted expert that recorded the real data: success "
+              f"{a['scripted_expert']['success']:.2f}, final coverage {a['scripted_expert']['coverage']:.3f}; an idle "
+              f"agent (never touches the block): coverage {a['idle_agent']['coverage']:.3f}.", "",
+              "## What the synthetic data are", "",
+              "| comparison | candidates | accepted | rejected by | synthetic episodes / frames | share of frames | "
+              "coverage gain per synthetic episode (sim replay of its pseudo-actions) | per real window of that length |",
+              "|---|---|---|---|---|---|---|---|"]
+    for comp in result["comparisons"]:
+        cur, syn = comp.get("curation") or {}, comp["synthetic"]
+        gain = lambda g: f"mean {g['mean']:+.3f}, median {g['median']:+.3f} (n={g['n']})" if g else "—"  # noqa: E731
+        lines.append(f"| {comp['label']} | {cur.get('candidates', '—')} | {cur.get('accepted', '—')} | "
+                     f"{cur.get('rejected_by', '—')} | {syn['synthetic_episodes']} / {syn['synthetic_frames']} | "
+                     f"{syn['synthetic_frame_fraction']:.1%} | {gain(syn.get('synthetic_coverage_gain'))} | "
+                     f"{gain(syn.get('real_window_coverage_gain'))} |")
+    env = result["environment"]
+    lines += ["", "## Findings", "", *[f"- {f}" for f in result.get("findings", [])], "",
+              "## How it was run", "", "```", result["command"], "```", "",
+              f"Machine: {env['system']}, {env['cpu_count']} CPUs (shared), torch threads {env['torch_threads']}, "
+              f"device {c['device']}{' (' + env['cuda'] + ')' if env['cuda'] else ''}; versions {env['versions']}; "
+              f"{result['seconds'] / 60:.0f} min in all. Rule: see docs/policy.md. Per-comparison reports: "
+              f"{', '.join(comp['out_dir'] for comp in result['comparisons'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def findings(result: dict) -> list[str]:
+    """The measured facts a reader needs to interpret the verdicts, in words (numbers from this run only)."""
+    a, out = result["anchors"], []
+    for comp in result["comparisons"]:
+        m, syn = comp["report"]["metrics"], comp["synthetic"]
+        cov = m["coverage"]
+        out.append(f"{comp['label']}: {syn['synthetic_episodes']} synthetic episodes, {syn['synthetic_frames']} frames = "
+                   f"{syn['synthetic_frame_fraction']:.1%} of the refreshed arm's training frames; final coverage "
+                   f"{cov['real']['mean']:.3f} (real) vs {cov['refreshed']['mean']:.3f} (refreshed), difference "
+                   f"{fmt_diff(cov['difference'])}: {cov['verdict']}; success {m['success']['real']['mean']:.2f} vs "
+                   f"{m['success']['refreshed']['mean']:.2f}: {m['success']['verdict']}.")
+        gain = syn.get("synthetic_coverage_gain")
+        if gain:
+            out.append(f"{comp['label']}: replayed in the simulator, the synthetic episodes' pseudo-actions gain "
+                       f"{gain['mean']:+.3f} goal coverage on average ({syn['synthetic_making_progress']:.0%} gain > 0.01); "
+                       f"real windows of the same length gain {syn['real_window_coverage_gain']['mean']:+.3f} "
+                       f"({syn['real_windows_making_progress']:.0%} > 0.01).")
+    if result["comparisons"]:
+        real = result["comparisons"][0]["report"]["metrics"]["coverage"]["real"]["mean"]
+        out.append(f"Policy budget: the real arm's policies end at coverage {real:.3f}, against {a['idle_agent']['coverage']:.3f} "
+                   f"for an idle agent and {a['scripted_expert']['coverage']:.3f} for the expert that made the data.")
+    return out
+
+
+def write(result: dict, out: Path, name: str) -> None:
+    result["findings"] = findings(result)
+    result["seconds"] = round(time.time() - STARTED, 1)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if result["comparisons"]:
+        (out / f"{name}.md").write_text(markdown(result))
+
+
+# ── Main ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+def build_config(args) -> PolicyEvalConfig:
+    config = gpu_config() if args.preset == "gpu" else cpu_config()
+    policy = config.policy.model_dump()
+    for key, value in dict(type=args.policy, steps=args.steps, batch_size=args.batch_size, lr=args.lr).items():
+        if value is not None:
+            policy[key] = value
+    if args.policy_override:
+        policy["overrides"] = {**policy["overrides"], **json.loads(args.policy_override)}
+    rollout_cfg = config.rollout.model_dump()
+    for key, value in dict(episodes=args.episodes, max_steps=args.max_steps, batch=args.rollout_batch).items():
+        if value is not None:
+            rollout_cfg[key] = value
+    return PolicyEvalConfig(policy=policy, rollout=rollout_cfg, verdict=config.verdict,
+                            seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else config.seeds,
+                            device=args.device or config.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--real", type=Path, default=REPO_ROOT / "datasets" / "pusht_rotated")
+    p.add_argument("--refreshed", type=Path, action="append", default=[], help="a refreshed version (repeatable)")
+    p.add_argument("--curated", action="append", default=[], help="its curated_trajectories folder (same order)")
+    p.add_argument("--iterate", action="append", default=[],
+                   help="run the main job with these ';'-separated --set values and use its refreshed version")
+    p.add_argument("--iterate-home", type=Path, default=Path("/tmp/policy-home"))
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default=None, help="output file stem (default policy-usefulness-<preset>)")
+    p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
+    p.add_argument("--policy", choices=("act", "diffusion"), default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--policy-override", default=None, help="JSON of extra LeRobot policy-config fields")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds")
+    p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--rollout-batch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on cpu)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    config = build_config(args)
+    threads = args.threads or (1 if config.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    name = args.name or f"policy-usefulness-{args.preset}"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    versions = [dict(refreshed=str(r), curated=(args.curated[i] if i < len(args.curated) else None), sets=None)
+                for i, r in enumerate(args.refreshed)]
+    versions += [run_iteration(args.iterate_home, sets) for sets in args.iterate]
+    if not versions:
+        p.error("give --refreshed PATH or --iterate SETS")
+
+    simulator = PushTSimulator.from_dataset(args.real)
+    evaluator = compare.make_evaluator(config, args.real, Path(versions[0]["refreshed"]))
+    result = dict(command="python " + " ".join([os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]]),
+                  config=config.model_dump(mode="json"), environment=compare.environment(), versions=versions,
+                  comparisons=[])
+    log(f"anchors on {config.rollout.episodes} starts")
+    result["anchors"] = anchors(simulator, config)
+    log(f"anchors: {result['anchors']}")
+
+    def progress(event: dict) -> None:
+        if event["stage"] == "policy_eval" or event.get("step") in (1, config.policy.steps) or event["step"] % 100 == 0:
+            log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in event.items()}))
+
+    real = compare.evaluate_arm("real", args.real, config, evaluator, progress=progress)
+    result["real_runs"] = real.runs
+    write(result, out, name)
+    for i, version in enumerate(versions):
+        label = f"v{i + 1}" + (f"[{version['sets']}]" if version.get("sets") else "")
+        root = Path(version["refreshed"])
+        refreshed = compare.evaluate_arm("refreshed", root, config, evaluator, progress=progress)
+        comp_dir = out / name / f"v{i + 1}"
+        comparison = compare.compare_evaluations(real, refreshed, config, evaluator.name, comp_dir)
+        result["comparisons"].append(dict(
+            label=label, out_dir=os.path.relpath(comp_dir, out), verdict=comparison.verdict, report=comparison.report,
+            synthetic=synthetic_summary(root, simulator), curation=curation_summary(version.get("curated"))))
+        if "contact_sheet" in comparison.paths:
+            shutil.copy(comparison.paths["contact_sheet"], out / f"{name}-contact_sheet.png")
+        log(f"{label}: verdict {comparison.verdict} ({comparison.metrics[comparison.primary].reason})")
+        write(result, out, name)
+    write(result, out, name)
+    log(f"wrote {out / name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
