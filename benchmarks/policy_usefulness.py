@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"anchors on {config.rollout.episodes} starts")
     result["anchors"] = anchors(simulator, config)
     log(f"anchors: {result['anchors']}")
+    write(result, out, name)
 
     def progress(event: dict) -> None:
         if event["stage"] == "policy_eval" or event.get("step") in (1, config.policy.steps) or event["step"] % 100 == 0:

@@ -149,7 +149,12 @@ class _Running:
 def rollout(simulator: PushTSimulator, source: ActionSource, starts: Sequence[tuple[int, list[float]]],
             max_steps: int, batch: int = 50, keep_frames: int = 0) -> list[EpisodeOutcome]:
     """Run `source` closed-loop from every start, `batch` episodes at a time; the first `keep_frames`
-    episodes keep the camera's frames."""
+    episodes keep the camera's frames.
+
+    Not `lerobot.scripts.lerobot_eval.rollout`: that one resets a vector env by seed only (we reset to the
+    start list's states, shared with the sample data's generator), has no per-episode coverage (the env's
+    info["coverage"] is what we report) and no place for the domain's camera transform. The policy side is
+    LeRobot's own (see LeRobotPolicyActions)."""
     outcomes: list[EpisodeOutcome] = []
     envs = [simulator.make_env() for _ in range(min(batch, len(starts)))]
     try:
