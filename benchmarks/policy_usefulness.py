@@ -49,8 +49,6 @@ from flywheel.policy.simulator import (  # noqa: E402
     PushTSimulator,
     coverage_of_states,
     episode_seeds,
-    rollout,
-    starts_from_seeds,
 )
 
 STARTED = time.time()
@@ -95,8 +93,9 @@ def synthetic_summary(root: Path, simulator: PushTSimulator) -> dict:
     """What the synthetic episodes of a refreshed version are, next to its real ones: length, and the goal
     coverage gained along each episode's environment state (for a synthetic episode: the simulator replay of
     its pseudo-actions, as the refresh stored it) against real windows of the same length."""
-    frames = pd.concat(pd.read_parquet(p, columns=["episode_index", "is_synthetic", "observation.environment_state"])
-                       for p in sorted((root / "data").rglob("*.parquet")))
+    frames = pd.concat(pd.read_parquet(p) for p in sorted((root / "data").rglob("*.parquet")))
+    if "is_synthetic" not in frames:  # a dataset that was never refreshed: all real
+        frames["is_synthetic"] = False
     synthetic, real = [], []
     for _, ep in frames.groupby("episode_index"):
         states = np.stack(ep["observation.environment_state"].to_numpy())
@@ -130,27 +129,15 @@ def describe(values) -> dict:
 # ── Anchors ──────────────────────────────────────────────────────────────────────────────────────
 
 
-class IdleActions:
-    """Hold the agent where it is: the block never moves, so its coverage is the start's."""
-
-    def reset(self) -> None:
-        pass
-
-    def __call__(self, observation: dict) -> np.ndarray:
-        return observation["agent_pos"].astype(np.float64)
-
-
-def anchors(simulator: PushTSimulator, config: PolicyEvalConfig) -> dict:
+def anchors(simulator: PushTSimulator, config: PolicyEvalConfig, baseline: dict) -> dict:
+    """The scripted expert that recorded the real data, and the evaluator's do-nothing baseline (an agent that
+    holds still), on the comparison's start list."""
     seeds = episode_seeds(config.rollout.start_seed, config.rollout.episodes)
     expert = ScriptedPushTEvaluator(simulator, config.rollout.max_steps, config.rollout.batch)
-    expert_results = expert.evaluate(ArmPolicy("expert", 0, Path("."), None), seeds)
-    idle = rollout(simulator, IdleActions(), starts_from_seeds(seeds), max_steps=10, batch=config.rollout.batch)
-    mean = lambda xs: round(float(np.mean(xs)), 4)  # noqa: E731
-    return dict(
-        scripted_expert=dict(success=mean([r.metrics["success"] for r in expert_results]),
-                             coverage=mean([r.metrics["coverage"] for r in expert_results])),
-        idle_agent=dict(success=mean([o.success for o in idle]), coverage=mean([o.final_coverage for o in idle])),
-    )
+    results = expert.evaluate(ArmPolicy("expert", 0, Path("."), None), seeds)
+    mean = lambda key: round(float(np.mean([r.metrics[key] for r in results])), 4)  # noqa: E731
+    return dict(scripted_expert=dict(success=mean("success"), coverage=mean("coverage")),
+                idle_agent={k: round(v, 4) for k, v in baseline.items()})
 
 
 # ── Report ───────────────────────────────────────────────────────────────────────────────────────
@@ -199,7 +186,8 @@ def markdown(result: dict) -> str:
     a = result["anchors"]
     lines += ["", f"Anchors on the same starts: the scripted expert that recorded the real data: success "
               f"{a['scripted_expert']['success']:.2f}, final coverage {a['scripted_expert']['coverage']:.3f}; an idle "
-              f"agent (never touches the block): coverage {a['idle_agent']['coverage']:.3f}.", "",
+              f"agent (never touches the block; the verdict rule's do-nothing baseline): success "
+              f"{a['idle_agent']['success']:.2f}, coverage {a['idle_agent']['coverage']:.3f}.", "",
               "## What the synthetic data are", "",
               "| comparison | candidates | accepted | rejected by | synthetic episodes / frames | share of frames | "
               "coverage gain per synthetic episode (sim replay of its pseudo-actions) | per real window of that length |",
@@ -262,6 +250,8 @@ def build_config(args) -> PolicyEvalConfig:
     for key, value in dict(type=args.policy, steps=args.steps, batch_size=args.batch_size, lr=args.lr).items():
         if value is not None:
             policy[key] = value
+    if args.input_features:
+        policy["input_features"] = args.input_features.split(",")
     if args.policy_override:
         policy["overrides"] = {**policy["overrides"], **json.loads(args.policy_override)}
     rollout_cfg = config.rollout.model_dump()
@@ -290,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--policy-override", default=None, help="JSON of extra LeRobot policy-config fields")
+    p.add_argument("--input-features", default=None, help="comma-separated dataset features the policy sees")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds")
     p.add_argument("--episodes", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
@@ -318,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                   config=config.model_dump(mode="json"), environment=compare.environment(), versions=versions,
                   comparisons=[])
     log(f"anchors on {config.rollout.episodes} starts")
-    result["anchors"] = anchors(simulator, config)
+    baseline = compare.baseline_of(evaluator, config)
+    result["anchors"] = anchors(simulator, config, baseline)
     log(f"anchors: {result['anchors']}")
     write(result, out, name)
 
@@ -334,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(version["refreshed"])
         refreshed = compare.evaluate_arm("refreshed", root, config, evaluator, progress=progress)
         comp_dir = out / name / f"v{i + 1}"
-        comparison = compare.compare_evaluations(real, refreshed, config, evaluator.name, comp_dir)
+        comparison = compare.compare_evaluations(real, refreshed, config, evaluator.name, comp_dir,
+                                                 baseline=baseline)
         result["comparisons"].append(dict(
             label=label, out_dir=os.path.relpath(comp_dir, out), verdict=comparison.verdict, report=comparison.report,
             synthetic=synthetic_summary(root, simulator), curation=curation_summary(version.get("curated"))))

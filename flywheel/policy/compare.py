@@ -126,14 +126,23 @@ def evaluate_arm(arm: str, dataset_root: str | Path, config: PolicyEvalConfig, e
     return ArmEvaluation(arm, root, list(config.seeds), seeds_list, runs, rows, shown)
 
 
+def baseline_of(evaluator: PolicyEvaluator, config: PolicyEvalConfig) -> dict[str, float]:
+    """The evaluator's do-nothing baseline on the config's start list ({} if it has none)."""
+    if not hasattr(evaluator, "baseline"):
+        return {}
+    return dict(evaluator.baseline(episode_seeds(config.rollout.start_seed, config.rollout.episodes)))
+
+
 def compare_evaluations(real: ArmEvaluation, refreshed: ArmEvaluation, config: PolicyEvalConfig,
-                        evaluator_name: str, out_dir: str | Path | None = None,
-                        seconds: float | None = None) -> PolicyComparison:
-    """The statistics, verdict and outputs of two evaluated arms (same seeds, same start list)."""
+                        evaluator_name: str, out_dir: str | Path | None = None, seconds: float | None = None,
+                        baseline: dict[str, float] | None = None) -> PolicyComparison:
+    """The statistics, verdict and outputs of two evaluated arms (same seeds, same start list); `baseline`:
+    the evaluator's do-nothing scores (baseline_of), which the verdict rule uses where known."""
     if real.seeds != refreshed.seeds or real.episode_seeds != refreshed.episode_seeds:
         raise ValueError("the arms were evaluated on different seeds or starts; evaluate both with one config")
     episodes = pd.DataFrame(real.rows + refreshed.rows)
-    metrics = _compare_metrics(episodes, config)
+    baseline = baseline or {}
+    metrics = _compare_metrics(episodes, config, baseline)
     primary = config.verdict.primary
     if primary not in metrics:
         raise DataError(f"verdict.primary {primary!r}: the evaluator {evaluator_name} reported {sorted(metrics)}; "
@@ -141,6 +150,7 @@ def compare_evaluations(real: ArmEvaluation, refreshed: ArmEvaluation, config: P
     roots = {"real": real.dataset_root, "refreshed": refreshed.dataset_root}
     report = _report(config, roots, evaluator_name, real.episode_seeds, real.runs + refreshed.runs, metrics,
                      primary, seconds)
+    report["baseline"] = baseline
     comparison = PolicyComparison(metrics[primary].verdict, primary, metrics, episodes, real.runs + refreshed.runs,
                                   report)
     if out_dir is not None:
@@ -160,7 +170,8 @@ def compare_arms(real_root: str | Path, refreshed_root: str | Path, config: Poli
     evaluator = evaluator or make_evaluator(config, Path(real_root), Path(refreshed_root))
     arms = [evaluate_arm(arm, root, config, evaluator, out_dir, progress, save_policies)
             for arm, root in zip(ARMS, (real_root, refreshed_root))]
-    return compare_evaluations(*arms, config, evaluator.name, out_dir, time.perf_counter() - started)
+    return compare_evaluations(*arms, config, evaluator.name, out_dir, time.perf_counter() - started,
+                               baseline_of(evaluator, config))
 
 
 def _run_arm(arm, seed, root, config, evaluator, seeds_list, out, save_policies, progress):
@@ -195,14 +206,17 @@ def _check_results(results: list[EpisodeResult], seeds_list, evaluator, arm, see
             raise DataError(f"{where}: episode {i} has a non-finite metric {r.metrics}")
 
 
-def _compare_metrics(episodes: pd.DataFrame, config: PolicyEvalConfig) -> dict[str, statistics.MetricComparison]:
+def _compare_metrics(episodes: pd.DataFrame, config: PolicyEvalConfig,
+                     baseline: dict[str, float]) -> dict[str, statistics.MetricComparison]:
     names = [c for c in episodes.columns if c not in ("arm", "seed", "episode", "episode_seed")]
     out = {}
     for name in names:
         table = {arm: episodes[episodes.arm == arm].pivot(index="seed", columns="episode", values=name)
                  .loc[config.seeds].to_numpy(float) for arm in ARMS}
         out[name] = statistics.compare_metric(name, table["real"], table["refreshed"], config.verdict.margin,
-                                              config.verdict.confidence)
+                                              config.verdict.confidence,
+                                              higher_is_better=name not in config.verdict.lower_is_better,
+                                              baseline=baseline.get(name))
     return out
 
 

@@ -60,6 +60,7 @@ class VerdictConfig(BaseModel):
         "coverage", description="the metric whose verdict is the comparison's verdict (success | coverage | a metric "
                                 "your evaluator reports)")
     margin: float = Field(0.05, ge=0, description="non-inferiority margin, in the metric's units")
+    lower_is_better: list[str] = Field(["steps"], description="metrics where a decrease is the improvement")
     confidence: float = Field(0.95, gt=0, lt=1)
 
 

@@ -7,6 +7,10 @@ Your own evaluator is any object with
     needs_policy: bool        # True: flywheel trains the LeRobot policy of each (arm, seed) and hands it over
     def evaluate(self, arm: ArmPolicy, episode_seeds: list[int]) -> list[EpisodeResult]: ...
 
+Optionally also `def baseline(self, episode_seeds) -> dict[str, float]`: what doing nothing scores on those
+starts, per metric; a metric whose arms both fail to beat it gets the verdict `inconclusive` (the policies did
+not learn the task, so the data were not measured).
+
 `episode_seeds` is the fixed start list, the same for both arms and every training seed: reset your simulator
 with them, or map them to your real-robot start configurations, so that both arms face the same starts.
 Return one EpisodeResult per seed, in order; its `metrics` are any named numbers (success in {0, 1},
@@ -31,6 +35,7 @@ import numpy as np
 from flywheel.errors import ConfigError
 from flywheel.policy.config import PolicyEvalConfig, RolloutConfig
 from flywheel.policy.simulator import (
+    IdleActions,
     LeRobotPolicyActions,
     PushTSimulator,
     ScriptedActions,
@@ -92,6 +97,15 @@ class SimulatorEvaluator:
         outcomes = rollout(self.simulator, LeRobotPolicyActions(arm.policy), starts_from_seeds(episode_seeds),
                            self.rollout_config.max_steps, self.rollout_config.batch, arm.keep_frames)
         return _results(outcomes)
+
+    def baseline(self, episode_seeds: list[int]) -> dict[str, float]:
+        """Mean success / coverage of an agent that holds still (10 steps: it never touches the block, so the
+        block stays as it starts; steps are not comparable and left out)."""
+        outcomes = rollout(self.simulator, IdleActions(), starts_from_seeds(episode_seeds), 10,
+                           self.rollout_config.batch)
+        metrics = [o.metrics() for o in outcomes]
+        return {k: float(np.mean([m[k] for m in metrics])) for k in ("success", "coverage", "max_coverage",
+                                                                      "block_moved")}
 
 
 class ScriptedPushTEvaluator:

@@ -226,6 +226,17 @@ class ScriptedActions:
         return np.stack([p.act(s[:2], s[2:5]) for p, s in zip(self.pushers, states)])
 
 
+class IdleActions:
+    """An agent that holds still where it starts: the block never moves, so every metric is the start's own.
+    The do-nothing baseline a trained policy has to beat."""
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        return observation["agent_pos"].astype(np.float64)
+
+
 class LeRobotPolicyActions:
     """A trained LeRobot policy as an ActionSource, driven as LeRobot's own eval loop drives it:
     `preprocess_observation` (env arrays to LeRobot keys, images to float CHW), the policy's preprocessor,

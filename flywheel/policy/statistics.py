@@ -11,12 +11,16 @@ episodes; run s of the refreshed arm is paired with run s of the real arm (same 
   (scipy.stats.ttest_rel(...).confidence_interval) and its p-value. The start-level interval (per start,
   the difference averaged over seeds; t over starts) is reported as well; it ignores training noise and is
   not used for the verdict.
-- Verdict, with margin m >= 0 on the seed-level interval [lo, hi], first rule that holds:
+- Verdict, with margin m >= 0 on the seed-level interval [lo, hi] (for a metric where lower is better, e.g.
+  steps or time, on the interval of real - refreshed instead), first rule that holds:
+    inconclusive  fewer than 2 seeds; or the metric takes a single value in every episode of both arms (a floor
+                  or ceiling, e.g. no success anywhere); or a do-nothing baseline is known for the metric (the
+                  evaluator's `baseline`, e.g. an agent that never moves) and neither arm's mean beats it: the
+                  budget did not teach the task, so nothing about the data was measured
     better        lo > 0
     non-inferior  lo > -m
     worse         hi < 0
-    inconclusive  otherwise; also whenever fewer than 2 seeds, or the metric takes a single value in every
-                  episode of both arms (a floor or ceiling, e.g. no success anywhere: nothing was measured).
+    inconclusive  otherwise (the interval spans 0 and reaches below -m)
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class MetricComparison:
     difference: Difference
     verdict: str
     reason: str
+    baseline: float | None = None
+    higher_is_better: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,16 +113,23 @@ def paired_difference(real: np.ndarray, refreshed: np.ndarray, confidence: float
                       _finite(start_low), _finite(start_high))
 
 
-def verdict(difference: Difference, margin: float, constant: bool, seeds: int) -> tuple[str, str]:
-    """(verdict, the reason in words) by the rule in the module docstring."""
+def verdict(difference: Difference, margin: float, constant: bool, seeds: int, higher_is_better: bool = True,
+            below_baseline: str | None = None) -> tuple[str, str]:
+    """(verdict, the reason in words) by the rule in the module docstring. `below_baseline`: why neither arm
+    beats the do-nothing baseline, if so."""
     if seeds < 2:
         return "inconclusive", "fewer than 2 training seeds per arm: no interval"
     if constant:
         return "inconclusive", "the metric has the same value in every episode of both arms (floor or ceiling)"
+    if below_baseline:
+        return "inconclusive", below_baseline
     lo, hi = difference.low, difference.high
     if lo is None or hi is None:
         return "inconclusive", "no interval for the difference"
     where = f"{difference.mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    if not higher_is_better:  # judge the improvement, real - refreshed
+        lo, hi = -hi, -lo
+        where += " (lower is better)"
     if lo > 0:
         return "better", f"difference {where}: the whole interval is above 0"
     if lo > -margin:
@@ -126,15 +139,22 @@ def verdict(difference: Difference, margin: float, constant: bool, seeds: int) -
     return "inconclusive", f"difference {where}: the interval spans 0 and reaches below -{margin:g}"
 
 
-def compare_metric(metric: str, real: np.ndarray, refreshed: np.ndarray, margin: float,
-                   confidence: float) -> MetricComparison:
-    """real, refreshed: [n_seeds, n_episodes] of one metric, rows paired by seed and columns by start."""
+def compare_metric(metric: str, real: np.ndarray, refreshed: np.ndarray, margin: float, confidence: float,
+                   higher_is_better: bool = True, baseline: float | None = None) -> MetricComparison:
+    """real, refreshed: [n_seeds, n_episodes] of one metric, rows paired by seed and columns by start;
+    `baseline`: what doing nothing scores on the same starts (None: unknown)."""
     real, refreshed = np.asarray(real, float), np.asarray(refreshed, float)
     if real.shape != refreshed.shape or real.ndim != 2:
         raise ValueError(f"{metric}: the arms must have the same [seeds, episodes] shape, got {real.shape} and "
                          f"{refreshed.shape}")
     difference = paired_difference(real, refreshed, confidence)
     constant = np.ptp(np.concatenate([real.ravel(), refreshed.ravel()])) == 0
-    v, reason = verdict(difference, margin, bool(constant), real.shape[0])
+    below = None
+    if baseline is not None:
+        beats = (lambda m: m > baseline) if higher_is_better else (lambda m: m < baseline)
+        if not (beats(real.mean()) or beats(refreshed.mean())):
+            below = (f"neither arm beats doing nothing: {real.mean():.3f} (real) and {refreshed.mean():.3f} "
+                     f"(refreshed) vs {baseline:.3f} for the do-nothing baseline; the budget did not teach the task")
+    v, reason = verdict(difference, margin, bool(constant), real.shape[0], higher_is_better, below)
     return MetricComparison(metric, arm_stats(real, metric, confidence), arm_stats(refreshed, metric, confidence),
-                            difference, v, reason)
+                            difference, v, reason, baseline, higher_is_better)

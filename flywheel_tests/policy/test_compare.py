@@ -44,6 +44,8 @@ def test_both_arms_train_the_same_policy_on_the_same_budget_and_starts(rotated_r
     report = json.loads(result.paths["report"].read_text())
     assert report["datasets"]["refreshed"]["synthetic_episodes"] == 2 and report["datasets"]["real"]["synthetic_episodes"] == 0
     assert report["verdict"] == result.verdict and report["evaluator"] == "pusht-sim[rotated]"
+    assert set(report["baseline"]) == {"success", "coverage", "max_coverage", "block_moved"}
+    assert report["baseline"]["block_moved"] == 0.0 and cov.baseline == report["baseline"]["coverage"]
     assert report["episode_seeds"] == by_arm["real"].loc[0, "episode_seed"].tolist()
     assert pd.read_csv(result.paths["episodes"]).shape[0] == 12
     assert result.paths["contact_sheet"].stat().st_size > 0 and result.paths["video"].stat().st_size > 0

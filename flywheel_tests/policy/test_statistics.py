@@ -64,3 +64,23 @@ def test_success_intervals_stay_in_the_unit_interval():
     real[0, :2] = 1
     result = compare_metric("success", real, real, 0.05, 0.95)
     assert result.real.low == 0.0 and result.real.high <= 1.0 and result.real.mean == pytest.approx(2 / 150)
+
+
+def test_arms_that_do_no_better_than_doing_nothing_measure_nothing():
+    """Coverage 0.02 vs 0.03 looks non-inferior (within the margin), but an idle agent scores 0.05 on the same
+    starts: the policies learned nothing, so the verdict is inconclusive. Above the baseline the rule applies."""
+    start = np.linspace(0.0, 0.06, 50)
+    real = np.tile(start, (3, 1)) - np.array([[0.001], [0.0], [0.002]])
+    refreshed = np.tile(start, (3, 1)) + np.array([[0.001], [0.0], [0.002]])
+    assert compare_metric("coverage", real, refreshed, 0.05, 0.95).verdict == "non-inferior"
+    floored = compare_metric("coverage", real, refreshed, 0.05, 0.95, baseline=0.05)
+    assert floored.verdict == "inconclusive" and "neither arm beats doing nothing" in floored.reason
+    assert compare_metric("coverage", real + 0.2, refreshed + 0.2, 0.05, 0.95, baseline=0.05).verdict == "non-inferior"
+
+
+def test_lower_is_better_metrics_are_judged_by_their_decrease():
+    real = np.tile(np.linspace(100, 200, 50), (3, 1))
+    faster = real - 30 + np.array([[1.0], [-1.0], [0.0]])
+    assert compare_metric("steps", real, faster, 5.0, 0.95, higher_is_better=False).verdict == "better"
+    assert compare_metric("steps", faster, real, 5.0, 0.95, higher_is_better=False).verdict == "worse"
+    assert compare_metric("steps", real, faster, 5.0, 0.95).verdict == "worse", "the same numbers, read the other way"
