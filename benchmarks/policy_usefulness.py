@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,12 @@ def synthetic_summary(root: Path, simulator: PushTSimulator) -> dict:
                synthetic_making_progress=float(np.mean(np.asarray(syn_gain) > 0.01)),
                real_windows_making_progress=float(np.mean(np.asarray(real_gain) > 0.01)))
     return out
+
+
+def shown_path(path: str) -> str:
+    """A path inside the repository as it is written in the repository's commands."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(path)
 
 
 def describe(values) -> dict:
@@ -241,6 +248,58 @@ def write(result: dict, out: Path, name: str) -> None:
         (out / f"{name}.md").write_text(markdown(result))
 
 
+# ── Learning curve ───────────────────────────────────────────────────────────────────────────────
+
+
+def learning_curve(args, config: PolicyEvalConfig, out: Path, name: str) -> int:
+    """The real arm's policy (first seed) evaluated on the start list after each step count in --curve: does a
+    larger budget of the same policy leave the do-nothing floor?"""
+    from flywheel.policy.evaluators import SimulatorEvaluator
+    from flywheel.policy.training import train_policy
+
+    steps = sorted(int(s) for s in args.curve.split(","))
+    config = config.model_copy(update=dict(policy=config.policy.model_copy(update=dict(steps=steps[-1]))))
+    simulator = PushTSimulator.from_dataset(args.real)
+    evaluator = SimulatorEvaluator(simulator, config.rollout)
+    seeds = episode_seeds(config.rollout.start_seed, config.rollout.episodes)
+    result = dict(command="python " + shlex.join([os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]]),
+                  config=config.model_dump(mode="json"), environment=compare.environment(),
+                  real=compare.dataset_summary(Path(args.real)), baseline=compare.baseline_of(evaluator, config),
+                  curve=[])
+
+    def evaluate(trained) -> None:
+        t0 = time.time()
+        results = evaluator.evaluate(ArmPolicy("real", trained.seed, Path(args.real), trained), seeds)
+        point = dict(train_steps=trained.steps, train_seconds=round(trained.train_seconds, 1),
+                     evaluate_seconds=round(time.time() - t0, 1),
+                     loss=round(float(np.mean(trained.losses[-50:])), 4),
+                     **{k: round(float(np.mean([r.metrics[k] for r in results])), 4) for k in results[0].metrics})
+        result["curve"].append(point)
+        log(json.dumps(point))
+        result["seconds"] = round(time.time() - STARTED, 1)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    train_policy(args.real, config.policy, config.seeds[0], config.device, checkpoints=tuple(steps),
+                 on_checkpoint=evaluate)
+    base, c = result["baseline"], config.policy
+    lines = [f"# Learning curve of the CPU policy ({result['environment']['date'][:10]})", "",
+             f"LeRobot `{c.type}` (inputs {', '.join(c.input_features)}; batch {c.batch_size}, lr {c.lr}, overrides "
+             f"{c.overrides or 'none'}) trained on {shown_path(result['real']['root'])} ({result['real']['episodes']} episodes, "
+             f"{result['real']['frames']} frames), seed {config.seeds[0]}, evaluated closed-loop on "
+             f"{config.rollout.episodes} starts after each step count. Do-nothing baseline (an agent that holds "
+             f"still) on the same starts: coverage {base['coverage']:.3f}, success {base['success']:.2f}.", "",
+             "| training steps | training loss (last 50) | success | final coverage | max coverage | block moved | train s | eval s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['train_steps']} | {p['loss']:.3f} | {p['success']:.2f} | {p['coverage']:.3f} | {p['max_coverage']:.3f} | "
+              f"{p['block_moved']:.2f} | {p['train_seconds']:.0f} | {p['evaluate_seconds']:.0f} |" for p in result["curve"]]
+    env = result["environment"]
+    lines += ["", "```", result["command"], "```", "",
+              f"Machine: {env['system']}, {env['cpu_count']} CPUs (shared), torch threads {env['torch_threads']}; "
+              f"versions {env['versions']}; {result['seconds'] / 60:.0f} min in all."]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
 # ── Main ─────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -286,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--rollout-batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on cpu)")
+    p.add_argument("--curve", default=None,
+                   help="comma-separated step counts: only the real arm's learning curve (first seed), no comparison")
     args = p.parse_args(argv)
 
     import torch
@@ -297,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"policy-usefulness-{args.preset}"
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.curve:
+        return learning_curve(args, config, out, name)
     versions = [dict(refreshed=str(r), curated=(args.curated[i] if i < len(args.curated) else None), sets=None)
                 for i, r in enumerate(args.refreshed)]
     versions += [run_iteration(args.iterate_home, sets) for sets in args.iterate]
@@ -305,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     simulator = PushTSimulator.from_dataset(args.real)
     evaluator = compare.make_evaluator(config, args.real, Path(versions[0]["refreshed"]))
-    result = dict(command="python " + " ".join([os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]]),
+    result = dict(command="python " + shlex.join([os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]]),
                   config=config.model_dump(mode="json"), environment=compare.environment(), versions=versions,
                   comparisons=[])
     log(f"anchors on {config.rollout.episodes} starts")

@@ -162,9 +162,11 @@ def seed_everything(seed: int) -> None:
 
 
 def train_policy(dataset_root: str | Path, config: PolicyTrainConfig, seed: int, device: str = "cpu",
-                 progress: Callable[[dict], None] | None = None) -> TrainedPolicy:
+                 progress: Callable[[dict], None] | None = None, checkpoints: tuple[int, ...] = (),
+                 on_checkpoint: Callable[[TrainedPolicy], None] | None = None) -> TrainedPolicy:
     """Train `config.type` on every episode of the dataset at `dataset_root` for `config.steps` steps of
-    `config.batch_size` samples, from `seed` (weights, sample order, dropout / VAE / diffusion noise)."""
+    `config.batch_size` samples, from `seed` (weights, sample order, dropout / VAE / diffusion noise).
+    `on_checkpoint` sees the policy (in eval mode) after each step count in `checkpoints` (a learning curve)."""
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
     from lerobot.datasets.sampler import EpisodeAwareSampler
@@ -211,10 +213,23 @@ def train_policy(dataset_root: str | Path, config: PolicyTrainConfig, seed: int,
         losses.append(float(loss.item()))
         if progress is not None and ((step + 1) % 50 == 0 or step + 1 == config.steps):
             progress(dict(stage="policy_train", step=step + 1, steps=config.steps, loss=losses[-1]))
+        if on_checkpoint is not None and step + 1 in checkpoints and step + 1 < config.steps:
+            # Evaluating draws from torch's RNG (a diffusion policy's noise): put it back, so that the rest of the
+            # run trains exactly as it would without the checkpoint.
+            rng = torch.random.get_rng_state()
+            policy.eval()
+            on_checkpoint(TrainedPolicy(policy, preprocessor, postprocessor, root, seed, step + 1, config.batch_size,
+                                        dataset.meta.total_episodes, dataset.meta.total_frames,
+                                        time.perf_counter() - started, list(losses)))
+            policy.train()
+            torch.random.set_rng_state(rng)
     policy.eval()
-    return TrainedPolicy(policy, preprocessor, postprocessor, root, seed, config.steps, config.batch_size,
-                         dataset.meta.total_episodes, dataset.meta.total_frames, time.perf_counter() - started,
-                         losses)
+    trained = TrainedPolicy(policy, preprocessor, postprocessor, root, seed, config.steps, config.batch_size,
+                            dataset.meta.total_episodes, dataset.meta.total_frames, time.perf_counter() - started,
+                            losses)
+    if on_checkpoint is not None and config.steps in checkpoints:
+        on_checkpoint(trained)
+    return trained
 
 
 def _cycle(loader):

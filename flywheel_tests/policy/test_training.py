@@ -19,6 +19,15 @@ def test_training_is_seeded(rotated_root):
     assert set(a.policy.config.input_features) == {"observation.image", "observation.state"}
 
 
+def test_checkpoints_see_the_policy_mid_run_without_changing_it(rotated_root):
+    config = PolicyTrainConfig(steps=4, batch_size=4, overrides=TINY_ACT)
+    seen = []
+    trained = train_policy(rotated_root, config, 0, checkpoints=(2, 4), on_checkpoint=lambda t: seen.append(
+        (t.steps, len(t.losses), t.policy.training)))
+    assert seen == [(2, 2, False), (4, 4, False)]
+    assert trained.losses == train_policy(rotated_root, config, 0).losses
+
+
 def test_config_errors_name_the_field(rotated_root):
     with pytest.raises(ValidationError):
         PolicyEvalConfig(policy=dict(steps=3, learning_rate=1.0))
