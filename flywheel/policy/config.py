@@ -100,3 +100,39 @@ def gpu_config(**changes) -> PolicyEvalConfig:
         device="cuda",
     )
     return PolicyEvalConfig(**{**base, **changes})
+
+
+# Measured on this repository's shared 2-core CPU, 1 torch thread (benchmarks/results/policy-usefulness-cpu.json):
+# a training step of the CPU ACT costs ~0.15 s per sample of the batch, an environment step of a batched
+# rollout ~2.5 ms. Only used to tell a user how long opting in on a CPU takes.
+CPU_SECONDS_PER_SAMPLE = 0.15
+CPU_SECONDS_PER_ENV_STEP = 0.0025
+
+
+class PolicyStageConfig(BaseModel):
+    """The `policy` section of the run config: the policy_evaluation stage (after refreshed_dataset)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    evaluate: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: run where a GPU is present, otherwise record 'not evaluated' (too slow for the "
+                            "default CPU job; opt in with on) | on | off")
+    policy: PolicyTrainConfig = Field(default_factory=lambda: PolicyTrainConfig(steps=400, batch_size=16),
+                                      description="the LeRobot policy trained in both arms (same budget)")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="closed-loop episodes per seed")
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds per arm (3 or more for an interval "
+                                                                  "worth reading)")
+    evaluator: str | None = Field(None, description="your own evaluation instead of the built-in simulator "
+                                                    "(docs/policy.md): an entry point name or 'module:factory'")
+
+    def comparison(self, device: str) -> PolicyEvalConfig:
+        """The core's config of one comparison on `device`."""
+        return PolicyEvalConfig(policy=self.policy, rollout=self.rollout, verdict=self.verdict, seeds=self.seeds,
+                                device=device, evaluator=self.evaluator)
+
+    def cpu_minutes(self) -> float:
+        """About how long the comparison takes on a CPU (both arms, every seed)."""
+        train = self.policy.steps * self.policy.batch_size * CPU_SECONDS_PER_SAMPLE
+        rollout = self.rollout.episodes * self.rollout.max_steps * CPU_SECONDS_PER_ENV_STEP
+        return 2 * len(self.seeds) * (train + rollout) / 60

@@ -17,7 +17,7 @@ Return one EpisodeResult per seed, in order; its `metrics` are any named numbers
 coverage, time to goal, ...). The verdict is taken on `verdict.primary`, which must be one of them.
 
 Register it as the Python entry point `flywheel.policy_evaluators` (name -> factory) or give its import path,
-`package.module:factory`, in `policy_eval.evaluator`; the factory is called as
+`package.module:factory`, in `policy.evaluator`; the factory is called as
 `factory(config=PolicyEvalConfig, dataset_root=Path)` and returns the evaluator. See docs/policy.md.
 """
 
@@ -126,7 +126,7 @@ class ScriptedPushTEvaluator:
 
 
 def scripted_pusht(config: PolicyEvalConfig, dataset_root: Path) -> ScriptedPushTEvaluator:
-    """Factory of ScriptedPushTEvaluator (`policy_eval.evaluator: flywheel.policy.evaluators:scripted_pusht`)."""
+    """Factory of ScriptedPushTEvaluator (`policy.evaluator: flywheel.policy.evaluators:scripted_pusht`)."""
     return ScriptedPushTEvaluator(PushTSimulator.from_dataset(dataset_root), config.rollout.max_steps,
                                   config.rollout.batch)
 
@@ -139,10 +139,10 @@ def load_evaluator(spec: str, config: PolicyEvalConfig, dataset_root: Path) -> P
     try:
         evaluator = factory(config=config, dataset_root=Path(dataset_root))
     except (TypeError, ValidationError) as e:
-        raise ConfigError(f"policy_eval.evaluator {spec!r}: calling it as factory(config=..., dataset_root=...) "
+        raise ConfigError(f"policy.evaluator {spec!r}: calling it as factory(config=..., dataset_root=...) "
                           f"failed: {e}") from e
     if not isinstance(evaluator, PolicyEvaluator):
-        raise ConfigError(f"policy_eval.evaluator {spec!r}: the factory returned {type(evaluator).__name__}, which "
+        raise ConfigError(f"policy.evaluator {spec!r}: the factory returned {type(evaluator).__name__}, which "
                           "lacks name / needs_policy / evaluate(arm, episode_seeds); see docs/policy.md")
     return evaluator
 
@@ -153,7 +153,7 @@ def _resolve(spec: str) -> Callable:
         return found[0].load()
     if ":" not in spec:
         names = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-        raise ConfigError(f"policy_eval.evaluator {spec!r}: no entry point of that name in group {ENTRY_POINT_GROUP!r} "
+        raise ConfigError(f"policy.evaluator {spec!r}: no entry point of that name in group {ENTRY_POINT_GROUP!r} "
                           f"(installed: {names}); or give 'package.module:factory'")
     module, _, attr = spec.partition(":")
     try:
@@ -161,8 +161,8 @@ def _resolve(spec: str) -> Callable:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"policy_eval.evaluator {spec!r}: cannot import it ({e}); give 'package.module:factory'") from e
+        raise ConfigError(f"policy.evaluator {spec!r}: cannot import it ({e}); give 'package.module:factory'") from e
     if not callable(obj):
-        raise ConfigError(f"policy_eval.evaluator {spec!r} is not callable; it must be a factory "
+        raise ConfigError(f"policy.evaluator {spec!r} is not callable; it must be a factory "
                           "(config=..., dataset_root=...) -> evaluator")
     return obj

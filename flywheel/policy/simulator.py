@@ -85,7 +85,7 @@ class PushTSimulator:
         except FileNotFoundError as e:
             raise DataError(f"{Path(root) / INIT_FILE}: not found, so {root} has no known simulator; closed-loop "
                             "evaluation needs a PushT sample dataset (flywheel.data.pusht_sample) or your own "
-                            "evaluator (policy_eval.evaluator, see docs/policy.md)") from e
+                            "evaluator (policy.evaluator, see docs/policy.md)") from e
         config = info.get("config", {})
         name = config.get("variant", "default")
         if name not in VARIANTS:
