@@ -80,14 +80,60 @@ def run_iteration(home: Path, sets: str) -> dict:
                 iterate_seconds=round(time.time() - t0, 1), stage_lines=lines)
 
 
-def curation_summary(curated: str | None) -> dict | None:
-    """Accepted / rejected counts and the first failing filter of each rejected candidate."""
+def curation_summary(curated: str | None, real_root: Path | None = None,
+                     simulator: PushTSimulator | None = None) -> dict | None:
+    """Accepted / rejected counts, the first failing filter of each rejected candidate, and (with the real root
+    and its simulator) every candidate's simulator progress, accepted and rejected alike."""
     if not curated or not (Path(curated) / "results.parquet").is_file():
         return None
     table = pd.read_parquet(Path(curated) / "results.parquet")
     reasons = Counter(str(r).split(":")[0] for r in table.loc[~table["accepted"], "reasons"])
-    return dict(path=curated, candidates=len(table), accepted=int(table["accepted"].sum()),
-                rejected=int((~table["accepted"]).sum()), rejected_by=dict(reasons.most_common()))
+    out = dict(path=curated, candidates=len(table), accepted=int(table["accepted"].sum()),
+               rejected=int((~table["accepted"]).sum()), rejected_by=dict(reasons.most_common()))
+    if real_root is not None and simulator is not None:
+        out["simulator_progress"] = candidate_progress(Path(curated), table, real_root, simulator)
+    return out
+
+
+def candidate_progress(curated: Path, results: pd.DataFrame, real_root: Path, simulator: PushTSimulator) -> dict:
+    """Per candidate trajectory (accepted or rejected by the filters): replay its pseudo-actions in the simulator
+    from its source clip's start state (what the refresh does for the accepted ones: flywheel.stages'
+    _simulator_features) and measure task progress, the change of the block's goal coverage from the first to
+    the last state. Compared between the filters' accepted and rejected candidates (scipy.stats)."""
+    from scipy import stats
+
+    from flywheel.stages import _simulator_features, _synthetic_clips
+
+    labels = Path(json.loads((curated / "curated.json").read_text())["labels"])
+    clips, _, _ = _synthetic_clips(labels)
+    accepted = results.set_index("clip_id")["accepted"]
+    rows = []
+    for row in clips.itertuples():
+        actions = np.load(labels / row.actions)["actions"]
+        features = _simulator_features(real_root, row, actions, float(row.fps))
+        if not features:
+            continue
+        states = np.asarray(features["observation.environment_state"])
+        cov = coverage_of_states(simulator, states[[0, -1]])
+        block_moved = float(np.linalg.norm(states[-1, 2:4] - states[0, 2:4]))
+        rows.append(dict(clip_id=row.request_id, accepted=bool(accepted[row.request_id]),
+                         coverage_gain=round(float(cov[1] - cov[0]), 5), block_moved_px=round(block_moved, 2)))
+    table = pd.DataFrame(rows)
+    out = dict(replayed=len(table), candidates=rows)
+    if table.empty:
+        return out
+    for name, part in (("accepted", table[table.accepted]), ("rejected", table[~table.accepted])):
+        if len(part):
+            out[name] = dict(coverage_gain=describe(part.coverage_gain), block_moved_px=describe(part.block_moved_px),
+                             making_progress=round(float((part.coverage_gain > 0.01).mean()), 4),
+                             going_backwards=round(float((part.coverage_gain < -0.01).mean()), 4))
+    if table.accepted.nunique() == 2:
+        test = stats.mannwhitneyu(table[table.accepted].coverage_gain, table[~table.accepted].coverage_gain)
+        r = stats.pointbiserialr(table.accepted.astype(float), table.coverage_gain)
+        out["accepted_vs_rejected"] = dict(mann_whitney_p=round(float(test.pvalue), 4),
+                                           point_biserial_r=round(float(r.statistic), 4),
+                                           point_biserial_p=round(float(r.pvalue), 4))
+    return out
 
 
 def synthetic_summary(root: Path, simulator: PushTSimulator) -> dict:
@@ -206,6 +252,27 @@ def markdown(result: dict) -> str:
                      f"{cur.get('rejected_by', '—')} | {syn['synthetic_episodes']} / {syn['synthetic_frames']} | "
                      f"{syn['synthetic_frame_fraction']:.1%} | {gain(syn.get('synthetic_coverage_gain'))} | "
                      f"{gain(syn.get('real_window_coverage_gain'))} |")
+    progress_rows = [(comp["label"], (comp.get("curation") or {}).get("simulator_progress"))
+                     for comp in result["comparisons"]]
+    if any(p for _, p in progress_rows):
+        lines += ["", "Per-trajectory simulator progress of every candidate (its pseudo-actions replayed from its "
+                  "source clip's start state; progress = change of the block's goal coverage, first to last state):", "",
+                  "| comparison | filters' decision | candidates replayed | coverage gain mean / median [min, max] | "
+                  "making progress (> +0.01) | going backwards (< -0.01) | block moved px (mean) |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, prog in progress_rows:
+            for name in ("accepted", "rejected"):
+                part = (prog or {}).get(name)
+                if part:
+                    g = part["coverage_gain"]
+                    lines.append(f"| {label} | {name} | {g['n']} | {g['mean']:+.4f} / {g['median']:+.4f} "
+                                 f"[{g['min']:+.4f}, {g['max']:+.4f}] | {part['making_progress']:.0%} | "
+                                 f"{part['going_backwards']:.0%} | {part['block_moved_px']['mean']:.1f} |")
+            test = (prog or {}).get("accepted_vs_rejected")
+            if test:
+                lines.append(f"| {label} | accepted vs rejected | | Mann-Whitney p = {test['mann_whitney_p']:.3f}; "
+                             f"point-biserial r = {test['point_biserial_r']:+.3f} (p = {test['point_biserial_p']:.3f}) "
+                             "| | | |")
     env = result["environment"]
     lines += ["", "## Findings", "", *[f"- {f}" for f in result.get("findings", [])], "",
               "## How it was run", "", "```", result["command"], "```", "",
@@ -233,6 +300,17 @@ def findings(result: dict) -> list[str]:
                        f"{gain['mean']:+.3f} goal coverage on average ({syn['synthetic_making_progress']:.0%} gain > 0.01); "
                        f"real windows of the same length gain {syn['real_window_coverage_gain']['mean']:+.3f} "
                        f"({syn['real_windows_making_progress']:.0%} > 0.01).")
+        prog = (comp.get("curation") or {}).get("simulator_progress") or {}
+        if prog.get("accepted") and prog.get("rejected"):
+            acc, rej = prog["accepted"], prog["rejected"]
+            test = prog.get("accepted_vs_rejected") or {}
+            out.append(f"{comp['label']}: per candidate, the simulator replay's coverage gain is "
+                       f"{acc['coverage_gain']['mean']:+.4f} for the {acc['coverage_gain']['n']} accepted and "
+                       f"{rej['coverage_gain']['mean']:+.4f} for the {rej['coverage_gain']['n']} rejected "
+                       f"(Mann-Whitney p {test.get('mann_whitney_p', float('nan')):.3f}): the existing filters' "
+                       f"decisions {'do not ' if test.get('mann_whitney_p', 1) >= 0.05 else ''}separate trajectories "
+                       f"that make progress from those that do not; {acc['making_progress']:.0%} of accepted and "
+                       f"{rej['making_progress']:.0%} of rejected candidates gain > 0.01.")
     if result["comparisons"]:
         real = result["comparisons"][0]["report"]["metrics"]["coverage"]["real"]["mean"]
         out.append(f"Policy budget: the real arm's policies end at coverage {real:.3f}, against {a['idle_agent']['coverage']:.3f} "
@@ -240,9 +318,10 @@ def findings(result: dict) -> list[str]:
     return out
 
 
-def write(result: dict, out: Path, name: str) -> None:
+def write(result: dict, out: Path, name: str, timed: bool = True) -> None:
     result["findings"] = findings(result)
-    result["seconds"] = round(time.time() - STARTED, 1)
+    if timed:
+        result["seconds"] = round(time.time() - STARTED, 1)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     if result["comparisons"]:
         (out / f"{name}.md").write_text(markdown(result))
@@ -347,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on cpu)")
     p.add_argument("--curve", default=None,
                    help="comma-separated step counts: only the real arm's learning curve (first seed), no comparison")
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the curation / simulator-progress summaries of <out>/<name>.json and rewrite it and "
+                        "its .md (no training)")
     args = p.parse_args(argv)
 
     import torch
@@ -360,6 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.curve:
         return learning_curve(args, config, out, name)
+    if args.resummarize:
+        result = json.loads((out / f"{name}.json").read_text())
+        simulator = PushTSimulator.from_dataset(args.real)
+        for comp, version in zip(result["comparisons"], result["versions"]):
+            comp["curation"] = curation_summary(version.get("curated"), args.real, simulator)
+        write(result, out, name, timed=False)
+        log(f"rewrote {out / name}.json and .md")
+        return 0
     versions = [dict(refreshed=str(r), curated=(args.curated[i] if i < len(args.curated) else None), sets=None)
                 for i, r in enumerate(args.refreshed)]
     versions += [run_iteration(args.iterate_home, sets) for sets in args.iterate]
@@ -393,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  baseline=baseline)
         result["comparisons"].append(dict(
             label=label, out_dir=os.path.relpath(comp_dir, out), verdict=comparison.verdict, report=comparison.report,
-            synthetic=synthetic_summary(root, simulator), curation=curation_summary(version.get("curated"))))
+            synthetic=synthetic_summary(root, simulator),
+            curation=curation_summary(version.get("curated"), args.real, simulator)))
         if "contact_sheet" in comparison.paths:
             shutil.copy(comparison.paths["contact_sheet"], out / f"{name}-contact_sheet.png")
         log(f"{label}: verdict {comparison.verdict} ({comparison.metrics[comparison.primary].reason})")
