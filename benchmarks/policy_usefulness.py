@@ -4,9 +4,10 @@
     nice -n 10 python benchmarks/policy_usefulness.py --iterate-home /tmp/policy-home \\
         --iterate "" --iterate "generate.max_videos=64;generate.seeds=[0,1,2,3]" --name policy-usefulness-cpu
 
-    # the larger GPU setting (LeRobot's diffusion policy, 20k steps, 5 seeds) on versions you already have
-    python benchmarks/policy_usefulness.py --preset gpu --device cuda --refreshed <refreshed_dataset path> \\
-        --out $OUT --name policy-usefulness-gpu
+    # the GPU profile (~8 min on one H100: ACT 3000 steps of 64, 3 seeds x 2 arms in 6 processes at once), on the
+    # committed refreshed version the CPU result used (datasets/pusht_rotated_refreshed64)
+    python benchmarks/policy_usefulness.py --preset gpu --refreshed datasets/pusht_rotated_refreshed64 \\
+        --name policy-usefulness-gpu
 
 For every refreshed version (`--refreshed PATH`, or one per `--iterate SETS`: the flywheel's main job run with
 those `--set` values, `;`-separated, in `--iterate-home`, its refreshed_dataset taken from its output), the
@@ -275,7 +276,8 @@ def markdown(result: dict) -> str:
                              "| | | |")
     env = result["environment"]
     lines += ["", "## Findings", "", *[f"- {f}" for f in result.get("findings", [])], "",
-              "## How it was run", "", "```", result["command"], "```", "",
+              "## How it was run", "", "```", result["command"],
+              *([f"# then the summaries: {result['summaries_by']}"] if result.get("summaries_by") else []), "```", "",
               f"Machine: {env['system']}, {env['cpu_count']} CPUs (shared), torch threads {env['torch_threads']}, "
               f"device {c['device']}{' (' + env['cuda'] + ')' if env['cuda'] else ''}; versions {env['versions']}; "
               f"{result['seconds'] / 60:.0f} min in all. Rule: see docs/policy.md. Per-comparison reports: "
@@ -379,11 +381,62 @@ def learning_curve(args, config: PolicyEvalConfig, out: Path, name: str) -> int:
     return 0
 
 
+# ── Arms, one process per (arm, seed) with --jobs ──────────────────────────────────────────────────
+
+
+def _evaluate_one(arm: str, root: Path, real_root: Path, config: PolicyEvalConfig, seed: int, threads: int):
+    """One (arm, seed) in a worker process: its own torch threads, its own simulator envs, the shared device."""
+    import torch
+
+    torch.set_num_threads(threads)
+    one = config.model_copy(update=dict(seeds=[seed]))
+    evaluator = compare.make_evaluator(one, real_root, root)
+
+    def progress(event: dict) -> None:
+        if event["stage"] == "policy_eval" or event.get("step") in (1, one.policy.steps) or event["step"] % 500 == 0:
+            log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in event.items()}))
+
+    return compare.evaluate_arm(arm, root, one, evaluator, progress=progress)
+
+
+def evaluate_arms(arms: list[tuple[str, Path]], config: PolicyEvalConfig, args, progress) -> list:
+    """Every arm for every seed: in this process one after another (--jobs 1), or in --jobs worker processes at
+    once (each trains on the shared device and rolls out on its own CPU core); the per-seed results of an arm
+    are put back together in seed order, so the statistics see exactly what one process would have made."""
+    real_root = Path(args.real)
+    jobs = args.jobs or (1 if config.device == "cpu" else len(arms) * len(config.seeds))
+    if jobs <= 1:
+        evaluator = compare.make_evaluator(config, real_root, arms[-1][1])
+        return [compare.evaluate_arm(arm, root, config, evaluator, progress=progress) for arm, root in arms]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {(i, seed): pool.submit(_evaluate_one, arm, root, real_root, config, seed, threads)
+                   for i, (arm, root) in enumerate(arms) for seed in config.seeds}
+        done = {key: future.result() for key, future in futures.items()}
+    merged = []
+    for i, (arm, root) in enumerate(arms):
+        parts = [done[i, seed] for seed in config.seeds]
+        merged.append(compare.ArmEvaluation(arm, root, list(config.seeds), parts[0].episode_seeds,
+                                            [r for p in parts for r in p.runs], [r for p in parts for r in p.rows],
+                                            parts[0].shown))
+    return merged
+
+
 # ── Main ─────────────────────────────────────────────────────────────────────────────────────────
 
 
+def gpu_quick_config() -> PolicyEvalConfig:
+    """The GPU profile meant to finish within ~8 minutes on one H100 with --jobs 6 (every (arm, seed) at once):
+    the CPU default's small ACT at 3000 steps of batch 64 (24x the CPU run's samples per seed), 3 seeds, 50
+    episodes each. `--preset gpu-full` is flywheel.policy.gpu_config() (diffusion, 20k steps, 5 seeds: hours)."""
+    return cpu_config(policy=dict(type="act", steps=3000, batch_size=64, lr=1e-4), seeds=[0, 1, 2], device="cuda")
+
+
 def build_config(args) -> PolicyEvalConfig:
-    config = gpu_config() if args.preset == "gpu" else cpu_config()
+    config = {"gpu": gpu_quick_config, "gpu-full": gpu_config, "cpu": cpu_config}[args.preset]()
     policy = config.policy.model_dump()
     for key, value in dict(type=args.policy, steps=args.steps, batch_size=args.batch_size, lr=args.lr).items():
         if value is not None:
@@ -411,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterate-home", type=Path, default=Path("/tmp/policy-home"))
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     p.add_argument("--name", default=None, help="output file stem (default policy-usefulness-<preset>)")
-    p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--preset", choices=("cpu", "gpu", "gpu-full"), default="cpu",
+                   help="cpu: CPU ACT, 400 steps of 16 | gpu: ~8 min on one H100 (ACT, 3000 steps of 64, all arms and "
+                        "seeds in parallel) | gpu-full: diffusion, 20k steps of 64, 5 seeds")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
     p.add_argument("--policy", choices=("act", "diffusion"), default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -424,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--rollout-batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on cpu)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes, one (arm, seed) each (default: 1 on cpu, every (arm, seed) at once on cuda)")
     p.add_argument("--curve", default=None,
                    help="comma-separated step counts: only the real arm's learning curve (first seed), no comparison")
     p.add_argument("--resummarize", action="store_true",
@@ -447,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         simulator = PushTSimulator.from_dataset(args.real)
         for comp, version in zip(result["comparisons"], result["versions"]):
             comp["curation"] = curation_summary(version.get("curated"), args.real, simulator)
+        result["summaries_by"] = "python " + shlex.join([os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]])
         write(result, out, name, timed=False)
         log(f"rewrote {out / name}.json and .md")
         return 0
@@ -471,13 +529,15 @@ def main(argv: list[str] | None = None) -> int:
         if event["stage"] == "policy_eval" or event.get("step") in (1, config.policy.steps) or event["step"] % 100 == 0:
             log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in event.items()}))
 
-    real = compare.evaluate_arm("real", args.real, config, evaluator, progress=progress)
+    arms = evaluate_arms([("real", Path(args.real))] + [("refreshed", Path(v["refreshed"])) for v in versions],
+                         config, args, progress)
+    real = arms[0]
     result["real_runs"] = real.runs
     write(result, out, name)
     for i, version in enumerate(versions):
         label = f"v{i + 1}" + (f"[{version['sets']}]" if version.get("sets") else "")
         root = Path(version["refreshed"])
-        refreshed = compare.evaluate_arm("refreshed", root, config, evaluator, progress=progress)
+        refreshed = arms[i + 1]
         comp_dir = out / name / f"v{i + 1}"
         comparison = compare.compare_evaluations(real, refreshed, config, evaluator.name, comp_dir,
                                                  baseline=baseline)
