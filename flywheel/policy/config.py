@@ -102,11 +102,11 @@ def gpu_config(**changes) -> PolicyEvalConfig:
     return PolicyEvalConfig(**{**base, **changes})
 
 
-# Measured on this repository's shared 2-core CPU, 1 torch thread (benchmarks/results/policy-usefulness-cpu.json):
-# a training step of the CPU ACT costs ~0.15 s per sample of the batch, an environment step of a batched
-# rollout ~2.5 ms. Only used to tell a user how long opting in on a CPU takes.
-CPU_SECONDS_PER_SAMPLE = 0.15
-CPU_SECONDS_PER_ENV_STEP = 0.0025
+# Measured on this repository's shared 2-core CPU, 1 torch thread (benchmarks/results/policy-usefulness-cpu.json:
+# 200 steps of batch 8 in ~190 s; 50 episodes x 300 steps in ~150 s, the policy's own calls included). Only
+# used to tell a user how long opting in on a CPU takes.
+CPU_SECONDS_PER_SAMPLE = 0.12
+CPU_SECONDS_PER_ENV_STEP = 0.01
 
 
 class PolicyStageConfig(BaseModel):
