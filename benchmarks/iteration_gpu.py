@@ -411,6 +411,14 @@ def main(argv=None) -> dict:
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
     if args.dry_run:
         os.environ["FLYWHEEL_GPUS"] = "0"  # the workloads still run as subprocesses, on the CPU
+    else:
+        from flywheel.defs.resources import detected_gpus
+
+        gpus = int(os.environ.get("FLYWHEEL_GPUS") or detected_gpus())
+        if gpus < 1:  # a 2B iteration on the CPU would run for hours and time nothing useful
+            raise SystemExit("iteration_gpu: no GPU detected (CUDA_VISIBLE_DEVICES, /dev/nvidiaN, nvidia-smi -L); "
+                             "set FLYWHEEL_GPUS=N if the GPUs are there, or pass --dry-run for the CPU path")
+        os.environ["FLYWHEEL_GPUS"] = str(gpus)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="flywheel-iteration-"))
     work.mkdir(parents=True, exist_ok=True)
     home, source = work / "home", work / "datasets" / DATASET.name

@@ -22,12 +22,27 @@ RunSettings = run_settings_class()
 
 
 def detected_gpus() -> int:
-    """NVIDIA GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the /dev/nvidiaN devices (no CUDA
-    initialisation, so a Dagster code server never holds a GPU)."""
+    """NVIDIA GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the /dev/nvidiaN devices, else what
+    `nvidia-smi -L` lists (containers may expose the GPU without /dev/nvidiaN). No CUDA initialisation, so a
+    Dagster code server never holds a GPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    return len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+    devices = len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+    return devices or _nvidia_smi_gpus()
+
+
+def _nvidia_smi_gpus() -> int:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 class FlywheelResource(dg.ConfigurableResource):

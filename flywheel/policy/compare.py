@@ -264,24 +264,11 @@ def _write_outputs(out: Path, comparison: PolicyComparison, shown: dict[str, lis
 
 def write_contact_sheet(path: Path, shown: dict[str, list], columns: int = 8) -> Path:
     """One row per shown episode (real first, then refreshed), labelled: `columns` evenly spaced frames."""
-    from PIL import Image, ImageDraw
+    from flywheel.preview import contact_sheet
 
-    from flywheel.data.pusht_sample import contact_sheet
-
-    rows, labels = [], []
-    for arm in ARMS:
-        for i, frames in enumerate(shown[arm]):
-            picks = np.linspace(0, len(frames) - 1, columns).round().astype(int)
-            rows.append([frames[t] for t in picks])
-            labels.append(f"{arm}\nep {i}")
-    sheet = contact_sheet(rows)
-    labelled = Image.new("RGB", (sheet.width + 70, sheet.height), (0, 0, 0))
-    labelled.paste(sheet, (70, 0))
-    draw, row_h = ImageDraw.Draw(labelled), sheet.height / len(rows)
-    for r, label in enumerate(labels):
-        draw.multiline_text((6, int(r * row_h + row_h / 2 - 12)), label, fill=(255, 255, 255))
-    labelled.save(path)
-    return path
+    videos = [np.asarray(frames) for arm in ARMS for frames in shown[arm]]
+    labels = [f"{arm} episode {i}" for arm in ARMS for i in range(len(shown[arm]))]
+    return contact_sheet(videos, labels, path, frames_per_video=columns, scale=1.0)
 
 
 def write_rollout_video(path: Path, shown: dict[str, list], fps: int = 10) -> Path:
