@@ -158,13 +158,6 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
     # The raw clean clips, labelled, for the `paired` design's calibration.
     raw_clean = label_clips(clean, idm)
     verifier = PushTReplayVerifier.for_dataset(root)
-    if verifier is not None:
-        log(name, "simulator replay")
-        for group in (candidates, raw_clean):
-            for j, c in enumerate(group):
-                source = real_clip_source(root, c)
-                group[j] = dataclasses.replace(c, extra_stats=verifier.verify(source, np.asarray(c.frames), c.actions,
-                                                                             c.fps))
     corpus = {"name": name, "root": str(root), "train": train, "folds": folds, "candidates": candidates,
               "raw_clean": raw_clean, "codec_psnr": fidelity, "use_codec": use_codec,
               "verifier_directions": getattr(verifier, "directions", None)}
@@ -180,52 +173,166 @@ def _action_reference(episodes) -> dict:
 
 # ── Evaluation ───────────────────────────────────────────────────────────────────────────────────────
 
+INVISIBLE_DB = 40.0  # every frame this close (PSNR) to the clean clip's: no defect left to see
+
+
 def no_op_corruptions(candidates: list[Clip]) -> set[str]:
-    """Ids of corrupted candidates that did not change their clean clip (e.g. two patches of plain floor
-    swapped): fewer than 0.1% of pixel values moved by more than 8 gray levels, same conditioning frame and
-    labels. Nothing to detect, nothing harmful: left out of the recall, and counted."""
+    """Ids of corrupted video candidates whose frames, as scored (after the codec when it is used), are all
+    within INVISIBLE_DB of the clean clip's, with the same conditioning frame: a corruption that changed
+    nothing (two patches of plain floor swapped) or that the codec erased (noise or a slight blur the VAE
+    does not reproduce). Nothing to detect and nothing harmful in the generated clip: left out of the recall,
+    and counted per family in the report. Action corruptions always change the labels and are kept."""
+    from flywheel.quality.stats import psnr
+
     clean = {c.clip_id: c for c in candidates if c.kind == "good"}
     out = set()
     for c in candidates:
-        if c.kind == "good" or c.kind.startswith("duplicate"):
+        if c.kind == "good" or c.kind.startswith(("duplicate", "action_")):
             continue
         base = clean[c.clip_id.rsplit("-", 2)[0]]
-        moved = np.abs(np.asarray(c.frames, np.int16) - np.asarray(base.frames, np.int16)) > 8
-        same_labels = c.actions is None or np.allclose(c.actions, base.actions)
-        if moved.mean() < 1e-3 and np.array_equal(c.first_frame, base.first_frame) and same_labels:
+        frames, base_frames = np.asarray(c.frames), np.asarray(base.frames)
+        if np.array_equal(c.first_frame, base.first_frame) and \
+                min(psnr(a, b) for a, b in zip(frames, base_frames)) >= INVISIBLE_DB:
             out.add(c.clip_id)
     return out
 
 
-def evaluate(corpus: dict, config: FilterConfig, design: str) -> pd.DataFrame:
-    """Per-candidate results of both folds (every score, pass_<filter>, accepted, reasons, kind, fold)."""
-    from flywheel.label.episodes import load_actions
-    from flywheel.quality.filters import filter_clips
+# The code the cached scores depend on, read when this module is imported (with the modules themselves).
+import flywheel.quality.filters  # noqa: E402,F401
+import flywheel.quality.pusht_replay  # noqa: E402,F401
+
+_SOURCES = {f: (REPO / "flywheel" / "quality" / f).read_text()
+            for f in ("stats.py", "motion.py", "filters.py", "pusht_replay.py", "curation.py")}
+
+
+def _code_hash(*files: str) -> str:
+    return hashlib.sha1("".join(_SOURCES[f] for f in files).encode()).hexdigest()[:12]
+
+
+def post_codec_candidates(corpus: dict, work: Path, codec: CachedCodec, seed: int = 1) -> list[Clip]:
+    """The `post` protocol's candidates: every family applied to the codec's rendering of each clean clip
+    (a generated clip is a decoder output; its defects are in that output), relabelled by the IDM.
+    Without a codec (G1) the same as the `pre` candidates. Cached in `work`."""
+    if not corpus["use_codec"]:
+        return corpus["candidates"]
+    path = work / f"post-{corpus['name']}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    root = Path(corpus["root"])
+    held = [e for f in corpus["folds"] for e in f]
+    idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
+    clean = [c for c in corpus["candidates"] if c.kind == "good"]
+    rng = np.random.default_rng(seed)
+    video, action = [], []
+    for i, clip in enumerate(clean):
+        others = [c for c in clean if c.meta["episode_index"] != clip.meta["episode_index"]]
+        donor = others[(i * 7) % len(others)]
+        for family, spec in FAMILIES.items():
+            for strength in STRENGTHS:
+                if spec.action is not None:
+                    action.append((clip, family, strength))
+                else:
+                    video.append(corrupt_family(clip, family, strength, rng, donor=donor))
+    moved = [j for j, c in enumerate(video) if c.meta.get("first_index", 0)]  # backwards: a new conditioning frame
+    for j, ref in zip(moved, codec([still_clip(video[j].first_frame, NUM_FRAMES) for j in moved])):
+        video[j] = dataclasses.replace(video[j], reference=ref)
+    video = label_clips(video, idm)
+    scale = np.asarray(_action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
+        root, corpus["train"]))["scale"])
+    out = list(clean) + video + [corrupt_family(c, f, st, rng, action_scale=scale) for c, f, st in action]
+    path.write_bytes(pickle.dumps(out))
+    return out
+
+
+def candidates_for(corpus: dict, protocol: str, work: Path, codec: CachedCodec) -> list[Clip]:
+    return corpus["candidates"] if protocol == "pre" else post_codec_candidates(corpus, work, codec)
+
+
+def replay_corpus(corpus: dict, candidates: list[Clip], tag: str, work: Path) -> dict[str, dict]:
+    """The simulator verifier's scores of every candidate and raw clean clip by clip id ({} off PushT),
+    each replayed from the state its frame 0 shows. Cached per version of the verifier's code."""
+    from flywheel.quality.pusht_replay import PushTReplayVerifier
 
     root = Path(corpus["root"])
-    actions = load_actions(root, corpus["train"])
-    no_op = no_op_corruptions(corpus["candidates"])
+    verifier = PushTReplayVerifier.for_dataset(root)
+    if verifier is None:
+        return {}
+    path = work / f"replay-{corpus['name']}-{tag}-{_code_hash('pusht_replay.py', 'curation.py')}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    log(corpus["name"], f"simulator replay ({tag})")
+    scores = {}
+    for group, clips in (("candidates", candidates), ("raw_clean", corpus["raw_clean"])):
+        for c in clips:
+            scores[f"{group}/{c.clip_id}"] = verifier.verify(real_clip_source(root, c), np.asarray(c.frames),
+                                                             c.actions, c.fps)
+    path.write_bytes(pickle.dumps(scores))
+    return scores
+
+
+def score_corpus(corpus: dict, candidates: list[Clip], tag: str, config: FilterConfig,
+                 work: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every statistic of every candidate and of the raw clean clips (threshold-free, so computed once per
+    version of the statistics' code and scoring settings; cached in `work`)."""
+    from flywheel.quality.filters import score_clips
+
+    replay = replay_corpus(corpus, candidates, tag, work)
+    code = _code_hash("stats.py", "motion.py", "filters.py", "pusht_replay.py", "curation.py")
+    scoring = config.model_dump(include={"analysis_size", "static_eps", "still_factor", "min_frames", "expected_hw"})
+    key = hashlib.sha1((code + json.dumps(scoring, sort_keys=True)).encode()).hexdigest()[:12]
+    paths = [work / f"scores-{corpus['name']}-{tag}-{part}-{key}.parquet" for part in ("candidates", "raw")]
+    if all(p.is_file() for p in paths):
+        return tuple(pd.read_parquet(p) for p in paths)
+    reference = _action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
+        Path(corpus["root"]), corpus["train"]))
     out = []
+    for group, clips, path in (("candidates", candidates, paths[0]), ("raw_clean", corpus["raw_clean"], paths[1])):
+        clips = [dataclasses.replace(c, extra_stats=replay.get(f"{group}/{c.clip_id}", {})) for c in clips]
+        df = score_clips(clips, config, reference)
+        df["episode"] = [c.meta["episode_index"] for c in clips]
+        df.to_parquet(path)
+        out.append(df)
+    return tuple(out)
+
+
+def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, work: Path,
+             codec: CachedCodec) -> pd.DataFrame:
+    """Per-candidate results of both folds (every score, pass_<filter>, accepted, reasons, kind, fold)."""
+    from flywheel.label.episodes import load_actions
+    from flywheel.quality.calibration import thresholds_from_scores
+    from flywheel.quality.filters import judge
+    from flywheel.quality.stats import STAT_DIRECTION
+    from flywheel.quality.verifier import AT_LEAST
+
+    root = Path(corpus["root"])
+    reference = _action_reference(load_actions(root, corpus["train"]))
+    clips = candidates_for(corpus, protocol, work, codec)
+    tag = protocol if corpus["use_codec"] else "raw"
+    candidates, raw = score_corpus(corpus, clips, tag, config, work)
+    no_op = no_op_corruptions(clips)
+    extra = [k for k in (corpus["verifier_directions"] or {})]
+    directions = {**STAT_DIRECTION, **{k: "min" if k in AT_LEAST else "max" for k in extra},
+                  **(corpus["verifier_directions"] or {})}
+    out, all_thresholds = [], []
     for k, test_eps in enumerate(corpus["folds"]):
         cal_eps = [e for f in corpus["folds"] for e in f if e not in test_eps]
-        pool = corpus["raw_clean"] if design == "paired" or not corpus["use_codec"] else \
-            [c for c in corpus["candidates"] if c.kind == "good"]
-        cal = [c for c in pool if c.meta["episode_index"] in cal_eps]
-        thresholds = calibrate(cal, config, actions, extra_directions=corpus["verifier_directions"],
-                               calibrated_on="model_codec" if corpus["use_codec"] and design == "codec" else "real",
-                               codec_psnr=corpus["codec_psnr"])
-        test = [c for c in corpus["candidates"] if c.meta["episode_index"] in test_eps and c.clip_id not in no_op]
-        results = filter_clips(test, thresholds, config)
+        pool = raw if design == "paired" or not corpus["use_codec"] else candidates[candidates["kind"] == "good"]
+        cal = pool[pool["episode"].isin(cal_eps)]
+        thresholds = thresholds_from_scores(
+            cal, [str(e) for e in cal["episode"]], config, directions, action_reference=reference,
+            calibrated_on="model_codec" if corpus["use_codec"] and design == "codec" else "real",
+            codec_psnr=corpus["codec_psnr"])
+        test = candidates[candidates["episode"].isin(test_eps) & ~candidates["clip_id"].isin(no_op)]
+        results = judge(test, thresholds, config)
         results["fold"] = k
-        results["episode"] = [c.meta["episode_index"] for c in test]
-        results.attrs["thresholds"] = thresholds
         out.append(results)
-        log(corpus["name"], f"fold {k}: calibrated on {len(cal)} clips of episodes {cal_eps}, scored {len(test)}; "
+        all_thresholds.append(thresholds)
+        log(corpus["name"], f"fold {k}: calibrated on {len(cal)} clips of episodes {cal_eps}, judged {len(test)}; "
             f"notes: {thresholds.notes}")
     results = pd.concat(out, ignore_index=True)
-    results.attrs["thresholds"] = [o.attrs["thresholds"] for o in out]
-    kinds = pd.Series([c.kind for c in corpus["candidates"] if c.clip_id in no_op])
-    results.attrs["no_op"] = {k: int(v) for k, v in kinds.value_counts().items()}
+    results.attrs["thresholds"] = all_thresholds
+    kinds = pd.Series([c.kind for c in clips if c.clip_id in no_op])
+    results.attrs["no_op"] = {k: int(v) for k, v in sorted(kinds.value_counts().items())}
     return results
 
 
@@ -335,6 +442,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default="/tmp/flywheel-quality-bench")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--design", choices=["codec", "paired"], default="codec")
+    parser.add_argument("--protocol", choices=["post", "pre"], default="post",
+                        help="post: corrupt the codec's rendering of a real clip; pre: corrupt, then render")
     parser.add_argument("--name", default="quality-generalization")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -347,11 +456,11 @@ def main(argv=None) -> dict:
     for name in args.datasets.split(","):
         started = time.time()
         corpus = build_corpus(name, work, codec, config)
-        results = evaluate(corpus, config, args.design)
+        results = evaluate(corpus, config, args.design, args.protocol, work, codec)
         table = results.drop(columns=[c for c in results.columns if results[c].dtype == object and c not in
                                       ("clip_id", "kind", "reasons")])
         table.attrs = {}
-        table.to_parquet(work / f"results-{name}-{args.design}.parquet")
+        table.to_parquet(work / f"results-{name}-{args.design}-{args.protocol}.parquet")
         clean = results[results["kind"] == "good"]
         report["datasets"][name] = {
             "episodes": sum(len(f) for f in corpus["folds"]), "clean_clips": int(len(clean)),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.label.episodes import Episode
@@ -104,11 +105,11 @@ def real_clips(episodes: list[Episode], num_frames: int, fps: float, stride_s: f
 
 def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Episode] | None = None,
               idm=None, source: dict | None = None, extra_directions: dict[str, str] | None = None,
-              calibrated_on: str = "real", codec_psnr: float | None = None) -> Thresholds:
+              calibrated_on: str = "real", codec_psnr: float | None = None, notes: list[str] | None = None) -> Thresholds:
     """Thresholds from real clips. With `idm`, clip actions are the IDM's labels (as for generated clips)
     and the disagreement threshold is calibrated too; `action_episodes` (the real episodes the domain trains
     on, full length) set the action scales. `extra_directions`: "min"/"max" of verifier stats (default
-    "max"). `calibrated_on`/`codec_psnr`: recorded (see flywheel.quality.curation.calibration_clips).
+    "max"). `calibrated_on`/`codec_psnr`/`notes`: recorded (see flywheel.quality.curation.calibration_clips).
 
     Each threshold is a real percentile widened by a slack (FilterConfig): the smallest slack, from
     `slack` up to `max_slack`, at which at most `held_out_rejection` of the clips of each calibration
@@ -129,10 +130,20 @@ def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Epi
             labelled.append(dataclasses.replace(c, actions=actions, disagreement=disagreement))
         clips = labelled
     scores = score_clips(clips, config, reference)
-    episodes = np.array([str(c.meta.get("episode_index", c.group)) for c in clips])
+    episodes = [str(c.meta.get("episode_index", c.group)) for c in clips]
     directions = {**STAT_DIRECTION, **{k: "min" if k in AT_LEAST else "max" for c in clips for k in c.extra_stats},
                   **(extra_directions or {})}
-    values, quantiles, slacks, notes = {}, {}, {}, []
+    return thresholds_from_scores(scores, episodes, config, directions, action_reference=reference, source=source,
+                                  calibrated_on=calibrated_on, codec_psnr=codec_psnr, notes=notes)
+
+
+def thresholds_from_scores(scores: pd.DataFrame, episodes: list[str], config: FilterConfig, directions: dict[str, str],
+                           action_reference: dict | None = None, source: dict | None = None,
+                           calibrated_on: str = "real", codec_psnr: float | None = None,
+                           notes: list[str] | None = None) -> Thresholds:
+    """`calibrate` once the real clips are scored: `scores` one row per clip, `episodes` the episode of each."""
+    episodes = np.asarray(episodes)
+    values, quantiles, slacks, notes = {}, {}, {}, list(notes or [])
     for stat, direction in directions.items():
         if stat == "idle" or stat not in scores or scores[stat].isna().all():
             continue
@@ -152,11 +163,11 @@ def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Epi
             values["idle"], quantiles["idle"], slacks["idle"] = 0.5, {"p_lo": 0.0, "p50": 0.0, "p_hi": 0.0}, 0.0
             notes.append("idle: no real clip is still throughout, so a generated clip that never moves is rejected")
         else:
-            notes.append(f"idle: {idle} of {len(clips)} real clips are still throughout (a robot at rest), so a "
+            notes.append(f"idle: {idle} of {len(scores)} real clips are still throughout (a robot at rest), so a "
                          "generated clip that never moves is not rejected for it")
     return Thresholds(filter_version=FILTER_VERSION, config_hash=hash_json(config.model_dump())[:16], values=values,
                       directions={s: directions.get(s, "max") for s in values}, real_quantiles=quantiles,
-                      slack=slacks, action_reference=reference, num_real_clips=len(clips),
+                      slack=slacks, action_reference=action_reference, num_real_clips=len(scores),
                       calibrated_on=calibrated_on, codec_psnr=codec_psnr, notes=notes, source=source or {})
 
 

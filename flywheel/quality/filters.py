@@ -92,12 +92,20 @@ def filter_clips(clips: Sequence[Clip], thresholds: Thresholds, config: FilterCo
     if thresholds.filter_version != FILTER_VERSION:
         raise ValueError(f"thresholds are for filter version {thresholds.filter_version}, code is {FILTER_VERSION}; "
                          "re-calibrate")
+    return judge(score_clips(clips, config, thresholds.action_reference), thresholds, config)
+
+
+def judge(df: pd.DataFrame, thresholds: Thresholds, config: FilterConfig) -> pd.DataFrame:
+    """`filter_clips` on clips already scored (`score_clips`): adds pass_<filter>, accepted, reasons."""
+    if thresholds.filter_version != FILTER_VERSION:
+        raise ValueError(f"thresholds are for filter version {thresholds.filter_version}, code is {FILTER_VERSION}; "
+                         "re-calibrate")
+    df = df.copy()
     limits = thresholds.effective(config)
     limits.setdefault("duplicate_distance", float(config.duplicate_max_hamming) + 0.5)
     directions = {PROGRESS_STAT: "min", **thresholds.directions, "duplicate_distance": "min"}
     if config.min_progress is not None and PROGRESS_STAT not in config.overrides:
         limits[PROGRESS_STAT] = config.min_progress
-    df = score_clips(clips, config, thresholds.action_reference)
     claimed = {s for stats in FILTERS.values() for s in stats}
     verifier_stats = [s for s in limits if s not in claimed and s in df.columns]
     reasons: list[list[str]] = [[] if e is None else [e] for e in df["decode_error"]]

@@ -1,9 +1,10 @@
 """Motion evidence from OpenCV's dense optical flow (Farneback): what the image statistics cannot see.
 
 - *Unexplained change*: warp frame t+1 back onto frame t along the flow; what remains is change that no
-  motion explains: something appearing, vanishing, jumping or the scene cutting. Measured per block, as a
-  spike over the same block's residual in the neighbouring steps, so a block where a moving object
-  keeps leaving a residual (occlusions, motion blur) is not a spike.
+  motion explains: something appearing, vanishing, jumping or the scene cutting. Measured as the local
+  mean residual in a sliding window (wherever an object is, not on a fixed grid), as a spike over the same
+  place's residual in the neighbouring steps, so a place where a moving object keeps leaving a residual
+  (occlusions, motion blur) is not a spike.
 - *Reversal*: moving pixels whose flow turns back on itself from one moving step to the next (a rewind, a
   local reordering of frames, a shuffle). Steps without motion (repeated frames of a clip resampled to a
   higher fps) are skipped, so a pause is not a reversal.
@@ -46,11 +47,17 @@ def warp_residuals(g: np.ndarray, flow: np.ndarray) -> np.ndarray:
     return out
 
 
-def residual_spike(residual_blocks: np.ndarray) -> np.ndarray:
-    """Per step, the largest block residual above that block's residual at the steps before and after
-    (the larger of the two): [T-1]. A lasting residual (a moving occluder) does not count; a one-step
-    event (appearing, vanishing, jumping) does."""
-    r = residual_blocks.reshape(len(residual_blocks), -1)
+def local_means(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over a sliding window x window neighbourhood of each pixel of [T, H, W] (OpenCV box filter)."""
+    return np.stack([cv2.boxFilter(f.astype(np.float32), -1, (window, window), borderType=cv2.BORDER_REFLECT)
+                     for f in x])
+
+
+def residual_spike(residual_maps: np.ndarray) -> np.ndarray:
+    """Per step, the largest local residual above the same place's residual at the steps before and after
+    (the larger of the two): [T-1]. `residual_maps`: [T-1, ...] local residuals (blocks or pixels). A lasting
+    residual (a moving occluder) does not count; a one-step event (appearing, vanishing, jumping) does."""
+    r = residual_maps.reshape(len(residual_maps), -1)
     padded = np.concatenate([r[:1] * 0, r, r[-1:] * 0])
     neighbours = np.maximum(padded[:-2], padded[2:])
     return (r - neighbours).max(axis=1)

@@ -10,7 +10,9 @@ palette, from meta/pusht_sample.json), so no coordinate conventions are involved
 units (the 512 x 512 world). Frame t is the observation *before* action t, as in the dataset.
 
 Scores per clip (`verify`):
-- replay_agent_error, replay_block_error: mean centroid distance, rollout vs video ("at most");
+- replay_agent_error, replay_block_error: mean centroid distance, rollout vs video ("at most"), each
+  object found by how much of its colour a pixel holds over the floor's (`colour_presence`: a codec's
+  blur and fading make an object paler, not absent);
 - replay_block_overlap: mean IoU of the block's pixels, rollout vs video ("at least"): a block that
   deforms, dissolves or doubles in the video while the simulated one stays a rigid T;
 - sim_progress: the task progress the actions make in the simulator: the block's coverage of the goal at
@@ -33,21 +35,32 @@ ENV_FPS = 10.0
 WORLD_SIZE = 512.0
 AGENT_RGB = (65, 105, 225)     # PushTEnv's colours, as rendered (see flywheel.data.pusht_sample.RENDER_PALETTE)
 BLOCK_RGB = (143, 163, 184)
+FLOOR_RGB = (255, 255, 255)
 INFO_FILE = "meta/pusht_sample.json"
 
 
-def colour_masks(frames: np.ndarray, rgb: tuple[int, int, int], tol: float) -> np.ndarray:
-    """[T, H, W] bool: pixels within `tol` (RGB distance) of `rgb`."""
-    return np.linalg.norm(frames.astype(np.float32) - np.asarray(rgb, np.float32), axis=-1) < tol
+def colour_presence(frames: np.ndarray, rgb, background, tol: float = 40.0) -> np.ndarray:
+    """[T, H, W] in [0, 1]: how much of colour `rgb` each pixel holds over the `background` colour (the blend
+    fraction of a pixel on the line between the two; 0 off that line by more than `tol`). A codec's blur
+    and fading blend an object into the floor: a half-faded object is 0.5 here, not missing."""
+    p = frames.astype(np.float32) - np.asarray(background, np.float32)
+    axis = np.asarray(rgb, np.float32) - np.asarray(background, np.float32)
+    alpha = (p @ axis) / float(axis @ axis)
+    off_line = np.linalg.norm(p - alpha[..., None] * axis, axis=-1)
+    # Beyond the object's own colour (alpha > 1.2) is another, darker object, not more of this one.
+    return np.where((off_line < tol) & (alpha <= 1.2), np.clip(alpha, 0.0, 1.0), 0.0)
 
 
-def colour_centroids(frames: np.ndarray, rgb: tuple[int, int, int], tol: float = 40.0) -> np.ndarray:
-    """[T, 2] (x, y) centroid in pixels of the pixels within `tol` of `rgb`; NaN where none."""
-    out = np.full((len(frames), 2), np.nan, np.float32)
-    for t, mask in enumerate(colour_masks(frames, rgb, tol)):
-        ys, xs = np.nonzero(mask)
-        if len(xs):
-            out[t] = xs.mean(), ys.mean()
+def presence_centroids(presence: np.ndarray, floor: float = 0.5) -> np.ndarray:
+    """[T, 2] (x, y) centroid of the pixels holding at least `floor` of a colour, weighted by how much; NaN
+    where there is none."""
+    out = np.full((len(presence), 2), np.nan, np.float32)
+    weights = np.where(presence >= floor, presence, 0.0)
+    ys, xs = np.mgrid[:presence.shape[1], :presence.shape[2]]
+    for t, w in enumerate(weights):
+        total = w.sum()
+        if total > 0:
+            out[t] = (xs * w).sum() / total, (ys * w).sum() / total
     return out
 
 
@@ -72,13 +85,15 @@ class PushTReplayVerifier:
     directions = {"replay_agent_error": "max", "replay_block_error": "max", "replay_block_overlap": "min",
                   "sim_progress": "min"}
 
-    def __init__(self, image_size: int = 96, agent_rgb=AGENT_RGB, block_rgb=BLOCK_RGB,
-                 video_agent_rgb=None, video_block_rgb=None, tol: float = 60.0, quarter_turns: int = 0):
+    def __init__(self, image_size: int = 96, agent_rgb=AGENT_RGB, block_rgb=BLOCK_RGB, floor_rgb=FLOOR_RGB,
+                 video_agent_rgb=None, video_block_rgb=None, video_floor_rgb=None, tol: float = 40.0,
+                 quarter_turns: int = 0):
         self.image_size, self.tol = image_size, tol
-        self.agent_rgb, self.block_rgb = agent_rgb, block_rgb
+        self.agent_rgb, self.block_rgb, self.floor_rgb = agent_rgb, block_rgb, floor_rgb
         # A recoloured domain paints the video differently from the simulator's renders; a turned camera
         # shows it turned (np.rot90 by quarter_turns, as flywheel.data.pusht_sample.Variant.show does).
         self.video_agent_rgb, self.video_block_rgb = video_agent_rgb or agent_rgb, video_block_rgb or block_rgb
+        self.video_floor_rgb = video_floor_rgb or floor_rgb
         self.quarter_turns = quarter_turns
         self._env = None
 
@@ -94,7 +109,7 @@ class PushTReplayVerifier:
         variant = VARIANTS[json.loads(path.read_text())["config"]["variant"]]
         palette = variant.palette
         return cls(video_agent_rgb=palette[3] if palette else None, video_block_rgb=palette[2] if palette else None,
-                   quarter_turns=variant.quarter_turns, **kwargs)
+                   video_floor_rgb=palette[0] if palette else None, quarter_turns=variant.quarter_turns, **kwargs)
 
     def _make_env(self):
         if self._env is None:
@@ -156,17 +171,18 @@ class PushTReplayVerifier:
         sim, _, coverage = self.rollout(source, self._env_actions(actions, fps, len(idx)))
         scale = WORLD_SIZE / self.image_size
         scores = {}
+        presence = {}
         for name, sim_rgb, vid_rgb in (("agent", self.agent_rgb, self.video_agent_rgb),
                                        ("block", self.block_rgb, self.video_block_rgb)):
-            a = colour_centroids(sim, sim_rgb, self.tol)
-            b = colour_centroids(video, vid_rgb, self.tol)
-            d = np.linalg.norm(a - b, axis=1) * scale
-            # A few frames where compression hides the small agent are skipped; an object missing from most
-            # of the video is as bad as the far side of the world.
+            presence[name] = (colour_presence(sim, sim_rgb, self.floor_rgb, self.tol),
+                              colour_presence(video, vid_rgb, self.video_floor_rgb, self.tol))
+            d = np.linalg.norm(presence_centroids(presence[name][0]) - presence_centroids(presence[name][1]),
+                               axis=1) * scale
+            # A few frames where the small agent is lost are skipped; an object missing from most of the
+            # video is as bad as the far side of the world.
             found = ~np.isnan(d)
             scores[f"replay_{name}_error"] = float(d[found].mean()) if found.mean() >= 0.5 else WORLD_SIZE
-        sim_block = colour_masks(sim, self.block_rgb, self.tol)
-        video_block = colour_masks(video, self.video_block_rgb, self.tol)
+        sim_block, video_block = (p >= 0.5 for p in presence["block"])
         union = (sim_block | video_block).sum(axis=(1, 2))
         iou = (sim_block & video_block).sum(axis=(1, 2)) / np.maximum(union, 1)
         scores["replay_block_overlap"] = float(iou.mean())

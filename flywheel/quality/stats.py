@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from flywheel.label.episodes import resize_frames
-from flywheel.quality.motion import block_means, flow_sequence, reversal_fraction, residual_spike, warp_residuals
+from flywheel.quality.motion import (block_means, flow_sequence, local_means, residual_spike, reversal_fraction,
+                                     warp_residuals)
 
 STAT_DIRECTION = {
     "psnr_first": "min",          # frame 0 vs the reference's frame 0 (the conditioning frame as the codec renders it), dB
@@ -22,7 +23,7 @@ STAT_DIRECTION = {
     "idle": "max",                # 1 if no step moves (see `idle_allowed` in calibration), else 0
     "flicker": "max",             # max |second difference| of the brightness, relative to the reference's
     "border_drift": "max",        # max change of the border strip's mean colour vs frame 0, beyond the reference's
-    "unexplained_change": "max",  # largest one-step spike of flow-compensated residual in a block (motion.py)
+    "unexplained_change": "max",  # largest one-step spike of flow-compensated residual, locally (motion.py)
     "reversal": "max",            # share of the frame whose motion turns back between consecutive moving steps
     "order_ratio": "max",         # local order: the smaller of two consecutive steps / the step across both
     "lag_ratio": "max",           # consecutive-frame diff / diff at lag T//2: ~1 when frame order is lost
@@ -102,8 +103,9 @@ def video_stats(frames: np.ndarray, first_frame: np.ndarray, size: int = 64, sta
     """The image statistics of one clip (uint8 [T,H,W,3]) given its conditioning frame (uint8 [H',W',3]).
 
     `reference`: a still clip of the conditioning frame as the model's codec renders it ([T',H',W',3]: the
-    codec's own blur, colour and drift, which every generated clip shares); None = the raw conditioning
-    frame, repeated. Statistics are measured against it, so what the codec does is not counted as a defect.
+    codec's own blur, colour and drift over time, which every generated clip shares); None = the raw
+    conditioning frame, repeated. Statistics are measured against it, frame by frame, so what the codec
+    does to a scene where nothing moves is not counted as a defect while what the generator adds is.
     A step is still when its largest 8x8-block mean change is below max(static_eps, still_factor x the
     reference's at that step)."""
     v = resize_frames(frames, size)
@@ -117,10 +119,10 @@ def video_stats(frames: np.ndarray, first_frame: np.ndarray, size: int = 64, sta
     local, drift = steps.max(axis=1), ref_steps.max(axis=1)
     still = local < np.maximum(static_eps, still_factor * drift)
     flow = flow_sequence(g)
-    residual = block_means(warp_residuals(g, flow), block)
+    residual = local_means(warp_residuals(g, flow), block)
     # A raw reference is one frame repeated: nothing moves, nothing to explain.
     ref_residual = (np.zeros_like(residual) if reference is None
-                    else block_means(warp_residuals(r, flow_sequence(r)), block))
+                    else local_means(warp_residuals(r, flow_sequence(r)), block))
     skip = block_means(np.abs(g[2:] - g[:-2]), block).reshape(len(g) - 2, -1).max(axis=1) if len(g) > 2 else local[:0]
     floor = np.maximum(static_eps, still_factor * np.maximum(drift[:-1], drift[1:]))
     lag = max(2, len(g) // 2)
