@@ -418,17 +418,20 @@ def forward_tflop(pipe, latents: torch.Tensor, embeds: torch.Tensor) -> float | 
 
 def make_bench_adapter(pipe, root: Path) -> str:
     """A random r=32 LoRA (non-zero B, so it changes the output), saved and loaded through the stock loader."""
-    from flywheel.train.adapter_io import load_adapter, remove_adapter, save_adapter
+    from flywheel.train.adapter_io import AdapterCard, load_adapter, remove_adapter, save_adapter
     from flywheel.train.lora import add_training_adapter
 
     transformer = pipe.transformer
-    add_training_adapter(transformer, train_config("lora", "none"))
+    config = train_config("lora", "none")
+    add_training_adapter(transformer, config)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 1e-3)
-    save_adapter(transformer, root / "bench-lora", {"rank": 32, "alpha": 32, "method": "lora"})
+    card = AdapterCard(method="lora", rank=32, alpha=32, scaling=1.0, target_modules=list(config.target_modules),
+                       base_model={"model_id": pipe.flywheel_preset.model_id}, num_trainable_parameters=0)
+    save_adapter(transformer, root / "bench-lora", card)
     remove_adapter(pipe)
     load_adapter(pipe, root / "bench-lora", "bench")
     return "bench"

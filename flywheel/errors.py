@@ -27,6 +27,11 @@ class IngestError(DataError):
     """Input that cannot be ingested; the message names the file and the problem, and what to do."""
 
 
+class NotFound(DataError, LookupError):
+    """Something a command or config names that does not exist (a registry version, a champion); the message
+    says what to list or do instead. Also a LookupError, for callers that look things up."""
+
+
 class DecisionRefused(FlywheelError):
     """A decision the flywheel refused (a gate, a promotion, a rollback, a fit check); the message gives the
     failing criteria with their measured values and thresholds."""

@@ -8,42 +8,96 @@ same inputs returns the existing artifact (`reused=True`) instead of recomputing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flywheel.store import ArtifactStore, hash_json
+import pydantic
+
+from flywheel.store import ArtifactStore, hash_json, verify_dir
 
 Progress = Callable[[dict], None] | None
+# Metadata keys whose values are paths on the flywheel home (rendered as paths in the Dagster UI).
+PATH_KEYS = ("path", "preview", "latent_cache", "manifest", "clip_set", "adapter", "dataset_root")
 
 
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass
 class StageResult:
+    """What a stage made: its content-addressed artifact and the numbers worth showing (validated types).
+
+    The one reader and writer of a stage's result: the Dagster asset's materialization metadata, a workload's
+    Pipes report and the terminal all go through `as_metadata()` / `from_metadata()`.
+    """
+
     stage: str
     key: str
     path: Path
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     preview: Path | None = None
     reused: bool = False
 
+    def as_metadata(self) -> dict[str, Any]:
+        """Flat, JSON-able metadata: the stage's numbers plus stage, key, path, reused and preview."""
+        meta = {k: _jsonable(v) for k, v in self.metadata.items()}
+        meta.update(stage=self.stage, key=self.key, path=str(self.path), reused=bool(self.reused))
+        if self.preview:
+            meta["preview"] = str(self.preview)
+        return meta
+
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        d["preview"] = str(self.preview) if self.preview else None
-        return d
+        return self.as_metadata()
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> StageResult:
+        """Read back what `as_metadata` wrote (e.g. an upstream asset's latest materialization)."""
+        preview = meta.get("preview")
+        return cls(stage=str(meta["stage"]), key=str(meta["key"]), path=Path(meta["path"]), metadata=dict(meta),
+                   preview=Path(preview) if preview else None, reused=bool(meta.get("reused", False)))
 
 
-def _pipeline(model, vae_only: bool = False):
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep it readable ("nan") rather than dropping it
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def _pipeline(model, vae_only: bool = False, transformer_only: bool = False):
     import torch
 
     from flywheel.model.presets import load_pipeline
 
     device = model.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety, vae_only=vae_only)
+    return load_pipeline(model.preset, seed=model.seed, device=device, safety=model.safety, vae_only=vae_only,
+                         transformer_only=transformer_only)
+
+
+@contextlib.contextmanager
+def claimed(store: ArtifactStore, kind: str, key: str):
+    """Hold an artifact's key while deciding whether to build it and building it; yields whether it exists.
+
+    A second process that wants the same artifact waits here and then reuses it instead of computing it again
+    (and failing to rename its own copy into place). Under torchrun only rank 0 holds the key, and every rank
+    acts on rank 0's answer, so the ranks of one job never disagree about whether to work."""
+    from flywheel.train.distributed import current_world
+
+    world = current_world()
+    with store.lock(kind, key) if world.is_main else contextlib.nullcontext():
+        exists = store.exists(kind, key)
+        yield world.broadcast_object(exists) if world.is_distributed else exists
 
 
 def ingest_stage(home, config, progress: Progress = None) -> StageResult:
@@ -71,20 +125,39 @@ def clips_stage(home, manifest_path, clip_config, model, progress: Progress = No
     started = time.perf_counter()
     clip_set = prepare_clips(manifest.frame, manifest.key, store, clip_config, preset, progress=progress)
     cache_key = latent_cache_key(clip_set, resolved_preset(model.preset, seed=model.seed))
+    pipe = None
     if store.exists("latents", cache_key):  # encoded before: no need to load the model (minutes for the 2B one)
         path = store.path("latents", cache_key)
         cache = LatentCacheResult(path, cache_key, LatentCache(path).meta, reused=True)
     else:
-        cache = encode_clip_set(clip_set, _pipeline(model), store, progress=progress)
+        pipe = _pipeline(model)
+        cache = encode_clip_set(clip_set, pipe, store, progress=progress)
+    fit = model_fit(store, cache_key, clip_set, lambda: pipe or _pipeline(model, vae_only=True))
     meta = {
         **clip_set.summary,
         "latent_cache": str(cache.path),
         "latent_cache_key": cache.key,
         **{f"cache_{k}": v for k, v in cache.summary.items() if isinstance(v, (int, float, str))},
+        **fit,
         "seconds": round(time.perf_counter() - started, 2),
     }
     preview = clip_set.path / "preview.png"
     return StageResult("training_clips", clip_set.key, clip_set.path, meta, preview if preview.is_file() else None)
+
+
+def model_fit(store: ArtifactStore, key: str, clip_set, load_pipe) -> dict[str, Any]:
+    """How well the preset's VAE renders a sample of the clip set (flywheel.model.fit), measured once per clip set
+    and model (`key`: the latent cache's) and kept as its own small artifact, so a reused cache reuses it too.
+    The model-fit decision (flywheel.decisions) reads these numbers."""
+    from flywheel.model.fit import clip_set_fit
+
+    if not store.exists("fits", key):
+        meta: dict = {}
+        with store.write("fits", key, meta) as tmp:
+            fit = clip_set_fit(load_pipe(), clip_set)
+            (tmp / "fit.json").write_text(json.dumps(fit.as_dict(), indent=2, default=str))
+            meta.update(fit.metadata())
+    return store.meta("fits", key)
 
 
 def train_stage(home, latent_cache_path, train_config, model, progress: Progress = None) -> StageResult:
@@ -98,20 +171,46 @@ def train_stage(home, latent_cache_path, train_config, model, progress: Progress
     key = hash_json({"cache": Path(latent_cache_path).name, "train": train_config.model_dump(mode="json"),
                      "model": model.model_dump(mode="json", exclude={"device"})})[:24]
     path = store.path("adapters", key)
-    if store.exists("adapters", key):
-        return StageResult("adapter", key, path, store.meta("adapters", key), path / "loss.png", reused=True)
-    work_dir = store.home / "work" / f"train-{key}"
-    started = time.perf_counter()
-    result = train_adapter(cache, _pipeline(model), train_config, work_dir, progress=progress)
-    meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
-            "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path)}
-    world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
-    if world.is_main:
-        with store.write("adapters", key, meta) as tmp:
-            shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    world.barrier()
-    return StageResult("adapter", key, path, meta, path / "loss.png")
+    with claimed(store, "adapters", key) as exists:
+        if exists:
+            return StageResult("adapter", key, path, store.meta("adapters", key), path / "loss.png", reused=True)
+        # <home>/work/adapters-<key>: checkpoints a rerun resumes from; removed once the adapter exists (see store.working).
+        with store.working("adapters", key) as work_dir:
+            started = time.perf_counter()
+            # Training reads the latent cache: the transformer alone is loaded (not the 7B text encoder, not the
+            # VAE), so the training device holds what the step needs and nothing else.
+            result = train_adapter(cache, _pipeline(model, transformer_only=True), train_config, work_dir,
+                                   progress=progress)
+            meta = {**{k: v for k, v in result.card.items() if isinstance(v, (int, float, str, bool))},
+                    "seconds": round(time.perf_counter() - started, 2), "latent_cache": str(latent_cache_path),
+                    **_training_mode_meta(result)}
+            world = current_world()  # several GPUs (torchrun): every rank trained, rank 0 writes the artifact
+            if world.is_main:
+                with store.write("adapters", key, meta) as tmp:
+                    shutil.copytree(result.adapter_dir, tmp, dirs_exist_ok=True)
+            world.barrier()
+        return StageResult("adapter", key, path, meta, path / "loss.png")
+
+
+def _training_mode_meta(result) -> dict[str, Any]:
+    """The training mode and the step times, flat (the stage's metadata; the card has the mode too)."""
+    import statistics
+
+    meta: dict[str, Any] = {}
+    mode = result.training_mode
+    if mode is not None:
+        meta["training_mode"] = mode.activation_checkpointing + (f"({mode.selective_save})" if mode.selective_save else "")
+        meta["training_mode_chosen_by"] = mode.chosen_by
+        if mode.estimated_step_gib is not None:
+            meta["estimated_step_gib"] = mode.estimated_step_gib
+        if mode.free_gib is not None:
+            meta["free_gpu_gib_at_start"] = mode.free_gib
+    steps = result.step_seconds
+    if steps:
+        meta["first_step_s"] = round(steps[0], 3)  # includes compiling, on a GPU
+        later = steps[2:] if len(steps) > 3 else steps[1:] or steps
+        meta["step_s_median"] = round(statistics.median(later), 4)
+    return meta
 
 
 def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, progress: Progress = None,
@@ -124,20 +223,22 @@ def evaluate_stage(home, adapter_path, clip_set_path, evaluate_config, model, pr
     store = ArtifactStore(home)
     generate_config = generate_config or GenerateConfig()
     key = hash_json({"adapter": Path(adapter_path).name, "clips": Path(clip_set_path).name,
-                     "evaluate": evaluate_config.model_dump(mode="json"),
-                     "generate": generate_config.model_dump(mode="json"),
+                     "evaluate": evaluate_config.model_dump(mode="json", exclude={"adapter"}),
+                     "generate": generate_config.model_dump(mode="json", exclude={"adapter"}),
                      "model": model.model_dump(mode="json", exclude={"device"}),
                      **({"filters": filter_config.model_dump(mode="json")} if filter_config else {})})[:24]
     path = store.path("evaluations", key)
-    if store.exists("evaluations", key):
-        return StageResult("adapter_evaluation", key, path, store.meta("evaluations", key), path / "comparison.png",
-                           reused=True)
-    clip_set = load_clip_set(clip_set_path)
-    metrics: dict = {}  # filled inside; the store writes it as the artifact's metadata on completion
-    with store.write("evaluations", key, metrics) as tmp:
-        metrics.update(evaluate_adapter(_pipeline(model), Path(adapter_path), clip_set, evaluate_config, tmp,
-                                        generate_config, progress=progress, filter_config=filter_config))
-    return StageResult("adapter_evaluation", key, path, metrics, path / "comparison.png")
+    with claimed(store, "evaluations", key) as exists:
+        if exists:
+            return StageResult("adapter_evaluation", key, path, store.meta("evaluations", key), path / "comparison.png",
+                               reused=True)
+        verify_dir(adapter_path)  # the adapter evaluated is the one that was written (IntegrityError otherwise)
+        clip_set = load_clip_set(clip_set_path)
+        metrics: dict = {}  # filled inside; the store writes it as the artifact's metadata on completion
+        with store.write("evaluations", key, metrics) as tmp:
+            metrics.update(evaluate_adapter(_pipeline(model), Path(adapter_path), clip_set, evaluate_config, tmp,
+                                            generate_config, progress=progress, filter_config=filter_config))
+        return StageResult("adapter_evaluation", key, path, metrics, path / "comparison.png")
 
 
 def generate_stage(home, adapter_path, clip_set_path, generate_config, model, progress: Progress = None,
@@ -150,49 +251,52 @@ def generate_stage(home, adapter_path, clip_set_path, generate_config, model, pr
     store = ArtifactStore(home)
     key = hash_json({"format": 2, "adapter": Path(adapter_path).name if adapter_path else None,
                      "clips": Path(clip_set_path).name,
-                     "split": split, "generate": generate_config.model_dump(mode="json"),
+                     "split": split, "generate": generate_config.model_dump(mode="json", exclude={"adapter"}),
                      "model": model.model_dump(mode="json", exclude={"device"})})[:24]
     path = store.path("synthetic", key)
-    if store.exists("synthetic", key):
-        return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png",
-                           reused=True)
-    clip_set = load_clip_set(clip_set_path)
-    clips = clip_set.frame[clip_set.frame["split"] == split]
-    adapter_name = "adapter" if adapter_path else None
-    requests = requests_from_clips(clips, clip_set.path, generate_config, adapter_name)
-    if generate_config.max_videos:
-        requests = requests[: generate_config.max_videos]
-    if not requests:
-        raise ValueError(f"{clip_set.path}: no {split!r} clips to generate from")
-    pipe = _pipeline(model)
-    adapters = {adapter_name: Path(adapter_path)} if adapter_path else None
-    world = current_world()
-    if not world.is_main:  # several GPUs (torchrun): this rank's share of the videos, into rank 0's directory
-        try:
-            generate_videos(pipe, requests, None, generate_config, adapters=adapters, progress=progress)
-        finally:
-            unload_adapters(pipe)
-        world.barrier()  # rank 0 has written the artifact
-        return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png")
-    started = time.perf_counter()
-    meta: dict = {}
-    with store.write("synthetic", key, meta) as tmp:
-        out = tmp / "out"
-        try:
-            result = generate_videos(pipe, requests, out, generate_config, adapters=adapters, progress=progress)
-        finally:
-            unload_adapters(pipe)
-        for item in out.iterdir():
-            item.rename(tmp / item.name)
-        out.rmdir()
-        _keep_first_frames(tmp, requests)
-        meta.update({"videos": len(result.frame), "adapter": str(adapter_path) if adapter_path else "base",
-                "seeds": list(generate_config.seeds), "seconds": round(time.perf_counter() - started, 2),
-                "seconds_per_video": round((time.perf_counter() - started) / max(len(result.frame), 1), 2),
-                **pipe.flywheel_safety})
-        (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2))
-    world.barrier()
-    return StageResult("synthetic_videos", key, path, meta, path / "contact_sheet.png")
+    with claimed(store, "synthetic", key) as exists:
+        if exists:
+            return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png",
+                               reused=True)
+        clip_set = load_clip_set(clip_set_path)
+        clips = clip_set.frame[clip_set.frame["split"] == split]
+        if adapter_path:
+            verify_dir(adapter_path)  # generate with the adapter that was written (IntegrityError otherwise)
+        adapter_name = "adapter" if adapter_path else None
+        requests = requests_from_clips(clips, clip_set.path, generate_config, adapter_name)
+        if generate_config.max_videos:
+            requests = requests[: generate_config.max_videos]
+        if not requests:
+            raise ValueError(f"{clip_set.path}: no {split!r} clips to generate from")
+        pipe = _pipeline(model)
+        adapters = {adapter_name: Path(adapter_path)} if adapter_path else None
+        world = current_world()
+        if not world.is_main:  # several GPUs (torchrun): this rank's share of the videos, into rank 0's directory
+            try:
+                generate_videos(pipe, requests, None, generate_config, adapters=adapters, progress=progress)
+            finally:
+                unload_adapters(pipe)
+            world.barrier()  # rank 0 has written the artifact
+            return StageResult("synthetic_videos", key, path, store.meta("synthetic", key), path / "contact_sheet.png")
+        started = time.perf_counter()
+        meta: dict = {}
+        with store.write("synthetic", key, meta) as tmp:
+            out = tmp / "out"
+            try:
+                result = generate_videos(pipe, requests, out, generate_config, adapters=adapters, progress=progress)
+            finally:
+                unload_adapters(pipe)
+            for item in out.iterdir():
+                item.rename(tmp / item.name)
+            out.rmdir()
+            _keep_first_frames(tmp, requests)
+            meta.update({"videos": len(result.frame), "adapter": str(adapter_path) if adapter_path else "base",
+                    "seeds": list(generate_config.seeds), "seconds": round(time.perf_counter() - started, 2),
+                    "seconds_per_video": round((time.perf_counter() - started) / max(len(result.frame), 1), 2),
+                    **pipe.flywheel_safety})
+            (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2))
+        world.barrier()
+        return StageResult("synthetic_videos", key, path, meta, path / "contact_sheet.png")
 
 
 def _keep_first_frames(synthetic_dir: Path, requests) -> None:
@@ -234,13 +338,14 @@ def idm_stage(home, manifest_path, idm_config, progress: Progress = None) -> Sta
     config = idm_config.model_copy(update={"episodes": train + held_out, "val_episodes": held_out})
     key = hash_json({"manifest": manifest.key, "idm": config.model_dump(mode="json")})[:24]
     path = store.path("idm", key)
-    if store.exists("idm", key):
-        return StageResult("idm", key, path, store.meta("idm", key), path / "pred_vs_true.png", reused=True)
-    meta: dict = {}
-    with store.write("idm", key, meta) as tmp:
-        result = train_idm(_dataset_root(manifest), config, tmp, progress=progress)
-        meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
-    return StageResult("idm", key, path, meta, path / "pred_vs_true.png")
+    with claimed(store, "idm", key) as exists:
+        if exists:
+            return StageResult("idm", key, path, store.meta("idm", key), path / "pred_vs_true.png", reused=True)
+        meta: dict = {}
+        with store.write("idm", key, meta) as tmp:
+            result = train_idm(_dataset_root(manifest), config, tmp, progress=progress)
+            meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+        return StageResult("idm", key, path, meta, path / "pred_vs_true.png")
 
 
 def label_stage(home, synthetic_path, manifest_path, label_config, progress: Progress = None) -> StageResult:
@@ -257,31 +362,32 @@ def label_stage(home, synthetic_path, manifest_path, label_config, progress: Pro
     key = hash_json({"synthetic": Path(synthetic_path).name, "idm": idm.key,
                      "window": label_config.window.model_dump(mode="json")})[:24]
     path = store.path("labels", key)
-    if store.exists("labels", key):
-        return StageResult("pseudo_actions", key, path, store.meta("labels", key), idm.preview, reused=True)
-    samples = pd.read_parquet(Path(synthetic_path) / "samples.parquet")
-    model = InverseDynamicsModel.load(idm.path)
-    meta: dict = {}
-    with store.write("labels", key, meta) as tmp:
-        (tmp / "actions").mkdir()
-        rows = []
-        for i, sample in enumerate(samples.itertuples()):
-            frames = read_frames(Path(synthetic_path) / sample.video)
-            actions, disagreement = label_video(model, frames, float(sample.fps), label_config.window)
-            np.savez(tmp / "actions" / f"{sample.request_id}.npz", actions=actions, disagreement=disagreement)
-            rows.append({"request_id": sample.request_id, "actions": f"actions/{sample.request_id}.npz",
-                         "num_frames": len(frames), "fps": float(sample.fps),
-                         "mean_disagreement": float(np.mean(disagreement))})
-            if progress:
-                progress({"stage": "label", "done": i + 1, "total": len(samples)})
-        table = pd.DataFrame(rows)
-        table.to_parquet(tmp / "labels.parquet", index=False)
-        (tmp / "labels.json").write_text(json.dumps({"synthetic": str(synthetic_path), "idm": str(idm.path)}))
-        meta.update({"videos": len(table), "mean_disagreement": float(table["mean_disagreement"].mean()),
-                     "idm": str(idm.path), "idm_mae_mean": idm.metadata.get("mae_mean"),
-                     "idm_baseline_mae_mean": idm.metadata.get("baseline_mae_mean"),
-                     "synthetic": str(synthetic_path)})
-    return StageResult("pseudo_actions", key, path, meta, idm.preview)
+    with claimed(store, "labels", key) as exists:
+        if exists:
+            return StageResult("pseudo_actions", key, path, store.meta("labels", key), idm.preview, reused=True)
+        samples = pd.read_parquet(Path(synthetic_path) / "samples.parquet")
+        model = InverseDynamicsModel.load(idm.path)
+        meta: dict = {}
+        with store.write("labels", key, meta) as tmp:
+            (tmp / "actions").mkdir()
+            rows = []
+            for i, sample in enumerate(samples.itertuples()):
+                frames = read_frames(Path(synthetic_path) / sample.video)
+                actions, disagreement = label_video(model, frames, float(sample.fps), label_config.window)
+                np.savez(tmp / "actions" / f"{sample.request_id}.npz", actions=actions, disagreement=disagreement)
+                rows.append({"request_id": sample.request_id, "actions": f"actions/{sample.request_id}.npz",
+                             "num_frames": len(frames), "fps": float(sample.fps),
+                             "mean_disagreement": float(np.mean(disagreement))})
+                if progress:
+                    progress({"stage": "label", "done": i + 1, "total": len(samples)})
+            table = pd.DataFrame(rows)
+            table.to_parquet(tmp / "labels.parquet", index=False)
+            (tmp / "labels.json").write_text(json.dumps({"synthetic": str(synthetic_path), "idm": str(idm.path)}))
+            meta.update({"videos": len(table), "mean_disagreement": float(table["mean_disagreement"].mean()),
+                         "idm": str(idm.path), "idm_mae_mean": idm.metadata.get("mae_mean"),
+                         "idm_baseline_mae_mean": idm.metadata.get("baseline_mae_mean"),
+                         "synthetic": str(synthetic_path)})
+        return StageResult("pseudo_actions", key, path, meta, idm.preview)
 
 
 def _synthetic_clips(labels_path: Path):
@@ -343,8 +449,10 @@ def _through_model_codec(model):
     return roundtrip
 
 
-def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None) -> StageResult:
-    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness)."""
+def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None,
+                  clip_resize: str | None = None) -> StageResult:
+    """refreshed_dataset: a new LeRobot v3.0 version = real episodes + accepted synthetic ones (+ usefulness).
+    `clip_resize`: the clips stage's `clips.resize` (a "pad" clip's bars are cut before the camera-size resize)."""
     import numpy as np
     import pandas as pd
 
@@ -365,10 +473,12 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
     episodes, not_refreshable = [], []
     for row in accepted.itertuples():
         z = np.load(Path(links["labels"]) / row.actions)
-        provenance = {"clip_id": row.request_id, "adapter_version": row.adapter_path or "base", "adapter": row.adapter,
+        # keys, not paths: the version's content (and id) must not depend on where the home is
+        provenance = {"clip_id": row.request_id, "adapter_version": Path(row.adapter_path).name if row.adapter_path
+                      else "base", "adapter": row.adapter,
                       "seed": int(row.seed), "prompt": row.prompt, "source_episode": row.source_episode_id,
                       "source_clip": row.source_clip_id, "model_id": row.model_id, "revision": row.revision,
-                      "synthetic_set": str(synthetic),
+                      "synthetic_set": synthetic.name,
                       "filter_scores": {c: float(results.loc[row.request_id, c]) for c in score_cols}}
         features = _simulator_features(root, row, z["actions"], float(row.fps))
         if features is None:
@@ -378,17 +488,26 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
                                          fps=float(row.fps), provenance=provenance, features=features))
     base_ids = manifest.frame.sort_values("episode_index")["episode_id"].tolist()
     version, dataset_root = refresh_dataset(root, episodes, store, refresh_config.dataset, progress=progress,
-                                            base_episode_ids=base_ids)
+                                            base_episode_ids=base_ids, clip_resize=clip_resize)
     meta = {"version_id": version, "dataset_root": str(dataset_root), "real_episodes": int(manifest.frame.shape[0]),
             "synthetic_episodes": len(episodes), "base_root": str(root),
             "accepted_but_not_refreshable": len(not_refreshable)}
     preview = None
     if episodes and refresh_config.usefulness_report:
-        report_dir = store.home / "reports" / "usefulness" / version
+        # Scored on the manifest's held-out real episodes (they keep their indices in the new version); a
+        # manifest without any: the report's own fallback, recorded in it.
+        held_out = _episode_indices(manifest, ("val", "test")) or None
+        report_key = hash_json({"usefulness": refresh_config.usefulness.model_dump(mode="json"),
+                                "held_out": held_out})[:8]
+        report_dir = store.home / "reports" / "usefulness" / f"{version}-{report_key}"
         if not (report_dir / "usefulness.json").is_file():
-            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress)
+            usefulness_report(dataset_root, refresh_config.usefulness, report_dir, progress=progress, held_out=held_out)
         summary = json.loads((report_dir / "usefulness.json").read_text())
-        meta.update({"usefulness_gate_passed": bool(summary.get("gate_passed")), "usefulness_report": str(report_dir)})
+        low, high = summary["paired_difference"]["relative_ci95"]
+        meta.update({"usefulness_gate_passed": bool(summary["gate_passed"]), "usefulness_verdict": summary["verdict"],
+                     "usefulness_change": summary["relative_change"], "usefulness_ci95_low": low,
+                     "usefulness_ci95_high": high, "usefulness_margin": summary["margin"],
+                     "usefulness_seeds": len(summary["seeds"]), "usefulness_report": str(report_dir)})
         preview = report_dir / "usefulness.png"
     else:
         meta["usefulness_gate_passed"] = True

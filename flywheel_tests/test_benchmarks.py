@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from flywheel.cli import REPO_ROOT
+from flywheel_tests.conftest import REPO_ROOT
 
 
 def run(args: list[str]) -> None:

@@ -1,81 +1,120 @@
-"""The main job end to end: one flywheel iteration on the embedded default (tiny-pusht base, rotated-camera PushT),
-its rerun from cache, and `flywheel iterate --iterations 2` turning the wheel once more."""
+"""The main job end to end through the one orchestration path: `flywheel iterate` launches the Dagster job on the
+home's instance, so the run, its 8 materializations and their checks are read back through the instance API;
+`--iterations 2` chains two runs; a failing check stops the CLI with exit code 2 and its criteria."""
 
 import json
 from pathlib import Path
 
-import pandas as pd
+import dagster as dg
+import pytest
 
-from flywheel.cli import DEFAULT_CONFIG, main
+from flywheel.cli import main
 from flywheel.data.ingest import load_manifest
-from flywheel.config import load_config
-from flywheel.iteration import STAGE_ORDER, run_iteration
+from flywheel.defs.instance import flywheel_instance
+from flywheel.pipeline import STAGE_LIST
 
+DOMAIN = "pusht-rotated"
+# CPU-sized: 1 clip per episode, a short hot schedule that still moves the adapter, 3 two-step videos, a small IDM;
+# no usefulness report, so the build-on decision gets no verdict and these runs accept "inconclusive".
 FAST = {
-    "clips": {"max_clips_per_episode": 1},
-    "train": {"steps": 4, "rank": 4, "alpha": 4, "checkpoint_every": 2},
-    "evaluate": {"max_clips": 1},
-    "generate": {"seeds": [0], "max_videos": 3, "num_inference_steps": 2},
-    "label": {"idm": {"steps": 20, "batch_size": 8}},
-    "refresh": {"usefulness_report": False},
+    "clips.max_clips_per_episode": 1,
+    "train.steps": 10, "train.rank": 4, "train.alpha": 4, "train.checkpoint_every": 5, "train.learning_rate": 0.005,
+    "train.warmup_steps": 1, "train.f_max": 1.0, "train.f_min": 1.0,
+    "evaluate.max_clips": 1, "evaluate.seeds": [0],
+    "generate.seeds": [0], "generate.max_videos": 3, "generate.num_inference_steps": 2,
+    "label.idm.steps": 20, "label.idm.batch_size": 8,
+    "refresh.usefulness_report": False,
+    "gates.curation.min_pass_rate": 0.0,
+    "gates.refresh.build_on": ["better", "non-inferior", "inconclusive"],
 }
 
 
-def test_full_iteration_runs_every_stage_reruns_from_cache_and_chains(tmp_path, capfd):
-    overrides = {**FAST, "home": str(tmp_path / "home")}
-    config = load_config(DEFAULT_CONFIG, overrides)
-    lines = []
-    results = run_iteration(config, log=lines.append)
-    printed = capfd.readouterr().err
-    assert "moov atom" not in printed and "libx264 @" not in printed, "FFmpeg's notes reached the terminal"
+def sets(values: dict) -> list[str]:
+    return [f"--set={k}={json.dumps(v)}" for k, v in values.items()]
 
-    assert list(results) == STAGE_ORDER
-    for name, result in results.items():
-        assert result.path.exists(), name
-    assert config.domain == "pusht-rotated" and config.model.preset == "tiny-pusht"
-    assert results["demonstrations"].metadata["episodes"] == 10
-    assert (results["adapter"].path / "pytorch_lora_weights.safetensors").is_file()
-    samples = pd.read_parquet(results["synthetic_videos"].path / "samples.parquet")
-    assert len(samples) == 3 and all((results["synthetic_videos"].path / v).is_file() for v in samples["video"])
-    curated = pd.read_parquet(results["curated_trajectories"].path / "results.parquet")
-    assert len(curated) == 3 and "reasons" in curated and "accepted" in curated
-    assert results["refreshed_dataset"].metadata["synthetic_episodes"] == int(curated["accepted"].sum())
-    summary = json.loads(sorted((tmp_path / "home" / "iterations" / "pusht-rotated").glob("*.json"))[-1].read_text())
-    assert summary["iteration"] == 1 and summary["adapter_version"] == "1"
-    assert any("gate" in line for line in lines)
 
-    # `flywheel iterate --iterations 2` with the same settings: the first iteration is the one above again
-    # (every stage reused from the content-addressed store, no duplicate adapter version); the second
-    # ingests its refreshed dataset version and trains adapter v2 on it.
-    sets = [f"--set={section}.{name}={json.dumps(value)}" for section, values in FAST.items()
-            for name, value in values.items()]
-    assert main(["iterate", "--iterations", "2", "--home", str(tmp_path / "home"), *sets]) == 0
-    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "home" / "iterations" / "pusht-rotated").glob("*.json"))]
-    chained_first, chained_second = summaries[-2], summaries[-1]
-    assert chained_second["iteration"] == chained_first["iteration"] + 1
-    again = chained_first["stages"]
-    assert all(r["reused"] or name in ("demonstrations", "training_clips", "refreshed_dataset")
-               for name, r in again.items())
-    assert {k: v["key"] for k, v in again.items() if k != "synthetic_videos"} == {
-        k: v.key for k, v in results.items() if k != "synthetic_videos"}
+def runs_of(home: Path):
+    instance = flywheel_instance(home)
+    try:
+        return instance, list(reversed(instance.get_runs()))  # oldest first
+    except Exception:
+        instance.dispose()
+        raise
+
+
+def test_iterate_is_a_dagster_run_with_every_asset_and_check_and_chains(tmp_path, capfd):
+    home = tmp_path / "home"
+    assert main(["iterate", "--home", str(home), *sets(FAST)]) == 0
+    out, err = capfd.readouterr()
+    for stage in STAGE_LIST:  # a line per stage, with its decisions
+        assert f"[{stage.asset}] done in" in err or f"[{stage.asset}] reused" in err, stage.asset
+    assert "[adapter_evaluation] adapter gate passed" in err and "[training_clips] model fit passed" in err
+    for noise in ("Svt[", "moov atom", "should be kept in float32", "mlflow.store.db", "PreviewWarning"):
+        assert noise not in out + err, noise
+
+    instance, runs = runs_of(home)
+    try:
+        (run,) = runs
+        assert run.status == dg.DagsterRunStatus.SUCCESS and run.job_name == "flywheel_iteration"
+        assert run.tags["flywheel/launched_by"] == "flywheel CLI" and run.tags["dagster/partition"] == DOMAIN
+        records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        materialized = {r.event_log_entry.dagster_event.asset_key.path[-1] for r in records}
+        assert materialized == {s.asset for s in STAGE_LIST}
+        checks = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+        evaluations = {r.event_log_entry.dagster_event.event_specific_data.check_name:
+                       r.event_log_entry.dagster_event.event_specific_data for r in checks}
+        declared = {c.name for s in STAGE_LIST for c in s.checks}
+        assert set(evaluations) == declared
+        assert all(e.passed for name, e in evaluations.items()), {n: e.description for n, e in evaluations.items()}
+        gate = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("adapter_evaluation"), asset_partitions=[DOMAIN]), limit=1)
+        meta = gate.records[0].asset_materialization.metadata
+        assert meta["registered_version"].value == "1" and "mlflow_model_version_url" in meta
+    finally:
+        instance.dispose()
+
+    # Two more iterations in a row: the first of them ingests the version the run above refreshed (the build-on
+    # decision accepted it), the second the version that one refreshed; adapters v2 and v3 are trained on them.
+    (first_version,) = [p for p in (home / "datasets").iterdir() if not p.name.startswith(".")]
+    assert main(["iterate", "--iterations", "2", "--home", str(home), *sets(FAST)]) == 0
+    instance, runs = runs_of(home)
+    try:
+        assert len(runs) == 3 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        demos = [instance.get_records_for_run(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+                 for r in runs[1:]]
+        roots = []
+        for records in demos:
+            mat = next(r.event_log_entry.dagster_event.event_specific_data.materialization for r in records
+                       if r.event_log_entry.dagster_event.asset_key.path[-1] == "demonstrations")
+            roots.append(Path(load_manifest(mat.metadata["path"].value).summary["dataset_root"]).resolve())
+        assert roots[0] == first_version.resolve()
+        assert roots[1] != roots[0] and roots[1].parent == home / "datasets"
+    finally:
+        instance.dispose()
+    manifest = load_manifest(next(p for p in (home / "manifests").iterdir()
+                                  if load_manifest(p).summary["dataset_root"] == str(roots[0])))
+    real = manifest.frame[~manifest.frame["is_synthetic"]]
+    assert len(real) == 10 and (manifest.frame.loc[manifest.frame["is_synthetic"], "split"] == "train").all()
     from flywheel.lineage.registry import list_adapters
 
-    assert sorted(str(v["version"]) for v in list_adapters(tmp_path / "home", "pusht-rotated")) == ["1", "2"]
-    assert chained_second["adapter_version"] == "2"
-    demos = load_manifest(chained_second["stages"]["demonstrations"]["path"])
-    assert Path(demos.summary["dataset_root"]).resolve() == results["refreshed_dataset"].path.resolve()
-    synthetic = results["refreshed_dataset"].metadata["synthetic_episodes"]
-    assert len(demos.frame) == 10 + synthetic and int(demos.frame["is_synthetic"].sum()) == synthetic
-    assert (demos.frame.loc[demos.frame["is_synthetic"], "split"] == "train").all()
-    real = demos.frame[~demos.frame["is_synthetic"]].set_index("episode_id")["split"].sort_index()
-    before = load_manifest(results["demonstrations"].path).frame.set_index("episode_id")["split"].sort_index()
-    assert real.to_dict() == before.to_dict(), "real episodes must keep their train/val/test split"
+    assert sorted(v["version"] for v in list_adapters(home, DOMAIN)) == ["1", "2", "3"]
 
 
-def test_a_version_that_failed_the_usefulness_gate_is_not_built_on():
-    from flywheel.iteration import why_not_build_on
+def test_a_failing_check_stops_the_cli_with_its_criteria_and_exit_code_2(tmp_path, capfd):
+    home = tmp_path / "home"
+    assert main(["ingest", "--home", str(home), "--set", "gates.demonstrations.min_episodes=50"]) == 2
+    err = capfd.readouterr().err
+    assert "check enough_episodes on demonstrations failed" in err and "episodes 10 (needs >= 50)" in err
+    assert "Traceback" not in err
+    instance, runs = runs_of(home)
+    try:
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.FAILURE]  # the UI shows the same failed run
+    finally:
+        instance.dispose()
 
-    failed = {"synthetic_episodes": 2, "usefulness_gate_passed": False, "usefulness_report": "/home/reports/u/v1"}
-    assert "failed the usefulness gate" in why_not_build_on(failed) and "/home/reports/u/v1" in why_not_build_on(failed)
-    assert why_not_build_on({"synthetic_episodes": 2, "usefulness_gate_passed": True}) is None
-    assert why_not_build_on({"synthetic_episodes": 0}) is None  # no report asked for: nothing known against it
+
+@pytest.mark.parametrize("bad", ["--set=train.rank=0", "--set=ingest.source=/nowhere/at/all"])
+def test_bad_input_is_one_message_and_exit_code_2(tmp_path, capfd, bad):
+    assert main(["iterate", "--home", str(tmp_path / "home"), bad]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and ("train.rank" in err or "/nowhere/at/all" in err)

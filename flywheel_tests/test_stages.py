@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flywheel.stages as stages
-from flywheel.cli import REPO_ROOT
+from flywheel_tests.conftest import REPO_ROOT
 from flywheel.config import ModelConfig
 from flywheel.data.clips import ClipConfig
 from flywheel.data.ingest import IngestConfig

@@ -4,9 +4,8 @@
 
 Per episode (a row of the episode manifest): decode its time range from its video, resample to the
 target fps by picking the nearest source frame for each output timestamp, resize to height x width
-("stretch" like the diffusers recipe's VideoProcessor, bilinear; or "center-crop" to keep the aspect
-ratio), and cut windows of num_frames every `stride` output frames. Episodes shorter than one window
-are skipped and listed in the summary. The prompt of a clip is `prompt_prefix + task`.
+keeping the aspect ratio (`resize`, below), and cut windows of num_frames every `stride` output frames.
+Episodes shorter than one window are skipped and listed in the summary. The prompt of a clip is `prompt_prefix + task`.
 
 Artifact `<home>/clips/<key>/`, key = hash of the episodes' content hashes, splits and tasks + the
 config + the resolved resolution/frames/fps (so the same inputs give the same key and the same bytes):
@@ -14,8 +13,20 @@ config + the resolved resolution/frames/fps (so the same inputs give the same ke
     clips.parquet        one row per clip, CLIP_COLUMNS
     videos/<clip_id>.mp4          H.264 (write_video: deterministic), num_frames at fps, height x width
     first_frames/<clip_id>.png    the clip's first frame (the image-to-world conditioning image)
-    clipset.json         summary: counts, per-split clips, skipped episodes and why, resolved spec, config
+    clipset.json         summary: counts, per-split clips, skipped episodes and why, resolved spec, config,
+                         and `aspect`: the resize mode and, per source frame size, where the picture lies
     preview.png          contact sheet of a few clips
+
+Resize modes (`ClipConfig.resize`):
+- "pad" (default): scale the whole source frame to fit, centre it, black bars on the remaining sides
+  (a 480x640 camera in a 64x64 clip: 48x64 picture, 8-pixel bars above and below). Nothing of the scene is
+  lost and nothing is distorted, so a generated clip maps back to the camera's frame exactly
+  (`restore_frames`), which the refresh needs to write generated frames into the source dataset; the price
+  is the bars' share of the model's pixels. Square sources are unchanged (no bars).
+- "center-crop": scale to cover and cut the overflow (a 4:3 camera loses 1/8 of its width on each side,
+  where the robot's arms often are; a generated clip cannot be mapped back to the full camera frame).
+- "stretch": scale each axis to fit (the diffusers recipe's VideoProcessor); distorts non-matching aspects.
+Per clip, `content_top/left/height/width` give the rectangle of the clip frame that shows the picture.
 """
 
 from __future__ import annotations
@@ -31,17 +42,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from flywheel.data.video import VideoError, read_frames, write_video
+from flywheel.errors import ConfigError
 from flywheel.store import ArtifactStore, hash_file, hash_json
 
 if TYPE_CHECKING:
     from flywheel.model.presets import ModelPreset
 
 # Bump when the clip-making algorithm changes, so old artifacts are not mistaken for new ones.
-CLIPS_FORMAT = 1
+CLIPS_FORMAT = 2  # 2: aspect-keeping "pad" default, per-clip content box
 CLIPS_FILE = "clips.parquet"
 SUMMARY_FILE = "clipset.json"
 PREVIEW_FILE = "preview.png"
@@ -63,13 +75,22 @@ CLIP_COLUMNS = (
     "video",        # relative path of the mp4 inside the clip set
     "first_frame",  # relative path of the PNG inside the clip set
     "sha256",       # of the mp4
+    # The rectangle of the clip frame that shows the source picture (the whole frame unless resize is "pad").
+    "content_top", "content_left", "content_height", "content_width",
 )
+RESIZE_MODES = ("pad", "center-crop", "stretch")
+# What each mode does to a source of another aspect ratio, written into the clip set's summary.
+ASPECT_NOTES = {
+    "pad": "aspect ratio kept, whole picture, black bars on the short sides; generated clips map back exactly",
+    "center-crop": "aspect ratio kept, the overflowing sides cut off",
+    "stretch": "scaled per axis to the clip size: other aspect ratios are distorted",
+}
 
 
 class ClipConfig(BaseModel):
     """How episodes become clips. None means: the model preset's value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt_prefix: str = "The robot arm is performing a task. "
     fps: int | None = Field(None, gt=0, description="clip frame rate; None = the model preset's (16 for Cosmos)")
@@ -78,7 +99,25 @@ class ClipConfig(BaseModel):
     num_frames: int | None = Field(None, gt=0, description="frames per clip, 4k+1; None = the model preset's")
     stride: int | None = Field(None, gt=0, description="window step in output frames; None = num_frames (no overlap)")
     max_clips_per_episode: int | None = Field(None, gt=0, description="None = every window; else spread evenly")
-    resize: Literal["stretch", "center-crop"] = "stretch"
+    resize: Literal["pad", "center-crop", "stretch"] = Field(
+        "pad", description="pad: keep the aspect ratio, black bars (default; invertible); center-crop: keep the "
+                           "aspect ratio, cut the overflow; stretch: distort to fit")
+
+    # Checked here too (not only once the preset fills the Nones in), so a bad size fails before ingest runs.
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_fit_the_vae(cls, value: int | None) -> int | None:
+        if value is not None and value % FRAMES_MULTIPLE != FRAMES_REMAINDER:
+            raise ValueError(f"{value} frames: the Cosmos VAE needs 4k+1 frames (e.g. 17, 33, 93)")
+        return value
+
+    @field_validator("height", "width")
+    @classmethod
+    def _pixels_fit_the_vae(cls, value: int | None) -> int | None:
+        if value is not None and value % PIXELS_MULTIPLE:
+            raise ValueError(f"{value} pixels: must be a multiple of {PIXELS_MULTIPLE} (VAE 8x downsampling, then 2x2 "
+                             "patches)")
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +145,12 @@ def resolve_spec(config: ClipConfig, preset: ModelPreset) -> ClipSpec:
         stride=config.stride or num_frames,
     )
     if spec.num_frames % FRAMES_MULTIPLE != FRAMES_REMAINDER:
-        raise ValueError(f"clips.num_frames={spec.num_frames}: the Cosmos VAE needs 4k+1 frames "
+        raise ConfigError(f"clips.num_frames={spec.num_frames}: the Cosmos VAE needs 4k+1 frames "
                          f"(e.g. 17, 33, 93); set clips.num_frames accordingly")
     for name in ("height", "width"):
         value = getattr(spec, name)
         if value % PIXELS_MULTIPLE:
-            raise ValueError(f"clips.{name}={value}: must be a multiple of {PIXELS_MULTIPLE} "
+            raise ConfigError(f"clips.{name}={value}: must be a multiple of {PIXELS_MULTIPLE} "
                              f"(VAE 8x downsampling, then 2x2 patches)")
     return spec
 
@@ -126,6 +165,13 @@ class ClipSet:
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+
+def clip_content_box(clip) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a clip row's picture (the whole frame for clip sets made before format 2)."""
+    if "content_height" not in clip or pd.isna(clip["content_height"]):
+        return 0, 0, int(clip["height"]), int(clip["width"])
+    return tuple(int(clip[f"content_{k}"]) for k in ("top", "left", "height", "width"))
 
 
 def load_clip_set(path: str | Path) -> ClipSet:
@@ -149,22 +195,52 @@ def resample_indices(num_source_frames: int, source_fps: float, target_fps: floa
     return indices[indices < num_source_frames]
 
 
+def content_box(source_height: int, source_width: int, height: int, width: int, mode: str) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the part of a height x width clip frame that shows the source picture."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"clips.resize={mode!r}: must be one of {RESIZE_MODES}")
+    if mode != "pad":
+        return 0, 0, height, width
+    scale = min(width / source_width, height / source_height)
+    h = min(height, max(1, round(source_height * scale)))
+    w = min(width, max(1, round(source_width * scale)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def resize_frame(frame: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    """uint8 [H, W, 3] -> [height, width, 3], bilinear; "center-crop" first crops to the target aspect ratio."""
+    """uint8 [H, W, 3] -> [height, width, 3], bilinear, as `mode` says (module docstring)."""
     image = Image.fromarray(frame)
+    src_w, src_h = image.size
+    top, left, h, w = content_box(src_h, src_w, height, width, mode)
     if mode == "center-crop":
-        src_w, src_h = image.size
         scale = max(width / src_w, height / src_h)
         crop_w, crop_h = width / scale, height / scale
-        left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
-        image = image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
-    elif image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+        x0, y0 = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+        return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR,
+                                       box=(x0, y0, x0 + crop_w, y0 + crop_h)))
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.BILINEAR)
+    if (h, w) == (height, width):
+        return np.asarray(image)
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    canvas[top:top + h, left:left + w] = np.asarray(image)
+    return canvas
 
 
-def episode_frames(row: pd.Series, spec: ClipSpec, resize: str) -> tuple[np.ndarray, int]:
-    """The episode resampled to spec.fps and resized: (uint8 [T, H, W, 3], number of source frames decoded).
+def restore_frames(frames: np.ndarray, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    """Clip-sized frames [T, h, w, 3] (e.g. generated from a "pad" clip) back to the source camera's
+    height x width: the content box cut out, then resized (bilinear). The inverse of "pad" up to resolution."""
+    top, left, h, w = (int(v) for v in box)
+    picture = np.asarray(frames)[:, top:top + h, left:left + w]
+    if picture.shape[1:3] == (height, width):
+        return np.ascontiguousarray(picture)
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BILINEAR))
+                     for f in picture])
+
+
+def episode_frames(row: pd.Series, spec: ClipSpec, resize: str) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """The episode resampled to spec.fps and resized: (uint8 [T, H, W, 3], number of source frames decoded,
+    source frame (height, width)).
 
     Decoded in chunks whose boundaries fall on source frame times, so every source frame lands in
     exactly one chunk (read_frames keeps half a frame of slack on both ends).
@@ -177,7 +253,7 @@ def episode_frames(row: pd.Series, spec: ClipSpec, resize: str) -> tuple[np.ndar
     expected = round((end_s - start_s) * source_fps)
     wanted = resample_indices(expected, source_fps, spec.fps)
     picked: list[np.ndarray] = []
-    decoded = 0
+    decoded, source_size = 0, (0, 0)
     for chunk_start in range(0, expected, DECODE_CHUNK_FRAMES):
         chunk_end = min(chunk_start + DECODE_CHUNK_FRAMES, expected)
         frames = read_frames(row["video_path"], start_s + chunk_start / source_fps,
@@ -185,9 +261,11 @@ def episode_frames(row: pd.Series, spec: ClipSpec, resize: str) -> tuple[np.ndar
         in_chunk = wanted[(wanted >= decoded) & (wanted < decoded + len(frames))] - decoded
         picked.extend(resize_frame(frames[i], spec.height, spec.width, resize) for i in in_chunk)
         decoded += len(frames)
+        if len(frames):
+            source_size = tuple(frames.shape[1:3])
     if not picked:
-        return np.zeros((0, spec.height, spec.width, 3), dtype=np.uint8), decoded
-    return np.stack(picked), decoded
+        return np.zeros((0, spec.height, spec.width, 3), dtype=np.uint8), decoded, source_size
+    return np.stack(picked), decoded, source_size
 
 
 def window_starts(num_frames_available: int, spec: ClipSpec, max_clips: int | None) -> list[int]:
@@ -247,24 +325,29 @@ def write_clips(tmp: Path, manifest: pd.DataFrame, config: ClipConfig, spec: Cli
     rows: list[dict] = []
     skipped: list[dict] = []
     frame_count_mismatch: list[dict] = []
+    source_sizes: dict[str, dict] = {}
     episodes = manifest.sort_values(["episode_index", "episode_id"], kind="stable")
     report, close = _reporter(progress, len(episodes))
     try:
         for done, (_, episode) in enumerate(episodes.iterrows(), start=1):
             try:
-                frames, decoded = episode_frames(episode, spec, config.resize)
+                frames, decoded, source_size = episode_frames(episode, spec, config.resize)
             except VideoError as e:
                 raise VideoError(f"episode {episode['episode_id']}: {e}") from e
             if "num_frames" in episode and abs(decoded - int(episode["num_frames"])) > 1:
                 frame_count_mismatch.append(dict(episode_id=episode["episode_id"], manifest=int(episode["num_frames"]),
                                                  decoded=decoded))
+            box = content_box(*source_size, spec.height, spec.width, config.resize) if decoded else None
+            if box is not None:
+                source_sizes.setdefault(f"{source_size[0]}x{source_size[1]}", dict(
+                    content_box=list(box), episodes=0))["episodes"] += 1
             starts = window_starts(len(frames), spec, config.max_clips_per_episode)
             if not starts:
                 skipped.append(dict(episode_id=str(episode["episode_id"]), frames_at_fps=int(len(frames)),
                                     reason=f"shorter than one clip ({len(frames)} < {spec.num_frames} frames "
                                            f"at {spec.fps} fps)"))
             for start in starts:
-                rows.append(write_clip(tmp, episode, frames[start:start + spec.num_frames], start, config, spec))
+                rows.append(write_clip(tmp, episode, frames[start:start + spec.num_frames], start, config, spec, box))
             report(done, len(rows), str(episode["episode_id"]))
     finally:
         close()
@@ -283,11 +366,12 @@ def write_clips(tmp: Path, manifest: pd.DataFrame, config: ClipConfig, spec: Cli
         clips=int(len(clips)),
         clips_per_split={k: int(v) for k, v in clips["split"].value_counts().sort_index().items()},
         prompts=int(clips["prompt"].nunique()),
+        aspect=dict(resize=config.resize, why=ASPECT_NOTES[config.resize], source_sizes=source_sizes),
     )
 
 
 def write_clip(tmp: Path, episode: pd.Series, frames: np.ndarray, start: int, config: ClipConfig,
-               spec: ClipSpec) -> dict:
+               spec: ClipSpec, box: tuple[int, int, int, int]) -> dict:
     clip_id = f"{safe_name(str(episode['episode_id']))}-f{start:05d}"
     video = f"videos/{clip_id}.mp4"
     first_frame = f"first_frames/{clip_id}.png"
@@ -301,6 +385,7 @@ def write_clip(tmp: Path, episode: pd.Series, frames: np.ndarray, start: int, co
         split=str(episode["split"]), prompt=config.prompt_prefix + str(episode["task"]), task=str(episode["task"]),
         start_frame=int(start), start_s=start / spec.fps, num_frames=int(len(frames)), fps=spec.fps,
         height=spec.height, width=spec.width, video=video, first_frame=first_frame, sha256=hash_file(tmp / video),
+        content_top=box[0], content_left=box[1], content_height=box[2], content_width=box[3],
     )
 
 

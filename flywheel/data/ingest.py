@@ -11,13 +11,20 @@ Inputs:
 
 Output: `<home>/manifests/<key>/manifest.parquet` + `manifest.json` (see flywheel/data/manifest.py), where
 key = hash of the inputs' content hashes + the ingest config. Ingesting the same input again returns the
-existing artifact. Every episode is checked before anything is written (files present, video decodable,
-frame rate and frame count matching the metadata); bad input raises IngestError naming the file.
+existing artifact. Everything later stages rely on is checked before anything is written, cheap checks first, so
+a bad dataset fails here in seconds instead of stalling a later stage; bad input raises IngestError naming the
+file (and field, episode, frame or time) and what to do:
+  - info.json: fps a positive number, totals (episodes, frames, tasks) matching the tables, camera shapes;
+  - tables: every episode listed once and every listed episode present, lengths, task indices in the tasks table;
+  - per-frame features: `required_features` present, every numeric feature numeric, of its declared shape and
+    finite (NaN/inf rows named);
+  - videos: frame rate and height x width of the stream against info.json, packets per episode, and every frame
+    decoded strictly (`decode: all`; `sample` decodes each episode's first, middle and last frame);
+  - splits: at least one real episode held out, unless `allow_no_holdout`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import re
@@ -25,28 +32,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import av
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from flywheel.data.manifest import Manifest, as_manifest_frame, load_manifest, summarize, write_manifest
 from flywheel.data.splits import assign_splits
-from flywheel.data.video import VideoError, probe, read_frames
+from flywheel.data.video import VideoError, VideoScan, probe, read_frames
+from flywheel.data.video import scan_video as read_video_stream
 from flywheel.errors import IngestError
 from flywheel.store import ArtifactStore, hash_json, hash_tree
 
 __all__ = ["IngestConfig", "IngestError", "Manifest", "detect_format", "ingest", "load_manifest"]
 
 SourceFormat = Literal["lerobot-v3.0", "lerobot-v2.1", "raw-videos"]
-MANIFEST_SCHEMA = 2  # 2: is_synthetic; episode ids kept through refreshed versions
+MANIFEST_SCHEMA = 3  # 2: is_synthetic; episode ids kept through refreshed versions; 3: splits follow content
 KEY_LENGTH = 24
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class IngestConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    source: str = Field(min_length=1, description="dataset root / raw video folder; or a Hub repo id (online only)")
+    source: str = Field("", description="dataset root / raw video folder, or a Hub repo id (online only); '' = the "
+                                            "domain's: its newest refreshed version (see follow_refreshed), else its "
+                                            "registered source, else <inbox>/<domain>")
+    follow_refreshed: bool = Field(True, description="with source '': ingest the domain's newest refreshed version that "
+                                                     "the build-on decision accepted, so each iteration builds on the last")
     format: Literal["auto", "lerobot", "lerobot-v2.1", "raw-videos"] = Field(
         "auto", description="auto = detect; lerobot = a LeRobot dataset of any supported version (v3.0, v2.1)")
     camera_key: str | None = Field(None, description="LeRobot video feature to use; None = the dataset's first camera")
@@ -54,6 +65,17 @@ class IngestConfig(BaseModel):
     test_fraction: float = Field(0.1, ge=0, lt=1)
     repo_id: str | None = Field(None, description="Hub repo id to download when `source` is not a local folder; "
                                 "also names the dataset in episode ids (default: the folder name)")
+    required_features: list[str] = Field(
+        ["action", "observation.state"],
+        description="LeRobot features every frame must have, numeric and finite (inverse dynamics, the quality "
+                    "filters and refresh read them); every other numeric feature is checked when present")
+    decode: Literal["all", "sample"] = Field(
+        "all", description="all = decode every frame of every video (a damaged stream fails here, naming the file "
+                           "and time; about 1,500 frames/s of 480p on one core); sample = the first, middle and "
+                           "last frame of each episode (for very large datasets)")
+    allow_no_holdout: bool = Field(
+        False, description="accept a dataset whose split holds no real episode out (evaluation and the filters' "
+                           "calibration then fall back to a training episode)")
 
     @model_validator(mode="after")
     def _train_gets_the_rest(self):
@@ -98,44 +120,22 @@ class Progress:
 # ----------------------------------------------------------------------------------------------- videos
 
 
-@dataclasses.dataclass
-class VideoScan:
-    """One video file, demuxed (not decoded): its frame rate and every frame's packet."""
-
-    path: Path
-    fps: float
-    times: list[float]     # presentation time of each packet, seconds, demux order
-    packets: list[bytes]   # the compressed frame bytes; hashing these is cheap and content-based
-
-    @property
-    def end_s(self) -> float:
-        return (max(self.times) + 1 / self.fps) if self.times else 0.0
-
-
-def scan_video(path: Path, expected_fps: float | None = None, fps_source: str = "") -> VideoScan:
-    """Probe and demux a video; check its stream frame rate against the metadata's."""
+def scan_video(path: Path, expected_fps: float | None = None, fps_source: str = "", *,
+               expected_size: tuple[int, int] | None = None, size_source: str = "", decode: bool = True) -> VideoScan:
+    """Check a video's stream header against the metadata (frame rate, height x width), then demux it and
+    (with `decode`) decode every frame; IngestError names the file and what to do."""
     try:
         info = probe(path)
+        if expected_fps is not None and abs(float(info["fps"]) - expected_fps) > 1e-3 * expected_fps:
+            raise IngestError(f"{path}: video stream is {float(info['fps']):g} fps but {fps_source} says "
+                              f"{expected_fps:g} fps; re-encode the video at the dataset's frame rate or fix the metadata")
+        if expected_size is not None and (info["height"], info["width"]) != tuple(expected_size):
+            raise IngestError(f"{path}: video frames are {info['height']}x{info['width']} (height x width) but "
+                              f"{size_source} says {expected_size[0]}x{expected_size[1]}; re-encode the video at the "
+                              "dataset's resolution or fix the metadata")
+        return read_video_stream(path, decode=decode)
     except VideoError as e:
         raise IngestError(str(e)) from None
-    fps = float(info["fps"])
-    if expected_fps is not None and abs(fps - expected_fps) > 1e-3 * expected_fps:
-        raise IngestError(f"{path}: video stream is {fps:g} fps but {fps_source} says {expected_fps:g} fps; "
-                          "re-encode the video at the dataset's frame rate or fix the metadata")
-    times, packets = [], []
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            for packet in container.demux(stream):
-                if packet.size == 0 or packet.pts is None:
-                    continue  # flush packets carry no frame
-                times.append(float(packet.pts * stream.time_base))
-                packets.append(bytes(packet))
-    except av.error.FFmpegError as e:
-        raise IngestError(f"{path}: cannot be read ({e}); the file is corrupt or truncated, re-export it") from e
-    if not packets:
-        raise IngestError(f"{path}: contains no video frames; the file is empty or truncated, re-export it")
-    return VideoScan(Path(path), fps, times, packets)
 
 
 def episode_video_hash(scan: VideoScan, start_s: float, end_s: float, num_frames: int, what: str) -> str:
@@ -154,13 +154,16 @@ def episode_video_hash(scan: VideoScan, start_s: float, end_s: float, num_frames
     return digest.hexdigest()
 
 
-def check_decodes(path: Path, start_s: float, end_s: float, fps: float) -> None:
-    """Decode the first and the last frame of [start_s, end_s): demuxing alone does not prove the codec reads them."""
-    try:
-        read_frames(path, start_s, start_s + 1 / fps)
-        read_frames(path, end_s - 1 / fps, end_s)
-    except VideoError as e:
-        raise IngestError(str(e)) from None
+def check_sample_decodes(path: Path, windows: list[tuple[float, float]], fps: float) -> None:
+    """decode="sample": the first, middle and last frame of each episode's window [start_s, end_s) decode."""
+    for start_s, end_s in windows:
+        middle = start_s + round((end_s - start_s) * fps / 2) / fps
+        for t in sorted({start_s, middle, end_s - 1 / fps}):
+            try:
+                read_frames(path, t, t + 1 / fps)
+            except VideoError as e:
+                raise IngestError(f"{path}: the frame at {t:.3f}s does not decode ({e}); re-export or re-encode "
+                                  "the video from its source") from None
 
 
 # ----------------------------------------------------------------------------------------------- formats
@@ -223,7 +226,7 @@ def ingest(config: IngestConfig, store: ArtifactStore, progress: Callable[[dict]
             key = manifest_key(config, source, input_hash, source_dir, dataset_name)
             if store.exists("manifests", key):
                 return load_manifest(store.path("manifests", key))
-            episodes = raw_folder.read_raw_folder(source_dir, config.camera_key, dataset_name, report)
+            episodes = raw_folder.read_raw_folder(source_dir, config.camera_key, dataset_name, report, config.decode)
             return write_new_manifest(store, key, config, source, source_dir, input_hash, episodes)
 
         if source == "lerobot-v3.0":
@@ -231,7 +234,7 @@ def ingest(config: IngestConfig, store: ArtifactStore, progress: Callable[[dict]
             key = manifest_key(config, source, input_hash, source_dir, dataset_name)
             if store.exists("manifests", key):
                 return load_manifest(store.path("manifests", key))
-            episodes = lerobot_source.read_lerobot_v3(source_dir, config.camera_key, dataset_name, report)
+            episodes = lerobot_source.read_lerobot_v3(source_dir, config, dataset_name, report)
             return write_new_manifest(store, key, config, source, source_dir, input_hash, episodes)
 
         # lerobot-v2.1: the converted v3.0 copy is an artifact of its own, keyed by the v2.1 content.
@@ -242,16 +245,18 @@ def ingest(config: IngestConfig, store: ArtifactStore, progress: Callable[[dict]
         key = manifest_key(config, source, input_hash, dataset_root, dataset_name)
         if store.exists("manifests", key):
             return load_manifest(store.path("manifests", key))
-        if store.exists("datasets", converted_key):
-            episodes = lerobot_source.read_lerobot_v3(dataset_root, config.camera_key, dataset_name, report)
-        else:
-            lerobot_source.check_v21(source_dir, config.camera_key, report)
-            meta = {"source": str(source_dir), "source_hash": input_hash, "format": "lerobot-v3.0",
-                    "converted_from": "lerobot-v2.1"}
-            with store.write("datasets", converted_key, meta) as tmp:
-                lerobot_source.convert_v21_to_v30(source_dir, tmp)
-                # Read (and so validate) before the rename: a conversion that cannot be ingested is not kept.
-                episodes = lerobot_source.read_lerobot_v3(tmp, config.camera_key, dataset_name, report)
+        with store.lock("datasets", converted_key):  # a second process converting the same input waits for this one
+            if store.exists("datasets", converted_key):
+                episodes = lerobot_source.read_lerobot_v3(dataset_root, config, dataset_name, report, decode=False)
+            else:
+                lerobot_source.check_v21(source_dir, config, report)
+                meta = {"source": str(source_dir), "source_hash": input_hash, "format": "lerobot-v3.0",
+                        "converted_from": "lerobot-v2.1"}
+                with store.write("datasets", converted_key, meta) as tmp:
+                    lerobot_source.convert_v21_to_v30(source_dir, tmp)
+                    # Read (and so validate) before the rename: a conversion that cannot be ingested is not kept.
+                    # Its frames were decoded in the v2.1 files already; the converter only concatenates them.
+                    episodes = lerobot_source.read_lerobot_v3(tmp, config, dataset_name, report, decode=False)
         return write_new_manifest(store, key, config, source, dataset_root, input_hash, episodes)
     finally:
         report.close()
@@ -275,12 +280,26 @@ def write_new_manifest(store: ArtifactStore, key: str, config: IngestConfig, sou
         row.update(source=source, dataset_root=str(dataset_root),
                    video_path=str(dataset_root / episode["video_relpath"]))
         rows.append(row)
-    splits = assign_splits([r["episode_id"] for r in rows], config.val_fraction, config.test_fraction)
+    splits = assign_splits([r["split_key"] for r in rows], config.val_fraction, config.test_fraction)
     for row, split in zip(rows, splits):
         # Generated episodes only ever train: evaluation and filter calibration compare against real ones.
         row["split"] = "train" if row.get("is_synthetic") else split
+    check_holdout(rows, config, dataset_root)
     frame = as_manifest_frame(rows)
     summary = {**summarize(frame), "key": key, "input_hash": input_hash, "config": config.model_dump(mode="json")}
-    with store.write("manifests", key, {"episodes": summary["episodes"], "source": source}) as tmp:
-        write_manifest(tmp, frame, summary)
-    return Manifest(path=store.path("manifests", key), key=key, frame=frame, summary=summary)
+    path, _ = store.build("manifests", key, lambda tmp: write_manifest(tmp, frame, summary),
+                          {"episodes": summary["episodes"], "source": source})
+    return Manifest(path=path, key=key, frame=frame, summary=summary)
+
+
+def check_holdout(rows: list[dict], config: IngestConfig, dataset_root: Path) -> None:
+    """Evaluation and the quality filters' calibration compare against real episodes the adapter never saw:
+    a split that holds none out is refused unless the config accepts it."""
+    real = [r for r in rows if not r.get("is_synthetic")]
+    if config.allow_no_holdout or any(r["split"] != "train" for r in real):
+        return
+    raise IngestError(
+        f"{dataset_root}: {len(real)} real episode(s), and the split (ingest.val_fraction={config.val_fraction}, "
+        f"ingest.test_fraction={config.test_fraction}) holds none of them out; evaluation and the quality filters' "
+        "calibration need held-out episodes. Add episodes, raise ingest.val_fraction, or set "
+        "ingest.allow_no_holdout: true to go on without (they then use a training episode)")

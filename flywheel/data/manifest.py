@@ -36,6 +36,7 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "from_timestamp": "float64",  # seconds within video_path
     "to_timestamp": "float64",
     "content_hash": "object",    # sha256 of the episode's data rows + video packets (raw: video file + caption)
+    "split_key": "object",       # what decides the split: a hash of the recorded frames (flywheel.data.splits)
     "split": "object",           # "train" | "val" | "test"
     "is_synthetic": "bool",      # a generated episode of a refreshed dataset (always in the train split)
 }
@@ -96,6 +97,9 @@ def load_manifest(path_or_dir: str | os.PathLike) -> Manifest:
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no episode manifest here; run the ingest stage to create one")
     frame = pd.read_parquet(table)
+    if "split_key" not in frame.columns and "split" in frame.columns:
+        # Written before splits followed content (schema < 3): its split came from the episode id.
+        frame.insert(list(frame.columns).index("split"), "split_key", frame.get("episode_id"))
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{table}: not an episode manifest, columns {missing} are missing")

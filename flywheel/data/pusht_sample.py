@@ -106,7 +106,7 @@ VARIANTS: dict[str, Variant] = {
 class PushTSampleConfig(BaseModel):
     """Everything the generated dataset is a function of."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     episodes: int = Field(20, ge=1, le=1000, description="number of episodes")
     seed: int = Field(0, ge=0, lt=2**32, description="master seed; episode i starts from episode_reset_seed(seed, i)")

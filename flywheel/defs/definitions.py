@@ -3,8 +3,8 @@
 Loaded by `dagster dev -w workspace.yaml` (workspace.yaml at the repository root). The executor is chosen
 by FLYWHEEL_EXECUTOR: `multiprocess` (default: one process per step; pass `execution: config: in_process: {}`
 in the Launchpad for a single process) or `k8s` (dagster-k8s `k8s_job_executor`, a pod per step; see
-docs/dagster.md for Postgres storage and the run launcher). GPU workloads: FLYWHEEL_GPU_BACKEND
-(`subprocess` | `k8s` | `in_process`) and the FLYWHEEL_K8S_* settings of `GpuLauncher`.
+docs/dagster.md for Postgres storage and the run launcher). GPU stages: FLYWHEEL_GPU_BACKEND
+(`auto` | `subprocess` | `k8s` | `in_process`) and the FLYWHEEL_K8S_* settings of `GpuLauncher`.
 """
 
 import os
@@ -12,17 +12,19 @@ import os
 import dagster as dg
 
 from flywheel.defs.assets import FLYWHEEL_ASSETS
-from flywheel.defs.jobs import flywheel_iteration
+from flywheel.defs.jobs import flywheel_gc, flywheel_iteration
 from flywheel.defs.pipes import GpuLauncher
 from flywheel.defs.resources import FlywheelResource
+from flywheel.defs.run_status import RUN_STATUS_SENSORS
 from flywheel.defs.schedules import flywheel_iteration_schedule
 from flywheel.defs.sensors import inbox_sensor
+from flywheel.defs.terminal import flywheel_console
 
 
 def gpu_launcher_from_env() -> GpuLauncher:
-    backend = os.environ.get("FLYWHEEL_GPU_BACKEND", "subprocess")
-    if backend not in ("subprocess", "k8s", "in_process"):
-        raise ValueError(f"FLYWHEEL_GPU_BACKEND={backend!r}: use subprocess, k8s or in_process")
+    backend = os.environ.get("FLYWHEEL_GPU_BACKEND", "auto")
+    if backend not in ("auto", "subprocess", "k8s", "in_process"):
+        raise ValueError(f"FLYWHEEL_GPU_BACKEND={backend!r}: use auto, subprocess, k8s or in_process")
     return GpuLauncher(
         backend=backend,
         k8s_image=os.environ.get("FLYWHEEL_K8S_IMAGE", ""),
@@ -47,11 +49,12 @@ def build_definitions(flywheel: FlywheelResource | None = None, gpu: GpuLauncher
     flywheel = flywheel or FlywheelResource.from_env()
     return dg.Definitions(
         assets=FLYWHEEL_ASSETS,
-        jobs=[flywheel_iteration],
+        jobs=[flywheel_iteration, flywheel_gc],
         schedules=[flywheel_iteration_schedule],
-        sensors=[inbox_sensor],
+        sensors=[inbox_sensor, *RUN_STATUS_SENSORS],
         resources={"flywheel": flywheel, "gpu": gpu or gpu_launcher_from_env()},
         executor=choose_executor(flywheel.executor),
+        loggers={"flywheel_console": flywheel_console},
     )
 
 

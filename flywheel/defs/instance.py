@@ -47,7 +47,10 @@ def write_instance_config(home: str | os.PathLike | None = None, gpus: int = 1, 
 
 def use_flywheel_instance(home: str | os.PathLike | None = None, gpus: int | None = None) -> Path:
     """Point this process (and the processes it starts) at the home's Dagster instance; set the gpu pool."""
-    gpus = int(os.environ.get("FLYWHEEL_GPUS", "1")) if gpus is None else gpus
+    if gpus is None:
+        from flywheel.defs.resources import detected_gpus
+
+        gpus = int(os.environ["FLYWHEEL_GPUS"]) if os.environ.get("FLYWHEEL_GPUS") else detected_gpus()
     folder = write_instance_config(home, gpus)
     os.environ["DAGSTER_HOME"] = str(folder)
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
@@ -59,13 +62,18 @@ def use_flywheel_instance(home: str | os.PathLike | None = None, gpus: int | Non
     return folder
 
 
-def flywheel_instance(home: str | os.PathLike | None = None):
-    """The DagsterInstance stored under the flywheel home (created on first use)."""
+def flywheel_instance(home: str | os.PathLike | None = None, echo_step_output: bool = True):
+    """The DagsterInstance stored under the flywheel home (created on first use). `echo_step_output=False`
+    (the CLI's runs): steps' stdout/stderr go to the compute logs only, not back to this terminal."""
     from dagster import DagsterInstance
     from dagster._core.instance.ref import InstanceRef
 
     folder = write_instance_config(home)
-    return DagsterInstance.from_ref(InstanceRef.from_dir(str(folder)))
+    overrides = None
+    if not echo_step_output:
+        overrides = {"compute_logs": {"module": "flywheel.defs.compute_logs", "class": "CapturedComputeLogManager",
+                                      "config": {"base_dir": str(folder / "storage")}}}
+    return DagsterInstance.from_ref(InstanceRef.from_dir(str(folder), overrides=overrides))
 
 
 def set_gpu_pool_limit(instance, gpus: int) -> None:

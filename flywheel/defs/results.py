@@ -1,8 +1,9 @@
 """Stage results <-> Dagster events: what an asset reports, and how the next asset finds it.
 
 Large data never goes through IO managers. An asset writes its artifact to the flywheel home and reports
-its path, key (content hash, also the asset's data version) and the numbers an operator wants; the next
-asset reads the latest materialization of its upstream for the same domain. Re-materializing one asset
+its path, key (content hash, also the asset's data version) and the numbers an operator wants
+(flywheel.stages.StageResult.as_metadata); the next asset reads the latest materialization of its upstream
+for the same domain back into a StageResult. Re-materializing one asset
 (e.g. `synthetic_videos` with more seeds) so reuses every upstream result instead of recomputing it.
 """
 
@@ -17,8 +18,10 @@ from typing import Any
 
 import dagster as dg
 
-from flywheel.workloads.entrypoint import PATH_KEYS
+from flywheel.stages import PATH_KEYS, StageResult
 
+# What an asset's metadata holds for the UI only: not read back as part of the stage's result.
+UI_ONLY = ("preview_image", "size_mb", "inputs")
 PREVIEW_MAX_WIDTH = 1024
 PREVIEW_MAX_BYTES = 450_000  # metadata lives in the event log: keep the embedded image small
 
@@ -32,8 +35,8 @@ def dagster_metadata(meta: dict[str, Any]) -> dict[str, dg.MetadataValue]:
             out[k] = dg.MetadataValue.bool(v)
         elif isinstance(v, int):
             out[k] = dg.MetadataValue.int(v)
-        elif isinstance(v, float):
-            out[k] = dg.MetadataValue.float(v) if math.isfinite(v) else dg.MetadataValue.text(str(v))
+        elif isinstance(v, float):  # 4 significant digits: for reading (the artifact keeps the exact values)
+            out[k] = dg.MetadataValue.float(float(f"{v:.4g}")) if math.isfinite(v) else dg.MetadataValue.text(str(v))
         elif isinstance(v, (dict, list, tuple)):
             out[k] = dg.MetadataValue.json(v if not isinstance(v, tuple) else list(v))
         elif v is None:
@@ -64,23 +67,23 @@ def preview_markdown(image: str | Path | None, title: str = "preview") -> dg.Met
     return dg.MetadataValue.md(f"![{title}](data:image/{mime};base64,{data})\n\n`{image}`")
 
 
-def materialize(meta: dict[str, Any], inputs: dict[str, str] | None = None,
-                check_results: Iterable[dg.AssetCheckResult] = (), preview_title: str = "preview",
-                links: dict[str, dg.MetadataValue] | None = None) -> dg.MaterializeResult:
+def materialize(result: StageResult, check_results: Iterable[dg.AssetCheckResult] = (), preview_title: str = "preview",
+                links: dict[str, dg.MetadataValue] | None = None,
+                inputs: dict[str, StageResult] | None = None) -> dg.MaterializeResult:
     """The MaterializeResult of a stage: its metadata, an embedded preview, the upstream keys it used, and
     `links` (typed entries such as the MLflow run and model version URLs)."""
+    meta = result.as_metadata()
     metadata = dagster_metadata(meta) | dict(links or {})
-    if meta.get("path") and Path(meta["path"]).is_dir():
-        metadata["size_mb"] = dg.MetadataValue.float(round(directory_bytes(Path(meta["path"])) / 1e6, 3))
-    preview = preview_markdown(meta.get("preview"), preview_title)
+    if result.path.is_dir():
+        metadata["size_mb"] = dg.MetadataValue.float(round(directory_bytes(result.path) / 1e6, 3))
+    preview = preview_markdown(result.preview, preview_title)
     if preview is not None:
         metadata["preview_image"] = preview
     if inputs:
-        metadata["inputs"] = dg.MetadataValue.json(inputs)
-    key = meta.get("key")
+        metadata["inputs"] = dg.MetadataValue.json({name: r.key for name, r in inputs.items()})
     return dg.MaterializeResult(
         metadata=metadata,
-        data_version=dg.DataVersion(str(key)) if key else None,
+        data_version=dg.DataVersion(result.key),
         check_results=list(check_results),
     )
 
@@ -89,21 +92,31 @@ def directory_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def upstream(context: dg.AssetExecutionContext, asset: str) -> dict[str, Any]:
-    """Raw metadata of the latest materialization of `asset` for this run's domain."""
+def latest(context, asset: str) -> StageResult | None:
+    """The latest materialization of `asset` for this run's domain, or None."""
     domain = partition_of(context)
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[domain]), limit=1)
     if not records.records:
-        raise dg.Failure(description=f"`{asset}` has not been materialized for domain {domain!r}; "
-                                     f"materialize it (or the whole flywheel_iteration job) first", allow_retries=False)
+        return None
     materialization = records.records[0].asset_materialization
-    meta = {k: (v.value if isinstance(v, dg.MetadataValue) else v) for k, v in materialization.metadata.items()}
-    path = meta.get("path")
-    if not path or not Path(path).exists():
-        raise dg.Failure(description=f"`{asset}` for domain {domain!r} points at {path!r}, which no longer exists; "
-                                     f"materialize `{asset}` again", allow_retries=False)
-    return meta
+    return StageResult.from_metadata({k: (v.value if isinstance(v, dg.MetadataValue) else v)
+                                      for k, v in materialization.metadata.items() if k not in UI_ONLY})
+
+
+def upstream(context, asset: str) -> StageResult:
+    """The latest result of `asset` for this run's domain; a clear failure when there is none or it is gone."""
+    from flywheel.errors import DataError
+
+    domain = partition_of(context)
+    result = latest(context, asset)
+    if result is None:
+        raise DataError(f"`{asset}` has not been materialized for domain {domain!r}; materialize it (or the whole "
+                        "flywheel_iteration job) first")
+    if not result.path.exists():
+        raise DataError(f"`{asset}` for domain {domain!r} points at {result.path}, which no longer exists; "
+                        f"materialize `{asset}` again")
+    return result
 
 
 def partition_of(context) -> str:
@@ -112,8 +125,3 @@ def partition_of(context) -> str:
     if key is None:
         key = context.op_execution_context.partition_key
     return key
-
-
-def input_keys(**upstreams: dict[str, Any]) -> dict[str, str]:
-    """{"training_clips": "<key>", ...}: which upstream versions a result was made from."""
-    return {name: str(meta.get("key", "")) for name, meta in upstreams.items()}

@@ -11,10 +11,10 @@ import time
 
 import dagster as dg
 
-from flywheel.defs.domains import register_domain, scan_inbox
 from flywheel.defs.jobs import flywheel_iteration
 from flywheel.defs.partitions import DOMAIN_PARTITIONS_NAME, domain_partitions
 from flywheel.defs.resources import FlywheelResource
+from flywheel.domains import register_domain, scan_inbox
 
 
 @dg.sensor(

@@ -27,8 +27,12 @@ PROMPT_VARIATIONS: list[str] = [
 class GenerateConfig(BaseModel):
     """Image-to-world generation settings. None means: the model preset's value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    adapter: str = Field("champion", description="which adapter generates the synthetic videos: 'champion' (the "
+                         "domain's promoted adapter; the base model while there is none), 'base', a registry version "
+                         "such as '3', 'latest' (the domain's latest trained adapter), an adapter key under "
+                         "<home>/adapters, or an adapter directory (flywheel.decisions.choose_generating_adapter)")
     seeds: list[int] = Field(default_factory=lambda: [0])
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
@@ -56,6 +60,12 @@ class GenerateConfig(BaseModel):
         None, ge=0, description="fast sampler: First Block Cache (diffusers hooks) on the DiT: a step whose first-block "
         "residual changed by less than this relative amount since the last computed step reuses the other blocks' "
         "residual; higher is faster and less exact; 0 installs the cache but never skips; None: off")
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _version_number_as_text(cls, value):
+        # `--set generate.adapter=3` (and `adapter: 3` in YAML) parse as an int: it is registry version "3".
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("seeds")
     @classmethod

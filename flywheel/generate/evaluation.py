@@ -114,8 +114,6 @@ def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, g
     }
     metrics["psnr_gain_db"] = metrics["psnr_adapter"] - metrics["psnr_base"]
     metrics["ssim_gain"] = metrics["ssim_adapter"] - metrics["ssim_base"]
-    metrics["min_psnr_gain_db"] = config.min_psnr_gain_db
-    metrics["passed"] = bool(metrics["psnr_gain_db"] >= config.min_psnr_gain_db)
     if filter_config is not None:
         from PIL import Image
 

@@ -12,7 +12,7 @@ class IdmConfig(BaseModel):
     (real-only vs real + synthetic) can be compared at the same cost.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     image_size: int = Field(64, ge=16, le=256, description="internal square resolution; every frame is resized to it")
     frame_gap: int = Field(4, ge=1, le=64, description="k: frames between the two inputs, at the dataset's fps")
@@ -43,7 +43,7 @@ class IdmConfig(BaseModel):
 class LabelConfig(BaseModel):
     """How to label a video with a trained IDM (sliding window)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     stride: int = Field(1, ge=1, description="window start step; 1 = every frame, most overlap")
     batch_size: int = Field(256, ge=1)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Any
 
-LIST_COLUMNS = ("domain", "version", "aliases", "iteration", "method", "rank", "alpha", "parent_version", "gate", "created")
+LIST_COLUMNS = ("domain", "version", "aliases", "lineage", "iteration", "method", "rank", "alpha", "parent_version", "gate",
+                "created")
 
 
 def add_adapters_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,14 +45,12 @@ def add_adapters_parser(subparsers) -> argparse.ArgumentParser:
     lineage.add_argument("--episode-id", default=None, help="episode id in --synthetic-set")
     lineage.set_defaults(adapters_handler=_lineage)
 
-    promote = common(actions.add_parser("promote", help="make a version champion if its recorded evaluation passes the gate"))
+    promote = common(actions.add_parser("promote", help="make a version champion if its recorded evaluation passes "
+                                                        "the adapter gate (gates.adapter of the config)"))
     promote.add_argument("domain")
     promote.add_argument("version")
-    promote.add_argument("--gate", type=Path, default=None, help="gate config JSON/YAML: {metrics: [{name, higher_is_better, min_gain_over_base, max_drop_vs_champion}]}")
-    promote.add_argument("--metric", default=None, help="gate on one metric instead of --gate")
-    promote.add_argument("--lower-is-better", action="store_true")
-    promote.add_argument("--min-gain", type=float, default=0.0, help="required gain over the base model")
-    promote.add_argument("--max-drop", type=float, default=0.0, help="allowed drop versus the current champion")
+    promote.add_argument("--config", default=None, help="YAML whose gates.adapter criteria apply (default: the defaults)")
+    promote.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. gates.adapter.max_ssim_drop=0.02")
     promote.add_argument("--reason", default="")
     promote.set_defaults(adapters_handler=_promote)
 
@@ -64,14 +63,16 @@ def add_adapters_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_adapters_command(args: argparse.Namespace) -> int:
-    """Dispatch a parsed `adapters ...` command; errors print one line and return 1."""
+    """Dispatch a parsed `adapters ...` command. Expected errors (flywheel.errors: a refused promotion or
+    rollback, an unknown version) reach the `flywheel` command's handler: one line, exit code 2."""
     from mlflow.exceptions import MlflowException  # e.g. "Model Version ... not found"
+
+    from flywheel.errors import DataError
 
     try:
         args.adapters_handler(args)
-    except (LookupError, ValueError, FileNotFoundError, RuntimeError, MlflowException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (LookupError, MlflowException) as err:
+        raise DataError(str(err).splitlines()[0]) from None
     return 0
 
 
@@ -94,15 +95,16 @@ def _show(args) -> None:
     history = governance_history(args.home, args.domain)
     if args.json:
         return _print_json(info | {"champion_stack": champion_stack(args.home, args.domain), "history": history})
-    for key in ("registered_model", "version", "aliases", "base_model", "method", "rank", "alpha", "iteration",
-                "parent_version", "adapter_digest", "training_dataset_digest", "training_run_id", "model_id", "gate", "url"):
+    for key in ("registered_model", "version", "aliases", "description", "lineage", "base_model", "method", "rank",
+                "alpha", "iteration", "parent_version", "adapter_digest", "training_dataset_digest", "training_run_id",
+                "model_id", "gate", "url"):
         print(f"{key:>24}  {info[key]}")
     for label, metrics in (("eval", info["eval"]), ("base eval", info["base_eval"])):
         if metrics:
             print(f"{label:>24}  " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())))
     if history:
         print("\ngovernance history:")
-        _print_table(history, ("event", "version", "previous_champion", "reason", "run_id"))
+        _print_table(history, ("event", "version", "previous_champion", "actor", "reasons", "reason", "run_id"))
 
 
 def _lineage(args) -> None:
@@ -145,41 +147,28 @@ def _lineage(args) -> None:
     _print_table(products["dataset_versions"], ("digest", "run_id")) if products["dataset_versions"] else print("  none")
 
 
+def _actor(args) -> str:
+    return f"user {os.environ.get('USER', 'unknown')} via `flywheel adapters {args.adapters_command}`"
+
+
 def _promote(args) -> None:
-    from flywheel.lineage.registry import gate_for_version, promote
+    from flywheel.config import load_config
+    from flywheel.decisions import promote_by_hand
 
-    margins = _gate_config(args)
-    decision = gate_for_version(args.home, args.domain, args.version, margins)
-    promote(args.home, args.domain, args.version, decision, reason=args.reason)
+    gate = load_config(args.config, set_args=args.set or []).gates.adapter
+    decision = promote_by_hand(args.home, args.domain, str(args.version), gate, _actor(args))
     if args.json:
-        return _print_json({"promoted": args.version, "decision": decision.model_dump()})
-    print(f"flywheel-{args.domain} v{args.version} is now champion")
-    _print_table(decision.checks, tuple(decision.checks[0]) if decision.checks else ())
-
-
-def _gate_config(args) -> dict[str, Any]:
-    if args.gate is not None:
-        if not args.gate.is_file():
-            raise FileNotFoundError(f"gate config {args.gate} not found")
-        text = args.gate.read_text()
-        if args.gate.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
-        return json.loads(text)
-    if not args.metric:
-        raise ValueError("promote needs --gate FILE or --metric NAME to decide whether the version beats base and champion")
-    return {"metrics": [{"name": args.metric, "higher_is_better": not args.lower_is_better,
-                         "min_gain_over_base": args.min_gain, "max_drop_vs_champion": args.max_drop}]}
+        return _print_json(decision.model_dump())
+    print(f"flywheel-{args.domain} v{args.version} is now champion: {decision.line()}")
 
 
 def _rollback(args) -> None:
-    from flywheel.lineage.registry import rollback
+    from flywheel.decisions import rollback
 
-    target = rollback(args.home, args.domain, args.to_version, reason=args.reason)
+    decision = rollback(args.home, args.domain, args.to_version, _actor(args), reason=args.reason)
     if args.json:
-        return _print_json({"champion": target})
-    print(f"flywheel-{args.domain} champion rolled back to v{target}")
+        return _print_json(decision.model_dump())
+    print(decision.line())
 
 
 def _print_json(payload: Any) -> None:

@@ -1,14 +1,20 @@
-"""Runs: one parent run per flywheel iteration, one child run per asset materialization.
+"""Runs: one parent run per flywheel iteration (or experiment), one child run per asset materialization.
 
-Both are found-or-created by a deterministic key, so re-running a materialization (a Dagster retry, a
+All are found-or-created by a deterministic key, so re-running a materialization (a Dagster retry, a
 re-execution of the same partition at the same code version) reuses its run instead of adding one:
 
-    iteration run  tag flywheel.iteration_key = "<domain>/<iteration>"
-    step run       tag flywheel.step_key      = caller's key (e.g. "<asset>/<partition>/<input hash>")
+    iteration run   tag flywheel.iteration_key = "<domain>/<iteration>"           (flywheel.kind = iteration)
+    experiment run  tag flywheel.iteration_key = "<domain>/experiment/<run id>"   (flywheel.kind = experiment)
+    step run        tag flywheel.step_key      = caller's key (e.g. "<asset>/<partition>/<input hash>")
 
-Tags on every run: flywheel.kind, flywheel.domain, flywheel.iteration, flywheel.code_version,
-dagster.run_id (latest attempt); step runs add flywheel.asset, flywheel.partition, flywheel.step_key
-and mlflow.parentRunId (the UI nests them under the iteration).
+Tags on every run: flywheel.kind, flywheel.domain, flywheel.iteration (numbered iterations only),
+flywheel.code_version, dagster.run_id (latest attempt); step runs add flywheel.asset, flywheel.partition,
+flywheel.step_key and mlflow.parentRunId (the UI nests them under the iteration).
+
+Every RUNNING run names the process that keeps it running: flywheel.host, flywheel.pid_ns (the pid
+namespace: containers sharing a hostname do not judge each other's pids), flywheel.pid and
+flywheel.pid_start (the process's start time, so a reused pid is not mistaken for it). `owner_alive` reads
+them; flywheel.lineage.recorder closes the runs of processes that died.
 
 Datasets are logged as MLflow dataset inputs carrying OUR content digests (the sha256 of the
 artifact in the flywheel store), not MLflow's computed ones. MLflow's digest column holds 36
@@ -22,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import os
 import platform
 import resource
+import socket
 import sys
 import tempfile
 import time
@@ -58,6 +66,10 @@ ADAPTER_MODEL_ID_TAG = "flywheel.adapter_model_id"
 SYNTHETIC_SETS_TAG = "flywheel.synthetic_sets"  # comma-separated full digests a dataset version folds in
 LINEAGE_ARTIFACT_DIR = "lineage"
 MLFLOW_DIGEST_LEN = 32
+TAG_HOST = "flywheel.host"
+TAG_PID = "flywheel.pid"
+TAG_PID_NS = "flywheel.pid_ns"
+TAG_PID_START = "flywheel.pid_start"
 ENV_PACKAGES = ("torch", "diffusers", "peft", "transformers", "lerobot", "dagster", "mlflow", "flywheel")
 
 
@@ -172,30 +184,83 @@ class StepRun:
 
 
 def start_iteration_run(
-    home, domain: str, iteration: int, dagster_run_id: str | None = None, code_version: str | None = None
+    home, domain: str, iteration: int, dagster_run_id: str | None = None, code_version: str | None = None,
+    owner_pid: int | None = None,
 ) -> str:
-    """The parent run of one flywheel iteration of a domain (found or created); returns its run id."""
+    """The parent run of one flywheel iteration of a domain (found or created, marked RUNNING); returns its id."""
+    tags = {TAG_KIND: "iteration", TAG_ITERATION: str(int(iteration)),
+            TAG_RUN_NAME: f"{domain} iteration {int(iteration)}"}
+    return _start_parent_run(home, domain, f"{domain}/{int(iteration)}", tags, dagster_run_id, code_version, owner_pid)
+
+
+def start_experiment_run(
+    home, domain: str, dagster_run_id: str, code_version: str | None = None, owner_pid: int | None = None,
+    label: str = "",
+) -> str:
+    """The parent run of an experiment: a Dagster run of part of the job (e.g. one asset re-materialized). It
+    has no iteration number; its steps nest under it like an iteration's."""
+    name = f"{domain} experiment {dagster_run_id[:8]}" + (f": {label}" if label else "")
+    tags = {TAG_KIND: "experiment", TAG_RUN_NAME: name[:250]}
+    return _start_parent_run(home, domain, f"{domain}/experiment/{dagster_run_id}", tags, dagster_run_id,
+                             code_version, owner_pid)
+
+
+def _start_parent_run(home, domain, key, tags, dagster_run_id, code_version, owner_pid) -> str:
     home = resolve_home(home)
     mlflow_client = tracking.client(home)
     experiment_id = tracking.get_or_create_experiment(mlflow_client, home, domain)
-    key = f"{domain}/{int(iteration)}"
-    tags = {
-        TAG_KIND: "iteration",
-        TAG_DOMAIN: domain,
-        TAG_ITERATION: str(int(iteration)),
-        TAG_ITERATION_KEY: key,
-        TAG_RUN_NAME: f"{domain} iteration {int(iteration)}",
-    }
+    tags = {**tags, TAG_DOMAIN: domain, TAG_ITERATION_KEY: key, **owner_tags(owner_pid)}
     if dagster_run_id:
         tags[TAG_DAGSTER_RUN_ID] = dagster_run_id
     if code_version:
         tags[TAG_CODE_VERSION] = code_version
-    run_id, _ = _find_or_create_run(home, mlflow_client, experiment_id, TAG_ITERATION_KEY, key, tags)
+    run_id, reused = _find_or_create_run(home, mlflow_client, experiment_id, TAG_ITERATION_KEY, key, tags)
+    if reused and mlflow_client.get_run(run_id).info.status != "RUNNING":
+        mlflow_client.update_run(run_id, status="RUNNING")
     return run_id
 
 
 def finish_iteration_run(home, run_id: str, status: str = "FINISHED") -> None:
     tracking.client(home).set_terminated(run_id, status)
+
+
+def owner_tags(pid: int | None = None) -> dict[str, str]:
+    """Tags naming the process that keeps a run RUNNING (default: this one)."""
+    pid = os.getpid() if pid is None else int(pid)
+    return {TAG_HOST: socket.gethostname(), TAG_PID_NS: _pid_namespace(), TAG_PID: str(pid),
+            TAG_PID_START: _process_start(pid) or ""}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process a run's tags name is still running: None when this process cannot tell (no owner
+    recorded, another host's or another pid namespace's process)."""
+    pid, host = tags.get(TAG_PID), tags.get(TAG_HOST)
+    if not pid or not pid.isdigit() or host != socket.gethostname() or tags.get(TAG_PID_NS, "") != _pid_namespace():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    recorded = tags.get(TAG_PID_START)
+    return not recorded or _process_start(int(pid)) == recorded
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), where /proc exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name start at field 3
 
 
 @contextlib.contextmanager
@@ -212,17 +277,21 @@ def step_run(
 ) -> Iterator[StepRun]:
     """Child run of one asset materialization, found or created by `step_key`.
 
-    Finished as FINISHED on success, FAILED on error (re-raised); peak memory and wall time are
-    logged either way. `partition` defaults to the domain (flywheel partitions assets by domain).
+    Finished as FINISHED on success, FAILED on an error, KILLED when interrupted (Ctrl-C, SIGTERM, a run
+    cancelled: anything raised that is not an Exception); the error is re-raised. Peak memory and wall time
+    are logged either way. `partition` defaults to the domain (flywheel partitions assets by domain).
     """
     run = open_step_run(home, parent_run_id, asset, domain, dagster_run_id, step_key, code_version, partition)
     if log_environment:
         run.log_environment()
     started = time.perf_counter()
-    status = "FAILED"
+    status = "KILLED"
     try:
         yield run
         status = "FINISHED"
+    except Exception:
+        status = "FAILED"
+        raise
     finally:
         run.log_metrics({"wall_time_s": time.perf_counter() - started, **resource_usage()})
         run.client.set_terminated(run.run_id, status)
@@ -251,6 +320,7 @@ def open_step_run(
         TAG_PARTITION: partition or domain,
         TAG_STEP_KEY: step_key,
         TAG_RUN_NAME: f"{asset} [{partition or domain}]",
+        **owner_tags(),
     }
     if parent_run_id:
         parent = mlflow_client.get_run(parent_run_id)
@@ -495,7 +565,10 @@ def _quote(value: str) -> str:
 __all__ = [
     "StepRun",
     "start_iteration_run",
+    "start_experiment_run",
     "finish_iteration_run",
+    "owner_tags",
+    "owner_alive",
     "step_run",
     "open_step_run",
     "open_run",

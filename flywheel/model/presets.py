@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flywheel.errors import ConfigError
 from flywheel.model.safety import SafetyChoice, resolve_safety_checker
 from flywheel.model.tiny_tokenizer import TOKENIZER_DIR
 
@@ -135,8 +137,8 @@ def get_preset(name_or_path: str) -> ModelPreset:
     path = Path(name_or_path)
     if path.is_dir() and (path / "model_index.json").is_file():
         return dataclasses.replace(PRESETS["cosmos-predict2.5-2b"], name="local", model_id=str(path.resolve()), revision=None)
-    raise ValueError(
-        f"unknown model preset {name_or_path!r}: use one of {sorted(PRESETS)} "
+    raise ConfigError(
+        f"model.preset: unknown model preset {name_or_path!r}: use one of {sorted(PRESETS)} "
         "or a local directory in diffusers layout (with model_index.json)"
     )
 
@@ -250,27 +252,43 @@ FULL_TEXT_ENCODER = dict(
 )
 
 
-def _build_random_components(preset: ModelPreset, seed: int, device: torch.device | str | None) -> dict[str, Any]:
-    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, UniPCMultistepScheduler
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _random_transformer(preset: ModelPreset, seed: int, device: torch.device | str | None) -> torch.nn.Module:
+    """The random preset's DiT alone: the same weights `_build_random_components` makes (each component has
+    its own seed), without building the text encoder and VAE."""
+    from diffusers import CosmosTransformer3DModel
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device(device):
+        torch.manual_seed(seed)
+        transformer = CosmosTransformer3DModel(**(TINY_TRANSFORMER if preset.name == "tiny" else FULL_TRANSFORMER))
+    _cast(transformer, preset.torch_dtype)
+    return transformer.eval().requires_grad_(False)
+
+
+def _random_vae(preset: ModelPreset, seed: int, device: torch.device | str | None) -> torch.nn.Module:
+    """The random preset's VAE alone (its own seed, as in `_build_random_components`)."""
+    from diffusers import AutoencoderKLWan
 
     tiny = preset.name == "tiny"
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device(device):
-        torch.manual_seed(seed)
-        transformer = CosmosTransformer3DModel(**(TINY_TRANSFORMER if tiny else FULL_TRANSFORMER))
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLWan(**(TINY_VAE if tiny else FULL_VAE))
-        torch.manual_seed(seed + 2)
-        text_config = Qwen2_5_VLConfig(**(TINY_TEXT_ENCODER if tiny else FULL_TEXT_ENCODER))
-        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR) if tiny else _full_tokenizer_stand_in()
-    dtype = preset.torch_dtype
-    transformer.to(dtype=dtype)
-    text_encoder.to(dtype=dtype)
-    vae.to(dtype=torch.float32 if tiny else dtype)
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
+    _cast(vae, torch.float32 if tiny else preset.torch_dtype)
+    return vae.eval().requires_grad_(False)
+
+
+def _build_random_components(preset: ModelPreset, seed: int, device: torch.device | str | None,
+                             vae_only: bool = False) -> dict[str, Any]:
+    from diffusers import UniPCMultistepScheduler
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    vae = _random_vae(preset, seed, device)
+    if vae_only:  # a codec roundtrip: no 2B DiT, no 7B text encoder to build
+        return dict(transformer=None, vae=vae, text_encoder=None, tokenizer=None,
+                    scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG))
+    transformer = _random_transformer(preset, seed, device)
+    text_encoder, tokenizer = _random_text_encoder(preset, seed, device)
     return dict(
         transformer=transformer,
         vae=vae,
@@ -278,6 +296,34 @@ def _build_random_components(preset: ModelPreset, seed: int, device: torch.devic
         tokenizer=tokenizer,
         scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
     )
+
+
+def _random_text_encoder(preset: ModelPreset, seed: int, device: torch.device) -> tuple[Any, Any]:
+    """The random Qwen2.5-VL text encoder of a preset and its tokenizer. Seeded on its own (seed + 2), so it is
+    the same whether or not the transformer and VAE were built before it."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tiny = preset.name == "tiny"
+    with torch.device(device):
+        torch.manual_seed(seed + 2)
+        text_config = Qwen2_5_VLConfig(**(TINY_TEXT_ENCODER if tiny else FULL_TEXT_ENCODER))
+        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR) if tiny else _full_tokenizer_stand_in()
+    _cast(text_encoder, preset.torch_dtype)
+    return text_encoder.eval().requires_grad_(False), tokenizer
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a freshly built model's floating-point weights to `dtype`, keeping the modules the model keeps in
+    float32 (diffusers' `_keep_in_fp32_modules`, e.g. Cosmos's learnable_pos_embed) as `from_pretrained(...,
+    torch_dtype=...)` does. `module.to(dtype)` would cast those too (diffusers warns about it on every load)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, sub in module.named_modules():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        for tensors in (sub._parameters, sub._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != target:
+                    tensor.data = tensor.data.to(target)
 
 
 def _full_tokenizer_stand_in():
@@ -325,8 +371,7 @@ def read_tiny_pusht_meta(weights_dir: Path) -> dict[str, Any]:
 def tiny_text_encoder(seed: int) -> tuple[Any, Any]:
     """(text_encoder, tokenizer) of the `tiny` preset built from `seed`, always on CPU: CUDA draws other
     random numbers, and tiny-pusht was trained on the embeddings of exactly this CPU-built encoder."""
-    components = _build_random_components(PRESETS["tiny"], seed, "cpu")
-    return components["text_encoder"], components["tokenizer"]
+    return _random_text_encoder(PRESETS["tiny"], seed, torch.device("cpu"))
 
 
 def prompt_fingerprint(prompt_embeds: torch.Tensor) -> list[float]:
@@ -394,6 +439,28 @@ def resolved_preset(preset: ModelPreset | str, *, seed: int = 0, weights_dir: st
     return preset
 
 
+@dataclasses.dataclass
+class TransformerOnly:
+    """What training on a latent cache needs of a pipeline, and nothing else: the DiT (no 7B text encoder, no VAE,
+    no safety checker: nothing is encoded or generated). Quacks like the pipeline where training looks."""
+
+    transformer: torch.nn.Module
+    flywheel_preset: ModelPreset
+    flywheel_safety: dict = dataclasses.field(default_factory=dict)
+    text_encoder: None = None
+    vae: None = None
+
+
+# Every model load of this process: {"preset", "parts", "device", "import_s", "load_s"}; a workload reports them
+# (flywheel.workloads.entrypoint), so what a step spends loading weights is measured, not guessed.
+_LOADS: list[dict[str, Any]] = []
+
+
+def model_loads() -> list[dict[str, Any]]:
+    """The model loads of this process so far, oldest first (see `load_pipeline`)."""
+    return [dict(load) for load in _LOADS]
+
+
 def load_pipeline(
     preset: ModelPreset | str,
     *,
@@ -402,23 +469,69 @@ def load_pipeline(
     safety: SafetyChoice = "auto",
     weights_dir: str | Path | None = None,
     vae_only: bool = False,
+    transformer_only: bool = False,
 ):
     """Build or load the `Cosmos2_5_PredictBasePipeline` of a preset.
 
     `vae_only`: a downloaded / local model is loaded without its transformer and text encoder (diffusers
-    skips components passed as None): all a codec roundtrip needs, without the 7B text encoder. The toy
-    presets are built whole either way (they are small).
+    skips components passed as None), a random-weight one built without them: all a codec roundtrip needs,
+    without the 7B text encoder. tiny-pusht is loaded whole either way (it is small).
+    `transformer_only`: a `TransformerOnly` holding the DiT alone, for every preset (for the random ones the
+    same weights as the whole pipeline's): what training on a latent cache needs.
 
     Returns the pipeline; `pipe.flywheel_safety` records which safety checker is in use (it goes
     into run metadata, so an opt-out is never silent). `weights_dir` (tiny-pusht only) loads
     pretrained weights from another directory than the committed ones; `seed` does not apply to
     tiny-pusht (its text encoder seed is part of its weights).
     """
-    from diffusers import Cosmos2_5_PredictBasePipeline
-
+    started = time.perf_counter()  # the first load of a process also pays for importing diffusers (+ transformers)
+    if transformer_only:
+        from diffusers import CosmosTransformer3DModel  # noqa: F401
+    else:
+        from diffusers import Cosmos2_5_PredictBasePipeline  # noqa: F401
+    imported = time.perf_counter()
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    if vae_only and transformer_only:
+        raise ValueError("load_pipeline: pass vae_only or transformer_only, not both")
     if weights_dir is not None and preset.name != "tiny-pusht":
         raise ValueError(f"weights_dir is only for the tiny-pusht preset, not {preset.name!r}")
+    if transformer_only:
+        pipe = _load_transformer_only(preset, seed, device, weights_dir)
+    else:
+        pipe = _load_whole(preset, seed, device, safety, weights_dir, vae_only)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the load's own time, not the next call's
+    _LOADS.append({"preset": pipe.flywheel_preset.name, "device": str(device),
+                   "parts": "transformer" if transformer_only else "vae" if vae_only else "all",
+                   "import_s": round(imported - started, 3), "load_s": round(time.perf_counter() - imported, 3)})
+    return pipe
+
+
+def _load_transformer_only(preset: ModelPreset, seed: int, device, weights_dir) -> TransformerOnly:
+    from diffusers import CosmosTransformer3DModel
+
+    if preset.name == "tiny-pusht":
+        weights_dir = Path(weights_dir) if weights_dir is not None else TINY_PUSHT_DIR
+        read_tiny_pusht_meta(weights_dir)  # the clear error when the weights are missing
+        transformer = CosmosTransformer3DModel.from_pretrained(weights_dir / "transformer", torch_dtype=torch.float32)
+        preset = resolved_preset(preset, weights_dir=weights_dir)
+    elif preset.random_weights:
+        preset = resolved_preset(preset, seed=seed)
+        return TransformerOnly(_random_transformer(preset, seed, device), preset)
+    else:
+        kwargs: dict[str, Any] = dict(subfolder="transformer", torch_dtype=preset.torch_dtype)
+        if preset.revision:
+            kwargs["revision"] = preset.revision
+        transformer = CosmosTransformer3DModel.from_pretrained(preset.model_id, **kwargs)
+    transformer.eval().requires_grad_(False)
+    if device is not None:
+        transformer.to(device)
+    return TransformerOnly(transformer, preset)
+
+
+def _load_whole(preset: ModelPreset, seed: int, device, safety: SafetyChoice, weights_dir, vae_only: bool):
+    from diffusers import Cosmos2_5_PredictBasePipeline
+
     checker, safety_record = _toy_safety(preset, safety)
     if preset.name == "tiny-pusht":
         weights_dir = Path(weights_dir) if weights_dir is not None else TINY_PUSHT_DIR
@@ -429,7 +542,7 @@ def load_pipeline(
         _check_text_encoder(pipe, meta, weights_dir)
     elif preset.random_weights:
         preset = resolved_preset(preset, seed=seed)
-        components = _build_random_components(preset, seed, device)
+        components = _build_random_components(preset, seed, device, vae_only=vae_only)
         pipe = Cosmos2_5_PredictBasePipeline(**components, safety_checker=checker)
     else:
         kwargs: dict[str, Any] = dict(torch_dtype=preset.torch_dtype, safety_checker=checker)

@@ -74,7 +74,7 @@ Progress = Callable[[dict], None] | None
 class DataConfig(BaseModel):
     """Which episodes the base model learns from."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     episodes: int = Field(400, ge=2, le=5000, description="scripted episodes to generate (train + held out)")
     holdout_episodes: int = Field(8, ge=1, description="the last N episodes: never trained on; VAE PSNR and samples")
@@ -92,7 +92,7 @@ class DataConfig(BaseModel):
 class VaeConfig(BaseModel):
     """The AutoencoderKLWan: shape (z_dim 16 and 4x/8x compression are fixed by the DiT) and training."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_dim: int = Field(32, ge=4)
     dim_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2], min_length=4, max_length=4)
@@ -137,7 +137,7 @@ class VaeConfig(BaseModel):
 class DitConfig(BaseModel):
     """The CosmosTransformer3DModel: shape and full-parameter flow-matching training."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_layers: int = Field(6, ge=1)
     num_attention_heads: int = Field(4, ge=1)
@@ -167,7 +167,7 @@ class DitConfig(BaseModel):
 class SampleConfig(BaseModel):
     """The contact sheet and sample metrics: held-out episodes generated from their real first frame."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_episodes: int = Field(4, ge=0, description="held-out episodes to generate (0: none)")
     seed: int = Field(0, ge=0)
@@ -176,7 +176,7 @@ class SampleConfig(BaseModel):
 class PretrainConfig(BaseModel):
     """Everything the pretrained weights are a function of."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(0, ge=0, description="model initialisation and every training draw")
     data: DataConfig = Field(default_factory=DataConfig)

@@ -46,7 +46,7 @@ class Clip:
 
 
 class Thresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     filter_version: str
     config_hash: str

@@ -11,7 +11,7 @@ FILTER_VERSION = "2"
 
 
 class FilterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     analysis_size: int = Field(64, ge=16, le=512, description="every clip is resized to this square before scoring")
     min_frames: int = Field(8, ge=2, description="decode filter: fewer frames than this is a failed generation")

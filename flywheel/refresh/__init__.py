@@ -9,12 +9,14 @@ _EXPORTS = {
     "RefreshConfig": "flywheel.refresh.config",
     "UsefulnessConfig": "flywheel.refresh.config",
     "SyntheticEpisode": "flywheel.refresh.dataset",
+    "add_is_synthetic": "flywheel.refresh.dataset",
     "load_refreshed": "flywheel.refresh.dataset",
     "refresh_dataset": "flywheel.refresh.dataset",
     "version_id": "flywheel.refresh.dataset",
     "read_provenance": "flywheel.refresh.provenance",
     "UsefulnessResult": "flywheel.refresh.usefulness",
     "usefulness_report": "flywheel.refresh.usefulness",
+    "VERDICTS": "flywheel.refresh.usefulness",
 }
 __all__ = sorted(_EXPORTS)
 

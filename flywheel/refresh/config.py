@@ -8,7 +8,7 @@ from flywheel.label.config import IdmConfig
 
 
 class RefreshConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     repo_id: str = Field("flywheel/refreshed", description="repo_id written into the new dataset (never pushed)")
     camera_key: str | None = Field(None, description="camera the synthetic frames are for; default: the only one")
@@ -18,8 +18,11 @@ class RefreshConfig(BaseModel):
 
 
 class UsefulnessConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     idm: IdmConfig = Field(default_factory=IdmConfig, description="the model trained in both arms, same budget")
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
-    tolerance: float = Field(0.05, ge=0, description="gate fails when real+synthetic error > real-only x (1 + tolerance)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="one paired comparison per seed; fewer than 2 "
+                             "gives no interval (verdict inconclusive), 3 or more for a usable one")
+    margin: float = Field(0.05, ge=0, description="non-inferiority margin, a fraction of the real-only held-out "
+                          "error: non-inferior when the paired difference's 95% interval straddles 0 and stays "
+                          "below it (flywheel.refresh.usefulness says the whole rule)")

@@ -38,17 +38,20 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.data.latent_cache import LatentCache
+from flywheel.errors import ConfigError
 from flywheel.store import hash_file
 from flywheel.train import checkpoint as ckpt
 from flywheel.train.adapter_io import (
+    ADAPTER_CARD,
     ADAPTER_WEIGHTS,
     TRAINING_ADAPTER_NAME,
+    AdapterCard,
     read_card,
     read_saved_adapter,
     remove_adapter,
     save_adapter,
 )
-from flywheel.train.config import TrainConfig
+from flywheel.train.config import SPEED_FIELDS, TrainConfig, TrainingModeChoice
 from flywheel.train.distributed import SINGLE, World, current_world
 from flywheel.train.loss_plot import write_loss_plot
 from flywheel.train.speed import (
@@ -59,7 +62,6 @@ from flywheel.train.speed import (
 )
 
 ADAPTER_DIR = "adapter"
-CARD_FORMAT = "flywheel-adapter/1"
 FINAL_LOSS_WINDOW = 10  # the card's final_loss: mean of the last steps, one step's loss is too noisy
 
 
@@ -70,6 +72,8 @@ class TrainResult:
     losses: list[float]
     resumed_from_step: int = 0  # 0: started fresh; kept out of the card so resumed and straight runs match
     seconds: float = 0.0
+    training_mode: TrainingModeChoice | None = None  # with the free memory it was chosen from (not in the card)
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each step this call ran
 
 
 # --- one step ---------------------------------------------------------------------------------
@@ -286,18 +290,22 @@ def set_training_adapter_weights(transformer: torch.nn.Module, weights: dict[str
                          f"(unexpected {unexpected[:3]}, missing {missing[:3]}); check rank, method and target_modules")
 
 
-def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: TrainConfig) -> dict[str, Any]:
+def init_from_parent(transformer: torch.nn.Module, parent_dir: Path, config: TrainConfig) -> AdapterCard:
     """Start from a saved parent adapter (same method, rank, alpha, targets); returns the parent's card."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    if not (Path(parent_dir) / ADAPTER_CARD).is_file():
+        raise ConfigError(f"train.init_adapter {parent_dir}: no {ADAPTER_CARD} there, not a flywheel adapter; give "
+                          "'champion' or an adapter directory (<home>/adapters/<key>; one trained elsewhere: "
+                          "`flywheel adapters import` it first)")
     parent_card = read_card(parent_dir)
     state_dict, metadata = read_saved_adapter(parent_dir)
     saved = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
     want = dict(r=config.rank, lora_alpha=config.alpha, use_dora=config.use_dora, target_modules=sorted(config.target_modules))
-    have = dict(r=saved.get("r"), lora_alpha=saved.get("lora_alpha"), use_dora=saved.get("use_dora"),
+    have = dict(r=saved.get("r"), lora_alpha=saved.get("lora_alpha"), use_dora=bool(saved.get("use_dora", False)),
                 target_modules=sorted(saved.get("target_modules") or []))
     if want != have:
-        raise ValueError(f"init_adapter {parent_dir}: parent adapter has {have}, this config wants {want}; "
+        raise ConfigError(f"train.init_adapter {parent_dir}: parent adapter has {have}, this config wants {want}; "
                          "train the child with the parent's method, rank, alpha and target_modules")
     weights = convert_unet_state_dict_to_peft(
         {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
@@ -350,12 +358,18 @@ def resume_latest(work_dir: Path, transformer: torch.nn.Module, run: RunState, c
     if latest is None:
         return
     weights, state, saved_config = ckpt.load_checkpoint(latest)
-    if saved_config != config_json:
-        changed = sorted(k for k in set(saved_config) | set(config_json) if saved_config.get(k) != config_json.get(k))
+    changed = _changed_fields(saved_config, config_json)
+    if changed:
         raise ValueError(f"{latest}: checkpoint was written under another config (fields {changed}); "
                          "use a new work_dir or delete the old checkpoints")
     set_training_adapter_weights(transformer, weights, latest)
     run.load_state_dict(state)
+
+
+def _changed_fields(saved: dict, current: dict) -> list[str]:
+    """Config fields that differ, except those that only change speed and memory (flywheel.train.config.SPEED_FIELDS):
+    a retry that chose another checkpointing mode (less free memory) still resumes and reuses."""
+    return sorted(k for k in set(saved) | set(current) if k not in SPEED_FIELDS and saved.get(k) != current.get(k))
 
 
 def base_model_record(cache: LatentCache, pipe) -> dict[str, Any]:
@@ -383,27 +397,20 @@ def training_data_record(cache: LatentCache, clip_ids: list[str]) -> dict[str, A
 
 
 def adapter_card(config: TrainConfig, base_model: dict, training_data: dict, losses: list[float],
-                 num_params: int, parent_dir: Path | None) -> dict[str, Any]:
-    """What the adapter is. Deterministic given the inputs: no times, no resume history."""
+                 num_params: int, parent_dir: Path | None, training_mode: TrainingModeChoice | None = None
+                 ) -> AdapterCard:
+    """What the adapter is. Deterministic given the inputs: no times, no paths, no resume history (and of the
+    training mode's choice, not the free memory it was read from)."""
     tail = losses[-FINAL_LOSS_WINDOW:]
-    return {
-        "format": CARD_FORMAT,
-        "method": config.method,
-        "rank": config.rank,
-        "alpha": config.alpha,
-        "scaling": config.alpha / config.rank,
-        "target_modules": list(config.target_modules),
-        "base_model": base_model,
-        "training_data": training_data,
-        "steps": config.steps,
-        "final_loss": sum(tail) / len(tail),
-        "last_step_loss": losses[-1],
-        "seed": config.seed,
-        "num_trainable_parameters": num_params,
-        "parent_adapter": None if parent_dir is None else {
-            "path": str(parent_dir), "weights_sha256": hash_file(Path(parent_dir) / ADAPTER_WEIGHTS)},
-        "config": config.model_dump(mode="json"),
-    }
+    return AdapterCard(
+        lineage="continued" if parent_dir is not None else "trained",
+        method=config.method, rank=config.rank, alpha=config.alpha, scaling=config.alpha / config.rank,
+        target_modules=list(config.target_modules), base_model=base_model, training_data=training_data,
+        steps=config.steps, final_loss=sum(tail) / len(tail), last_step_loss=losses[-1], seed=config.seed,
+        num_trainable_parameters=num_params,
+        parent_adapter=None if parent_dir is None else {"weights_sha256": hash_file(Path(parent_dir) / ADAPTER_WEIGHTS)},
+        config=config.model_dump(mode="json"),
+        training_mode=None if training_mode is None else training_mode.model_dump(mode="json", exclude={"free_gib"}))
 
 
 def _write_loss_csv(path: Path, losses: list[float], lrs: list[float]) -> None:
@@ -419,14 +426,15 @@ def _read_loss_csv(path: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: dict, losses: list[float], lrs: list[float]) -> None:
+def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: AdapterCard, losses: list[float],
+                      lrs: list[float]) -> None:
     """The final adapter directory, filled in a temp dir and renamed into place."""
     tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         save_adapter(transformer, tmp, card)
         _write_loss_csv(tmp / "loss.csv", losses, lrs)
         write_loss_plot(losses, tmp / "loss.png",
-                        title=f"{card['method']} r={card['rank']} alpha={card['alpha']:g}: flow-matching loss")
+                        title=f"{card.method} r={card.rank} alpha={card.alpha:g}: flow-matching loss")
         os.rename(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -435,11 +443,11 @@ def write_adapter_dir(transformer: torch.nn.Module, final_dir: Path, card: dict,
 
 def _finished_result(adapter_dir: Path, config: TrainConfig) -> TrainResult:
     card = read_card(adapter_dir)
-    if card.get("config") != config.model_dump(mode="json"):
+    if _changed_fields(card.config or {}, config.model_dump(mode="json")):
         raise ValueError(f"{adapter_dir}: holds an adapter trained with another config; "
                          "use a new work_dir for a new config (adapters are immutable)")
-    return TrainResult(adapter_dir=adapter_dir, card=card, losses=_read_loss_csv(adapter_dir / "loss.csv"),
-                       resumed_from_step=card["steps"])
+    return TrainResult(adapter_dir=adapter_dir, card=card.model_dump(mode="json"),
+                       losses=_read_loss_csv(adapter_dir / "loss.csv"), resumed_from_step=card.steps)
 
 
 def train_adapter(
@@ -462,7 +470,6 @@ def train_adapter(
     """
     started = time.perf_counter()
     world = current_world()
-    config = config.on_device(pipe.transformer.device)  # speed settings left as None: the fast path on a GPU
     world.shard(config.batch_size)  # an indivisible global batch fails here, before any work
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -473,6 +480,11 @@ def train_adapter(
     if not clip_ids:
         raise ValueError(f"{cache.root}: latent cache has no clips in the 'train' split; nothing to train on")
     base_model = base_model_record(cache, pipe)
+    # Speed settings left as None: the fast path on a GPU, its checkpointing chosen from the free memory.
+    free, tokens = free_device_memory(pipe.transformer.device, world), tokens_per_gpu(cache, pipe.transformer, config,
+                                                                                      clip_ids[0], world)
+    training_mode = config.training_mode(pipe.transformer.device, free, tokens)
+    config = config.on_device(pipe.transformer.device, free, tokens)
     if world.is_main:
         ckpt.remove_partial_checkpoints(work_dir)
 
@@ -496,12 +508,12 @@ def train_adapter(
             undo_speedups = apply_training_speedups(transformer, config)  # checkpointing / compile (speed.py)
             transformer.train()
             try:
-                _train_loop(cache, transformer, params, run, config, work_dir, progress, world)
+                step_seconds = _train_loop(cache, transformer, params, run, config, work_dir, progress, world)
             except torch.OutOfMemoryError as e:  # the same type (a retry may still get past it), plus what to set
                 raise torch.OutOfMemoryError(f"{e}\n{memory_advice(config)}") from e
             # Same on every rank: the logged losses are means over ranks, the weights are in step.
             card = adapter_card(config, base_model, training_data_record(cache, clip_ids), run.losses,
-                                sum(p.numel() for p in params), config.init_adapter)
+                                sum(p.numel() for p in params), config.init_adapter, training_mode)
             if world.is_main:
                 write_adapter_dir(transformer, final_dir, card, run.losses, run.lrs)
             world.barrier()  # the other ranks return once the adapter is in place
@@ -512,13 +524,33 @@ def train_adapter(
     if world.is_main:
         for _, path in ckpt.list_checkpoints(work_dir):  # the adapter is final; optimizer states are dead weight
             shutil.rmtree(path, ignore_errors=True)
-    return TrainResult(adapter_dir=final_dir, card=card, losses=run.losses, resumed_from_step=resumed_from_step,
-                       seconds=time.perf_counter() - started)
+    return TrainResult(adapter_dir=final_dir, card=card.model_dump(mode="json"), losses=run.losses,
+                       resumed_from_step=resumed_from_step,
+                       seconds=time.perf_counter() - started, training_mode=training_mode, step_seconds=step_seconds)
+
+
+def free_device_memory(device: torch.device, world: World = SINGLE) -> int | None:
+    """Free bytes on the training GPU (the least over the ranks under torchrun, so all choose one mode); None on
+    a CPU."""
+    if device.type != "cuda":
+        return None
+    return min(world.all_gather_object(torch.cuda.mem_get_info(device)[0]))
+
+
+def tokens_per_gpu(cache: LatentCache, transformer: torch.nn.Module, config: TrainConfig, clip_id: str,
+                   world: World = SINGLE) -> int:
+    """DiT tokens one GPU processes per step: latent frames x height x width over the patch size, times the per-GPU
+    batch (what the step's activation memory grows with)."""
+    _, frames, height, width = cache.load(clip_id).latent.shape
+    patch_t, patch_h, patch_w = transformer.config.patch_size
+    return (frames // patch_t) * (height // patch_h) * (width // patch_w) * (config.batch_size // world.world_size)
 
 
 def _train_loop(cache: LatentCache, transformer: torch.nn.Module, params: list[torch.nn.Parameter], run: RunState,
                 config: TrainConfig, work_dir: Path, progress: Callable[[dict], None] | None,
-                world: World = SINGLE) -> None:
+                world: World = SINGLE) -> list[float]:
+    """Steps until config.steps; returns each step's wall time (the step ends with the loss read back, so on a
+    GPU it is the step's own time; the first one includes compiling)."""
     device = transformer.device
     padding_mask = torch.zeros(1, 1, cache.meta["height"], cache.meta["width"], device=device)
     shard = world.shard(config.batch_size)
@@ -529,12 +561,15 @@ def _train_loop(cache: LatentCache, transformer: torch.nn.Module, params: list[t
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=run.step, desc=f"train {config.method} r={config.rank}")
+    step_seconds = []
     with torch.enable_grad():
         while run.step < config.steps:
+            step_started = time.perf_counter()
             clip_ids = run.sampler.next_batch(config.batch_size)  # the global batch, the same on every rank
             latents, prompt_embeds = load_batch(cache, clip_ids[shard], device)
             stats = training_step(transformer, params, run.optimizer, run.lr_scheduler, latents, prompt_embeds,
                                   padding_mask, run.generator, config, world)
+            step_seconds.append(time.perf_counter() - step_started)
             run.step += 1
             run.losses.append(stats["loss"])
             run.lrs.append(stats["lr"])
@@ -550,3 +585,4 @@ def _train_loop(cache: LatentCache, transformer: torch.nn.Module, params: list[t
                 progress({"stage": "train", "step": run.step, "steps": config.steps, **stats})
     if bar is not None:
         bar.close()
+    return step_seconds

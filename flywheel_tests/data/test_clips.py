@@ -16,10 +16,14 @@ from flywheel.data.clips import (
     load_clip_set,
     prepare_clips,
     resample_indices,
+    clip_content_box,
+    content_box,
     resize_frame,
     resolve_spec,
+    restore_frames,
 )
 from flywheel.data.video import read_frames
+from flywheel.errors import ConfigError
 from flywheel.generate.preview import LABEL_H, PAD, animated_gif, contact_sheet
 from flywheel.model.presets import get_preset
 from flywheel.store import ArtifactStore, hash_file, hash_json
@@ -95,11 +99,11 @@ def test_clip_frames_are_the_nearest_source_frames_resized(prepared):
     second = clip_set.frame.iloc[1]
     # The first-frame PNG is lossless: exactly the nearest source frame, resized; not its neighbours.
     first = np.asarray(Image.open(clip_set.path / second["first_frame"]))
-    assert np.array_equal(first, resize_frame(source[32], 64, 64, "stretch"))
-    assert not np.array_equal(first, resize_frame(source[31], 64, 64, "stretch"))
-    assert not np.array_equal(first, resize_frame(source[33], 64, 64, "stretch"))
+    assert np.array_equal(first, resize_frame(source[32], 64, 64, "pad"))
+    assert not np.array_equal(first, resize_frame(source[31], 64, 64, "pad"))
+    assert not np.array_equal(first, resize_frame(source[33], 64, 64, "pad"))
     # The mp4 holds the same frames up to compression noise.
-    expected = np.stack([resize_frame(source[i], 64, 64, "stretch") for i in wanted[17:34]])
+    expected = np.stack([resize_frame(source[i], 64, 64, "pad") for i in wanted[17:34]])
     clip = read_frames(clip_set.path / second["video"])
     assert np.abs(clip.astype(int) - expected.astype(int)).mean() < 5
 
@@ -159,6 +163,42 @@ def test_changed_config_makes_a_new_key_and_different_windows(prepared, tmp_path
     assert overlapping.key != clip_set.key
 
 
+def test_default_keeps_the_g1_aspect_ratio_with_bars_and_records_it(prepared):
+    """480x640 (4:3) in a 64x64 clip: a 48x64 picture between two 8-pixel black bars, recorded per clip and in
+    the summary; a generated clip of it maps back to the camera's 480x640 without distortion."""
+    manifest, _, clip_set = prepared
+    assert ClipConfig().resize == "pad"
+    assert clip_set.summary["aspect"]["resize"] == "pad"
+    assert clip_set.summary["aspect"]["source_sizes"] == {"480x640": {"content_box": [8, 0, 48, 64], "episodes": 3}}
+    for _, clip in clip_set.frame.iterrows():
+        assert clip_content_box(clip) == (8, 0, 48, 64)
+        first = np.asarray(Image.open(clip_set.path / clip["first_frame"])).astype(int)
+        assert first[:8].max() == 0 and first[-8:].max() == 0 and first[8:-8].mean() > 40
+    episode = manifest.iloc[0]
+    source = read_frames(episode["video_path"], episode["from_timestamp"], episode["to_timestamp"])[:1]
+    back = restore_frames(np.stack([resize_frame(source[0], 64, 64, "pad")]), (8, 0, 48, 64), 480, 640)
+    # the same as shrinking to 48x64 and growing back: only resolution is lost, not geometry
+    low = np.asarray(Image.fromarray(source[0]).resize((64, 48), Image.Resampling.BILINEAR))
+    expected = np.asarray(Image.fromarray(low).resize((640, 480), Image.Resampling.BILINEAR))
+    assert back.shape == (1, 480, 640, 3) and np.abs(back[0].astype(int) - expected.astype(int)).mean() < 0.5
+    stretched_back = restore_frames(np.stack([resize_frame(source[0], 64, 64, "stretch")]), (8, 0, 48, 64), 480, 640)
+    assert np.abs(stretched_back[0].astype(int) - expected.astype(int)).mean() > 5
+
+
+def test_pad_keeps_the_whole_picture_undistorted_and_squares_are_unchanged():
+    image = np.zeros((80, 160, 3), np.uint8)
+    image[:, :40], image[:, 40:120], image[:, 120:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    assert content_box(80, 160, 32, 32, "pad") == (8, 0, 16, 32)
+    padded = resize_frame(image, 32, 32, "pad")
+    assert padded.shape == (32, 32, 3) and padded[:8].max() == 0 and padded[-8:].max() == 0
+    row = padded[16]
+    assert row[2, 0] > 200 and row[16, 1] > 200 and row[-3, 2] > 200  # red, green, blue all still there
+    assert np.array_equal(resize_frame(image[:, :80], 32, 32, "pad"), resize_frame(image[:, :80], 32, 32, "stretch"))
+    assert content_box(80, 160, 32, 32, "center-crop") == content_box(80, 160, 32, 32, "stretch") == (0, 0, 32, 32)
+    with pytest.raises(ValueError, match="clips.resize='squash'"):
+        resize_frame(image, 32, 32, "squash")
+
+
 def test_center_crop_keeps_the_middle_and_stretch_keeps_everything():
     image = np.zeros((8, 16, 3), np.uint8)
     image[:, :4], image[:, 4:12], image[:, 12:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -187,10 +227,14 @@ def test_config_is_validated():
         ClipConfig(frames=17)
     with pytest.raises(ValidationError):
         ClipConfig(stride=0)
-    with pytest.raises(ValueError, match="num_frames=16: the Cosmos VAE needs 4k\\+1"):
-        resolve_spec(ClipConfig(num_frames=16), TINY)
-    with pytest.raises(ValueError, match="width=100: must be a multiple of 16"):
-        resolve_spec(ClipConfig(width=100), TINY)
+    with pytest.raises(ValidationError, match="16 frames: the Cosmos VAE needs 4k\\+1"):
+        ClipConfig(num_frames=16)  # refused with the rest of the config, before any stage runs
+    with pytest.raises(ValidationError, match="100 pixels: must be a multiple of 16"):
+        ClipConfig(width=100)
+    with pytest.raises(ConfigError, match="num_frames=16: the Cosmos VAE needs 4k\\+1"):
+        resolve_spec(ClipConfig.model_construct(num_frames=16), TINY)
+    with pytest.raises(ConfigError, match="width=100: must be a multiple of 16"):
+        resolve_spec(ClipConfig.model_construct(width=100), TINY)
     spec = resolve_spec(ClipConfig(fps=8), get_preset("cosmos-predict2.5-2b"))
     assert (spec.fps, spec.height, spec.width, spec.num_frames, spec.stride) == (8, 432, 768, 93, 93)
 

@@ -147,7 +147,7 @@ def converted(robot_datasets, tmp_path_factory):
     before = hash_tree(source)
     siblings = sorted(p.name for p in robot_datasets.iterdir())
     store = ArtifactStore(tmp_path_factory.mktemp("home"))
-    manifest = ingest(IngestConfig(source=str(source)), store)
+    manifest = ingest(IngestConfig(source=str(source), allow_no_holdout=True), store)
     return dict(store=store, manifest=manifest, before=before, siblings=siblings, source=source)
 
 
@@ -196,17 +196,47 @@ def test_reingest_of_v21_reuses_manifest_and_converted_dataset(converted):
     converted_root = Path(first.frame["dataset_root"].iloc[0])
     stamp = (converted_root / "meta" / "info.json").stat().st_mtime_ns
 
-    again = ingest(IngestConfig(source=str(converted["source"])), store)
+    again = ingest(IngestConfig(source=str(converted["source"]), allow_no_holdout=True), store)
     assert again.key == first.key
     pd.testing.assert_frame_equal(again.frame, first.frame)
 
     # A new split config reads the existing conversion instead of converting again.
-    other = ingest(IngestConfig(source=str(converted["source"]), val_fraction=0.5, test_fraction=0.0), store)
+    other = ingest(IngestConfig(source=str(converted["source"]), val_fraction=0.75, test_fraction=0.0), store)
     assert other.key != first.key
     assert other.frame["dataset_root"].iloc[0] == str(converted_root)
     assert other.frame["content_hash"].tolist() == first.frame["content_hash"].tolist()
     assert (converted_root / "meta" / "info.json").stat().st_mtime_ns == stamp
     assert len(list((store.home / "datasets").iterdir())) == 1
+
+
+def test_v21_conversion_never_copies_what_links_point_to(robot_datasets, store, tmp_path):
+    """Links inside a dataset (relative ones too, as in a Hub cache) are read, never followed into the home:
+    a stray link to a big folder outside the dataset leaves no trace in the converted artifact."""
+    root = linked_copy(robot_datasets / V21, tmp_path / V21)
+    for link in [p for p in root.rglob("*") if p.is_symlink()][::2]:  # half of them relative
+        target = os.readlink(link)
+        link.unlink()
+        link.symlink_to(os.path.relpath(target, link.parent))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.bin").write_bytes(b"secret" * 100_000)
+    (root / "scratch").symlink_to(outside)
+    (root / "meta" / "notes.bin").symlink_to(outside / "private.bin")
+
+    # The copy the converter works on (inside the store's temp dir) holds links, not the targets' bytes.
+    from flywheel.data.lerobot_source import copy_dataset
+
+    copy_dataset(root, tmp_path / "copy")
+    copied = [p for p in (tmp_path / "copy").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert copied == [] and (tmp_path / "copy" / "scratch").is_symlink()
+    assert (tmp_path / "copy" / "meta" / "info.json").read_bytes() == (root / "meta" / "info.json").read_bytes()
+
+    manifest = ingest(IngestConfig(source=str(root), allow_no_holdout=True), store)
+    converted = Path(manifest.frame["dataset_root"].iloc[0])
+    assert manifest.summary["episodes"] == 3 and store.verify("datasets", converted.name) > 0
+    assert not [p for p in converted.rglob("*") if p.is_symlink()]
+    assert not [p for p in store.home.rglob("*") if p.is_file() and p.stat().st_size == 600_000]
+    assert (outside / "private.bin").is_file() and (root / "scratch").is_symlink()  # the source is untouched
 
 
 # ----------------------------------------------------------------------------------------------- raw videos
@@ -216,7 +246,7 @@ def test_raw_video_folder(clips, store, tmp_path):
     clip_dir, lengths = clips
     folder = make_raw_folder(clip_dir, tmp_path / "robot_clips")
 
-    manifest = ingest(IngestConfig(source=str(folder), format="raw-videos"), store)
+    manifest = ingest(IngestConfig(source=str(folder), format="raw-videos", allow_no_holdout=True), store)
     frame = manifest.frame
 
     assert frame["episode_id"].tolist() == [f"robot_clips/{s}" for s in sorted(lengths)]
@@ -234,7 +264,7 @@ def test_raw_video_folder(clips, store, tmp_path):
 
     # Changing a caption changes that episode's content hash (the caption is its task) and the key.
     (folder / "metas" / "pick_00.txt").write_text("Another description.")
-    changed = ingest(IngestConfig(source=str(folder)), store)
+    changed = ingest(IngestConfig(source=str(folder), allow_no_holdout=True), store)
     assert changed.key != manifest.key
     assert changed.frame["content_hash"].tolist()[1:] == frame["content_hash"].tolist()[1:]
     assert changed.frame["content_hash"].iloc[0] != frame["content_hash"].iloc[0]
@@ -242,16 +272,18 @@ def test_raw_video_folder(clips, store, tmp_path):
 
 def test_split_of_an_episode_never_changes_when_episodes_are_added(clips, store, tmp_path):
     clip_dir, lengths = clips
-    folder = make_raw_folder(clip_dir, tmp_path / "demos", stems={"pick_00", "pick_01"})
-    before = ingest(IngestConfig(source=str(folder), val_fraction=0.4, test_fraction=0.3), store)
+    folder = make_raw_folder(clip_dir, tmp_path / "demos", stems={"pick_00", "pick_02"})
+    config = IngestConfig(source=str(folder), val_fraction=0.4, test_fraction=0.3)
+    before = ingest(config, store)
 
-    shutil.copyfile(clip_dir / "pick_02.mp4", folder / "videos" / "pick_02.mp4")
-    (folder / "metas" / "pick_02.txt").write_text("A new demonstration.")
-    after = ingest(IngestConfig(source=str(folder), val_fraction=0.4, test_fraction=0.3), store)
+    shutil.copyfile(clip_dir / "pick_01.mp4", folder / "videos" / "pick_01.mp4")
+    (folder / "metas" / "pick_01.txt").write_text("A new demonstration.")
+    after = ingest(config, store)
 
     assert after.key != before.key and len(after.frame) == 3
     old = before.frame.set_index("episode_id")["split"]
     new = after.frame.set_index("episode_id")["split"]
+    assert sorted(old) == ["train", "val"]  # one held out, so a move would show
     assert new[old.index].tolist() == old.tolist()
 
 
@@ -280,3 +312,24 @@ def test_detect_format_and_config_validation(robot_datasets, clips, tmp_path):
     with pytest.raises(ValidationError):
         IngestConfig(source="x", format="lerobot-v1.6")
     assert issubclass(IngestError, ValueError)
+
+
+def test_sample_decoding_for_large_datasets(robot_datasets, tmp_path):
+    """decode="sample" reads each episode's first, middle and last frame instead of every frame: same manifest."""
+    root = robot_datasets / "pusht_rotated"
+    full = ingest(IngestConfig(source=str(root)), ArtifactStore(tmp_path / "a"))
+    sampled = ingest(IngestConfig(source=str(root), decode="sample"), ArtifactStore(tmp_path / "b"))
+    pd.testing.assert_frame_equal(full.frame, sampled.frame)
+    with pytest.raises(ValidationError):
+        IngestConfig(source=str(root), decode="none")
+
+
+def test_a_manifest_written_before_split_keys_still_loads(robot_datasets, store):
+    """Schema 2 manifests (in existing homes) had no split_key: their split came from the episode id."""
+    manifest = ingest(IngestConfig(source=str(robot_datasets / "pusht_rotated")), store)
+    old = manifest.path.parent / "old"
+    old.mkdir()
+    manifest.frame.drop(columns=["split_key"]).to_parquet(old / "manifest.parquet", index=False)
+    loaded = load_manifest(old)
+    assert list(loaded.frame.columns) == list(MANIFEST_COLUMNS)
+    assert loaded.frame["split_key"].tolist() == loaded.frame["episode_id"].tolist()

@@ -1,6 +1,7 @@
-"""End to end: `dagster dev -w workspace.yaml` headless on a temporary flywheel home, a run launched through
-the GraphQL API (ingest + clips, the clips encoding as a Pipes subprocess on the `gpu` pool), waited for,
-its materializations checked, and the server shut down cleanly."""
+"""End to end: `dagster dev -w workspace.yaml` headless on a temporary flywheel home, a whole iteration launched
+through the GraphQL API (the GPU stages as Pipes subprocesses on the `gpu` pool), waited for, and compared with
+the same config launched by `flywheel iterate` on a second fresh home: the same artifact keys, registry versions
+and aliases, decisions and refreshed dataset version. Then the server shuts down cleanly."""
 
 import os
 import signal
@@ -19,7 +20,14 @@ pytestmark = pytest.mark.multiprocess
 
 START_TIMEOUT_S = 120
 PYCACHE = Path(tempfile.gettempdir()) / "flywheel-test-pycache"
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600
+DOMAIN = "pusht-rotated"
+# the same CPU-sized iteration as flywheel_tests/test_iteration.py
+FAST = ["clips.max_clips_per_episode=1", "train.steps=10", "train.rank=4", "train.alpha=4", "train.checkpoint_every=5",
+        "train.learning_rate=0.005", "train.warmup_steps=1", "train.f_max=1.0", "train.f_min=1.0",
+        "evaluate.max_clips=1", "evaluate.seeds=[0]", "generate.seeds=[0]", "generate.max_videos=3",
+        "generate.num_inference_steps=2", "label.idm.steps=20", "label.idm.batch_size=8",
+        "refresh.usefulness_report=false", "gates.curation.min_pass_rate=0.0"]
 
 MATERIALIZATIONS = """
 query RunMaterializations($runId: ID!) {
@@ -97,22 +105,49 @@ def dagster_dev(tmp_path):
         log.close()
 
 
-def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(dagster_dev):
+def what_a_run_decided(home: Path) -> dict:
+    """Artifact keys by asset, check verdicts, registry versions with their aliases, and the refreshed version
+    of the home's one run: what must not depend on how the run was launched."""
+    import dagster as dg
+
+    from flywheel.defs.instance import flywheel_instance
+    from flywheel.lineage.registry import list_adapters
+
+    instance = flywheel_instance(home)
+    try:
+        (run,) = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.SUCCESS, run.status
+        records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        keys = {}
+        for r in records:
+            mat = r.event_log_entry.dagster_event.event_specific_data.materialization
+            keys[mat.asset_key.path[-1]] = mat.metadata["key"].value
+        checks = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+        verdicts = {r.event_log_entry.dagster_event.event_specific_data.check_name:
+                    r.event_log_entry.dagster_event.event_specific_data.passed for r in checks}
+    finally:
+        instance.dispose()
+    versions = {v["version"]: sorted(v["aliases"]) for v in list_adapters(home, DOMAIN)}
+    return {"keys": keys, "checks": verdicts, "versions": versions, "refreshed": keys.get("refreshed_dataset")}
+
+
+def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dagster_dev, tmp_path):
     from dagster import DagsterRunStatus
     from dagster_graphql import DagsterGraphQLClient
 
+    from flywheel.cli import main
+    from flywheel.config import load_config
     from flywheel.defs.instance import flywheel_instance
+    from flywheel.defs.launch import run_config
 
     home, port, proc = dagster_dev
     started = time.time()
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-    run_id = submit(
-        client,
-        job_name="flywheel_iteration",
-        asset_selection=["demonstrations", "training_clips"],
-        run_config={"ops": {"training_clips": {"config": {"max_clips_per_episode": 1}}}},
-        tags={"dagster/partition": "pusht-rotated"},  # the embedded sample, registered on first start
-    )
+    config = load_config(set_args=FAST)
+    launchpad = run_config(config, home)
+    launchpad.pop("loggers")  # the UI keeps its default loggers
+    run_id = submit(client, job_name="flywheel_iteration", run_config=launchpad,
+                    tags={"dagster/partition": DOMAIN})  # the embedded sample, registered on first start
     print(f"submitted after {time.time() - started:.0f}s")
     deadline = time.time() + RUN_TIMEOUT_S
     status = client.get_run_status(run_id)
@@ -125,16 +160,16 @@ def test_run_launched_through_graphql_materializes_and_the_server_stops_cleanly(
         errors = [str(r.dagster_event.event_specific_data) for r in instance.all_logs(run_id)
                   if r.dagster_event and r.dagster_event.is_failure]
         pytest.fail(f"run {run_id} ended {status}: {errors}")
-
     print(f"run done after {time.time() - started:.0f}s")
     data = client._execute(MATERIALIZATIONS, {"runId": run_id})["runOrError"]
-    mats = {m["assetKey"]["path"][-1]: m for m in data["assetMaterializations"]}
-    assert set(mats) == {"demonstrations", "training_clips"}
-    assert {m["partition"] for m in mats.values()} == {"pusht-rotated"}
-    entries = {m: {e["label"]: e.get("path", e.get("intValue")) for e in mats[m]["metadataEntries"]} for m in mats}
-    assert entries["demonstrations"]["episodes"] == 10
-    assert entries["training_clips"]["latent_cache"].startswith(str(home))
-    assert os.path.isdir(entries["training_clips"]["latent_cache"])
+    assert {m["partition"] for m in data["assetMaterializations"]} == {DOMAIN}
+
+    # the same config from the CLI, on a second fresh home
+    other = tmp_path / "cli-home"
+    assert main(["iterate", "--home", str(other), *(f"--set={s}" for s in FAST)]) == 0
+    ui, cli = what_a_run_decided(home), what_a_run_decided(other)
+    assert len(ui["keys"]) == 8 and set(ui["checks"]) >= {"enough_episodes", "model_fits_the_data", "adapter_gate"}
+    assert ui == cli
 
     os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / `flywheel ui` shutdown sends
     assert proc.wait(timeout=60) == 0  # dagster dev stopped its webserver and daemon and exited cleanly

@@ -1,4 +1,4 @@
-"""The definitions load and say what the issue fixes: names, groups, partitions, pools, gates, config."""
+"""The definitions load and say what the pipeline declares: names, groups, partitions, pools, checks, config."""
 
 import subprocess
 import sys
@@ -9,15 +9,18 @@ import dagster as dg
 import pytest
 import yaml
 
+from flywheel.config import FlywheelConfig
 from flywheel.defs import defs
-from flywheel.defs.config import DEFAULT_CONFIG_FILE, StageConfigError
-from flywheel.defs.jobs import STAGE_ASSETS, iteration_assets
+from flywheel.errors import ConfigError
+from flywheel.pipeline import STAGE_LIST, STAGES
 from flywheel.workloads.gpu import EXIT_CONFIG, EXIT_ERROR, EXIT_TRANSIENT_GPU, exit_code_for
 
+STAGE_ASSETS = [s.asset for s in STAGE_LIST]
 GROUPS = {"demonstrations": "ingest", "training_clips": "clips", "adapter": "train", "adapter_evaluation": "evaluate",
           "synthetic_videos": "generate", "pseudo_actions": "label", "curated_trajectories": "curate",
           "refreshed_dataset": "refresh"}
-GPU_ASSETS = {"training_clips", "adapter", "adapter_evaluation", "synthetic_videos"}
+# every stage that loads the world model (curation: its VAE, to calibrate) holds a GPU slot
+GPU_ASSETS = {"training_clips", "adapter", "adapter_evaluation", "synthetic_videos", "curated_trajectories"}
 
 
 def test_definitions_load_with_the_fixed_graph():
@@ -48,62 +51,55 @@ def test_gpu_steps_queue_on_the_gpu_pool_and_retry():
             assert node.pool is None, name
 
 
-def test_quality_gates_are_blocking_checks():
+def test_decisions_are_checks_declared_once_in_the_pipeline():
     specs = {spec.key.name: spec for a in defs.assets for spec in a.check_specs}
-    assert set(specs) == {"schema_and_episode_counts", "loss_is_finite", "adapter_beats_base",
-                          "pass_rate_within_bounds", "loads_with_lerobot"}
-    assert all(spec.blocking for spec in specs.values())
+    assert set(specs) == {"enough_episodes", "model_fits_the_data", "loss_is_finite", "adapter_gate",
+                          "pass_rate_within_bounds", "loads_with_lerobot", "build_on"}
+    # the adapter gate and the build-on decision choose what the wheel uses next (the champion, the version to
+    # ingest); they do not stop the run: a refused candidate leaves the champion generating
+    assert {name for name, spec in specs.items() if not spec.blocking} == {"adapter_gate", "build_on"}
+    for stage in STAGE_LIST:  # the asset is found from its stage, and its stage from the table: two hops
+        assert {c.name for c in stage.checks} == {s.key.name for s in specs.values() if s.asset_key.path[-1] == stage.asset}
+        assert STAGES[stage.asset] is stage
 
 
 def test_job_schedule_sensor():
     job = defs.resolve_job_def("flywheel_iteration")
     assert job.partitions_def.name == "domain"
-    assert set(iteration_assets()) >= {"demonstrations", "training_clips", "adapter"}
+    assert set(job.asset_layer.executable_asset_keys) >= {dg.AssetKey(a) for a in STAGE_ASSETS}
     schedule = defs.resolve_schedule_def("flywheel_iteration_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     sensor = defs.resolve_sensor_def("inbox_sensor")
     assert sensor.job_name == "flywheel_iteration"
 
 
-def test_launchpad_config_mirrors_the_stage_configs_with_the_embedded_defaults():
-    from flywheel.defs.assets.generate import GenerateSettings
-    from flywheel.defs.assets.train import TrainSettings
-    from flywheel.generate.config import GenerateConfig
-    from flywheel.train.config import TrainConfig
+def test_launchpad_config_is_the_run_config_with_its_defaults():
+    from flywheel.defs.resources import RunSettings
 
-    assert set(TrainConfig.model_fields) <= set(TrainSettings.model_fields)
-    defaults = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text())
-    settings = TrainSettings()
-    assert settings.steps == defaults["train"]["steps"] and settings.method == defaults["train"]["method"]
-    core = settings.to_core("train")
-    assert isinstance(core, TrainConfig) and core.conditional_frames_probs == {1: 0.5, 2: 0.5}
-    assert GenerateSettings(seeds=[3, 4], prompts_per_first_frame=2).to_core("generate") == \
-        GenerateConfig(seeds=[3, 4], prompts_per_first_frame=2, max_videos=defaults["generate"]["max_videos"])
+    settings = RunSettings()
+    assert settings.train.steps == FlywheelConfig().train.steps and settings.model.preset == "tiny-pusht"
+    assert settings.to_core(domain="x") == FlywheelConfig(domain="x")
+    assert "home" not in RunSettings.model_fields and "domain" not in RunSettings.model_fields
     # Literal fields are enums in the Launchpad: a typo is rejected before the run starts
     job = defs.resolve_job_def("flywheel_iteration")
-    dg.validate_run_config(job, {"ops": {"adapter": {"config": {"method": "dora"}}}})
+    home = {"home": "/tmp/x"}
+    dg.validate_run_config(job, {"resources": {"flywheel": {"config": {**home, "run": {"train": {"method": "dora"}}}}}})
     with pytest.raises(dg.DagsterInvalidConfigError, match="method"):
-        dg.validate_run_config(job, {"ops": {"adapter": {"config": {"method": "lorra"}}}})
+        dg.validate_run_config(job, {"resources": {"flywheel": {"config": {**home, "run": {"train": {"method": "lorra"}}}}}})
 
 
-@pytest.mark.parametrize("settings, field", [
-    ({"rank": 0}, "rank: Input should be greater than 0"),
-    ({"cfg_dropout": 1.5}, "cfg_dropout"),
-    ({"conditional_frames_probs": {"3": 1.0}}, "conditional_frames_probs"),
+@pytest.mark.parametrize("section, values, field", [
+    ("train", {"rank": 0}, "train.rank: Input should be greater than 0"),
+    ("train", {"cfg_dropout": 1.5}, "train.cfg_dropout"),
+    ("train", {"conditional_frames_probs": {"3": 1.0}}, "train.conditional_frames_probs"),
+    ("generate", {"num_frames": 18}, "num_frames must be 4k+1"),
 ])
-def test_invalid_values_fail_with_the_field_named(settings, field):
-    from flywheel.defs.assets.train import TrainSettings
+def test_invalid_values_fail_with_the_field_named(section, values, field):
+    from flywheel.defs.resources import RunSettings
 
-    with pytest.raises(StageConfigError, match="train config: invalid configuration") as err:
-        TrainSettings(**settings).to_core("train")
-    assert field in str(err.value)
-
-
-def test_generate_frames_must_be_4k_plus_1():
-    from flywheel.defs.assets.generate import GenerateSettings
-
-    with pytest.raises(StageConfigError, match="num_frames must be 4k\\+1"):
-        GenerateSettings(num_frames=18).to_core("generate")
+    with pytest.raises(ConfigError, match="invalid configuration") as err:
+        RunSettings(**{section: values}).to_core()
+    assert field in str(err.value) and "the Launchpad" in str(err.value)
 
 
 def test_instance_yaml_sets_the_gpu_pool_and_turns_telemetry_off(tmp_path, monkeypatch):
@@ -212,11 +208,11 @@ def test_each_concurrent_step_gets_its_own_gpu(tmp_path, monkeypatch):
 
 
 def test_workloads_import_dagster_pipes_only_and_reject_bad_config(tmp_path):
-    code = ("import sys, flywheel.workloads.entrypoint, flywheel.workloads.train, flywheel.workloads.generate, "
+    code = ("import sys, flywheel.workloads.entrypoint, flywheel.workloads.stage, flywheel.pipeline, "
             "flywheel.workloads.gpu, dagster_pipes; assert 'dagster' not in sys.modules, 'dagster imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
-    proc = subprocess.run([sys.executable, "-m", "flywheel.workloads.train", "--home", str(tmp_path),
-                           "--config-json", "{not json"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flywheel.workloads.stage", "--stage", "adapter", "--home",
+                           str(tmp_path), "--config-json", "{not json"], capture_output=True, text=True)
     assert proc.returncode == EXIT_CONFIG
     assert "--config-json: not valid JSON" in proc.stderr and "not retried" in proc.stderr
 
@@ -255,3 +251,24 @@ def test_executor_is_chosen_by_configuration(tmp_path):
     assert local.resolve_job_def("flywheel_iteration").executor_def.name == "multi_or_in_process_executor"
     cluster = build_definitions(FlywheelResource(home=str(tmp_path), executor="k8s"))
     assert cluster.resolve_job_def("flywheel_iteration").executor_def.name == "k8s"
+
+
+def test_the_gc_job_lists_and_deletes_what_flywheel_gc_would(tmp_path):
+    from flywheel.defs.jobs import flywheel_gc
+    from flywheel.defs.resources import FlywheelResource
+    from flywheel.store import ArtifactStore
+
+    home = tmp_path / "home"
+    store = ArtifactStore(home)
+    with store.write("synthetic", "old0000000000000000000000", {}) as tmp:  # nothing needs it
+        (tmp / "video.mp4").write_bytes(b"x" * 1000)
+    resources = {"flywheel": FlywheelResource(home=str(home))}
+    with dg.instance_for_test() as instance:
+        run = {"ops": {"collect_garbage": {"config": {"min_age_hours": 0}}}}
+        dry = flywheel_gc.execute_in_process(run_config=run, instance=instance, resources=resources)
+        logs = [r.user_message for r in instance.all_logs(dry.run_id)]
+        assert any("synthetic/old0000000000000000000000" in m for m in logs), logs
+        assert store.exists("synthetic", "old0000000000000000000000")  # a dry run deletes nothing
+        run["ops"]["collect_garbage"]["config"]["dry_run"] = False
+        flywheel_gc.execute_in_process(run_config=run, instance=instance, resources=resources)
+    assert not store.exists("synthetic", "old0000000000000000000000")

@@ -1,6 +1,6 @@
 """The whole graph materialized in-process on the tiny preset with a temporary Dagster instance; a failing
-blocking gate stops downstream assets; re-materializing one asset reuses upstream results; the train
-workload runs through Dagster Pipes in a subprocess and streams its logs and metadata back; every
+blocking check stops downstream assets; re-materializing one asset reuses upstream results; the train
+stage runs through Dagster Pipes in a subprocess and streams its logs and metadata back; every
 materialization is an MLflow child run of its Dagster run's iteration run, the adapter is registered,
 gated and promoted, and generation uses the champion."""
 
@@ -14,25 +14,31 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from flywheel.config import deep_merge
 from flywheel.defs.assets import FLYWHEEL_ASSETS
-from flywheel.defs.jobs import iteration_assets
 from flywheel.defs.pipes import GpuLauncher
-from flywheel.defs.resources import FlywheelResource, ModelSettings
+from flywheel.defs.resources import FlywheelResource, RunSettings
+from flywheel.pipeline import STAGE_LIST
 
-TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset, not the default tiny-pusht
-
+ALL = [s.asset for s in STAGE_LIST]
 DOMAIN = "pusht-small"
 FAST = {
-    "demonstrations": {"min_episodes": 2, "min_val_episodes": 0},
-    "training_clips": {"max_clips_per_episode": 1},
-    # a short, hot schedule: enough for the adapter to beat the base model (the evaluation gate) on the tiny preset
-    "adapter": {"steps": 10, "learning_rate": 0.02, "warmup_steps": 1, "f_max": 1.0, "f_min": 1.0,
-                "checkpoint_every": 5, "rank": 4, "alpha": 4},
-    "adapter_evaluation": {"max_clips": 1},
-    "synthetic_videos": {"seeds": [0], "max_videos": 2},
-    "pseudo_actions": {"idm": {"steps": 4, "batch_size": 8}},
-    "curated_trajectories": {"min_pass_rate": 0.0},  # the tiny model's 2-step adapter makes no usable video
-    "refreshed_dataset": {"usefulness_report": False},
+    "model": {"preset": "tiny"},  # these tests are sized for the random tiny preset, not the default tiny-pusht
+    "ingest": {"allow_no_holdout": True},
+    "clips": {"max_clips_per_episode": 1},
+    # a short, hot schedule: enough for the adapter to beat the base model (the adapter gate) on the tiny preset
+    "train": {"steps": 10, "learning_rate": 0.02, "warmup_steps": 1, "f_max": 1.0, "f_min": 1.0,
+              "checkpoint_every": 5, "rank": 4, "alpha": 4},
+    "evaluate": {"max_clips": 1, "seeds": [0]},
+    "generate": {"seeds": [0], "max_videos": 2},
+    "label": {"idm": {"steps": 4, "batch_size": 8}},
+    "refresh": {"usefulness_report": False},
+    "gates": {"demonstrations": {"min_val_episodes": 0},
+              "fit": {"enabled": False},  # random weights represent nothing: the fit check has its own tests
+              # the tiny model's 2-step adapter videos are not judged by the filters or the usefulness here
+              "adapter": {"max_filter_pass_rate_drop": 1.0, "max_ssim_drop": 1.0},
+              "curation": {"min_pass_rate": 0.0},
+              "refresh": {"build_on": ["better", "non-inferior", "inconclusive"]}},
 }
 
 
@@ -40,12 +46,15 @@ def assets_named(*names):
     return [a for a in FLYWHEEL_ASSETS if a.key.path[-1] in names]
 
 
-def run_config(source: Path, selected: list[str], **overrides) -> dict:
-    ops = {name: {"config": dict(cfg)} for name, cfg in FAST.items() if name in selected}
-    ops["demonstrations"]["config"]["source"] = str(source)
-    for name, cfg in overrides.items():
-        ops.setdefault(name, {"config": {}})["config"].update(cfg)
-    return {"ops": ops}
+def resources(home, source: Path | None = None, gpu: str = "in_process", gpus: int = 0, **changes) -> dict:
+    run = deep_merge(FAST, changes)
+    if source is not None:
+        run = deep_merge(run, {"ingest": {"source": str(source)}})
+    return {"flywheel": FlywheelResource(home=str(home), gpus=gpus, run=RunSettings(**run)),
+            "gpu": GpuLauncher(backend=gpu)}
+
+
+resources_for = resources
 
 
 def materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
@@ -62,12 +71,15 @@ def latest(instance, asset: str, domain: str = DOMAIN) -> dict:
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
+def failure_of(result) -> str:
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    data = failure.event_specific_data
+    return data.user_failure_data.description if data.user_failure_data else data.error.message
+
+
 @pytest.fixture(scope="module")
 def small_pusht(tmp_path_factory) -> Path:
     """A real 4-episode PushT LeRobot v3.0 dataset from the simulator (the embedded sample's generator)."""
-    import os
-
-    os.environ.setdefault("SVT_LOG", "1")
     from flywheel.data.pusht_sample import PushTSampleConfig, write_pusht_dataset
 
     return write_pusht_dataset(tmp_path_factory.mktemp("data") / "pusht_small",
@@ -76,24 +88,31 @@ def small_pusht(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def flywheel_run(small_pusht, tmp_path_factory):
-    """One in-process materialization of every asset in this build, shared by the tests below."""
+    """One in-process materialization of every asset, shared by the tests below."""
     import torch
 
     torch.set_num_threads(1)
     home = tmp_path_factory.mktemp("home")
-    resources = {"flywheel": FlywheelResource(model=TINY, home=str(home)), "gpu": GpuLauncher(backend="in_process")}
+    res = resources(home, small_pusht)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("domain", [DOMAIN])
-        result = dg.materialize(assets_named(*iteration_assets()), partition_key=DOMAIN, instance=instance,
-                                resources=resources, run_config=run_config(small_pusht, iteration_assets()))
-        yield instance, result, home, resources
+        result = dg.materialize(assets_named(*ALL), partition_key=DOMAIN, instance=instance, resources=res)
+        close(home, instance, result)
+        yield instance, result, home, res
+
+
+def close(home, instance, result) -> None:
+    """What the run-status sensors do when a run ends (no daemon runs them in a test): end its MLflow parents."""
+    from flywheel.defs.run_status import close_lineage_of_run
+
+    close_lineage_of_run(home, instance.get_run_by_id(result.run_id))
 
 
 def test_whole_graph_materializes_with_paths_keys_and_previews(flywheel_run):
     instance, result, home, _ = flywheel_run
     assert result.success
     mats = materialized(result)
-    assert set(mats) == set(iteration_assets())
+    assert set(mats) == set(ALL)
     for name, meta in mats.items():
         assert Path(meta["path"]).is_dir() and str(meta["path"]).startswith(str(home)), name
         assert meta["key"] and meta["reused"] is False and meta["size_mb"] > 0, name
@@ -105,12 +124,12 @@ def test_whole_graph_materializes_with_paths_keys_and_previews(flywheel_run):
     assert (Path(adapter["path"]) / "pytorch_lora_weights.safetensors").is_file()
     assert adapter["steps"] == 10 and math.isfinite(adapter["final_loss"])
     assert adapter["preview_image"].startswith("![loss](data:image/png;base64,")
-    assert mats["adapter_evaluation"]["passed"] is True
+    assert mats["adapter_evaluation"]["registered_version"] == "1"
     synthetic = mats["synthetic_videos"]
     assert synthetic["videos"] == 2
     assert len(list((Path(synthetic["path"]) / "videos").glob("*.mp4"))) == 2
     assert synthetic["preview_image"].startswith("![contact sheet](data:image/")
-    assert synthetic["inputs"] == {"adapter": adapter["key"], "training_clips": mats["training_clips"]["key"]}
+    assert synthetic["inputs"] == {"generating_adapter": adapter["key"], "training_clips": mats["training_clips"]["key"]}
     # the data version of each asset is its artifact's content key
     assert instance.get_latest_data_version_record(dg.AssetKey("adapter"), partition_key=DOMAIN) is not None
 
@@ -118,24 +137,28 @@ def test_whole_graph_materializes_with_paths_keys_and_previews(flywheel_run):
 def test_gates_ran_and_passed(flywheel_run):
     _, result, _, _ = flywheel_run
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    expected = {"schema_and_episode_counts", "loss_is_finite", "adapter_beats_base", "pass_rate_within_bounds",
-                "loads_with_lerobot"}
-    expected = {name for name in expected if name in checks or not name.startswith(("pass_rate", "loads"))}
-    assert set(checks) == expected
+    assert set(checks) == {c.name for s in STAGE_LIST for c in s.checks}
     assert all(check.passed for check in checks.values()), {n: c.description for n, c in checks.items()}
-    if "loads_with_lerobot" in checks:  # the refreshed dataset opened with LeRobotDataset, real episodes intact
-        loaded = {k: v.value for k, v in checks["loads_with_lerobot"].metadata.items()}
-        refreshed = materialized(result)["refreshed_dataset"]
-        assert loaded["episodes"] == refreshed["real_episodes"] + refreshed["synthetic_episodes"] >= 4
+    assert checks["model_fits_the_data"].description.startswith("not decided in this run")  # turned off above
+    # each check says who decided, for which domain, and every criterion with its threshold
+    gate = {k: v.value for k, v in checks["adapter_gate"].metadata.items()}
+    assert gate["domain"] == DOMAIN and gate["decided_by"].startswith("Dagster run ")
+    assert gate["PSNR_gain_over_base_needs"] == "> 0 dB" and gate["PSNR_gain_over_base"] > 0
+    assert checks["adapter_gate"].description.startswith("adapter gate passed: promoted to champion")
+    # the refreshed dataset opened with LeRobotDataset, real episodes intact
+    loaded = {k: v.value for k, v in checks["loads_with_lerobot"].metadata.items()}
+    refreshed = materialized(result)["refreshed_dataset"]
+    assert loaded["episodes_loaded"] == refreshed["real_episodes"] + refreshed["synthetic_episodes"] >= 4
 
 
-def step_runs_of_dagster_run(home, dagster_run_id: str) -> tuple[object, dict]:
-    """The MLflow iteration run tagged with a Dagster run id, and its child runs by asset."""
+def step_runs_of_dagster_run(home, dagster_run_id: str, kind: str = "iteration") -> tuple[object, dict]:
+    """The MLflow parent run (an iteration, or an experiment) tagged with a Dagster run id, and its child runs
+    by asset."""
     from flywheel.lineage import runs, tracking
 
     client = tracking.client(home)
     experiment = client.get_experiment_by_name(tracking.experiment_name(DOMAIN)).experiment_id
-    (parent,) = runs.find_runs(client, [experiment], {tracking.TAG_KIND: "iteration",
+    (parent,) = runs.find_runs(client, [experiment], {tracking.TAG_KIND: kind,
                                                       tracking.TAG_DAGSTER_RUN_ID: dagster_run_id})
     children = runs.find_runs(client, [experiment], {tracking.TAG_PARENT_RUN: parent.info.run_id})
     by_asset = {c.data.tags[tracking.TAG_ASSET]: c for c in children}
@@ -150,7 +173,7 @@ def test_mlflow_iteration_run_with_a_child_run_per_asset(flywheel_run):
     mats = materialized(result)
     parent, children = step_runs_of_dagster_run(home, result.run_id)
     assert parent.data.tags[tracking.TAG_ITERATION] == "1" and parent.info.status == "FINISHED"
-    assert set(children) == set(iteration_assets())
+    assert set(children) == set(ALL)
     for name, child in children.items():
         tags = child.data.tags
         assert tags[tracking.TAG_PARTITION] == DOMAIN and tags[tracking.TAG_DAGSTER_RUN_ID] == result.run_id, name
@@ -162,7 +185,10 @@ def test_mlflow_iteration_run_with_a_child_run_per_asset(flywheel_run):
     adapter_run = children["adapter"]
     assert adapter_run.data.params["steps"] == "10" and adapter_run.data.params["rank"] == "4"
     assert adapter_run.data.params["model.preset"] == "tiny"
-    assert adapter_run.data.metrics["final_loss"] == pytest.approx(mats["adapter"]["final_loss"])
+    assert adapter_run.data.tags["flywheel.decision.training"] == "passed"
+    assert children["adapter_evaluation"].data.tags["flywheel.decision.adapter_gate"] == "passed"
+    # (the asset's metadata shows 4 significant digits; MLflow and the artifact keep every digit)
+    assert adapter_run.data.metrics["final_loss"] == pytest.approx(mats["adapter"]["final_loss"], rel=1e-3)
     losses = tracking.client(home).get_metric_history(adapter_run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, 11))  # loss per training step
     # datasets in and out, identified by our content digests
@@ -182,17 +208,17 @@ def test_adapter_registered_gated_and_generation_uses_the_champion(flywheel_run)
 
     _, result, home, _ = flywheel_run
     mats = materialized(result)
-    version = mats["adapter"]["mlflow_model_version"]
+    version = mats["adapter"]["registered_version"]
+    assert mats["adapter"]["mlflow_model_version"] == version
     assert mats["adapter"]["mlflow_model_version_url"].endswith(f"/versions/{version}")
     (row,) = [r for r in registry.list_adapters(home, DOMAIN) if r["version"] == version]
     assert "candidate" in row["aliases"] and row["training_dataset_digest"] == mats["training_clips"]["latent_cache_key"]
-    gate_passed = mats["adapter_evaluation"]["gate_passed"]
-    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["adapter_beats_base"]
-    assert check.passed is gate_passed  # the blocking check is the registry's gate decision
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["adapter_gate"]
+    gate_passed = check.passed  # the blocking check is the gate decision the registry carried out
     assert (registry.champion_version(home, DOMAIN) == version) is gate_passed
     evaluated, base = registry.evaluation_of(home, DOMAIN, version)
-    assert evaluated["psnr"] == pytest.approx(mats["adapter_evaluation"]["psnr_adapter"])
-    assert base["psnr"] == pytest.approx(mats["adapter_evaluation"]["psnr_base"])
+    assert evaluated["psnr"] == pytest.approx(mats["adapter_evaluation"]["psnr_adapter"], rel=1e-3)
+    assert base["psnr"] == pytest.approx(mats["adapter_evaluation"]["psnr_base"], rel=1e-3)
     assert gate_passed, "the FAST schedule is tuned to pass the gate; the rest of this test needs a champion"
     synthetic = mats["synthetic_videos"]
     assert synthetic["generated_with"] == f"champion v{version}" and synthetic["mlflow_model_version"] == version
@@ -218,15 +244,16 @@ def test_adapter_registered_gated_and_generation_uses_the_champion(flywheel_run)
 def test_the_domains_next_demonstrations_are_its_refreshed_version(flywheel_run):
     """refreshed_dataset records itself in the domain's registration; demonstrations without a Launchpad
     source ingest it (the wheel turns); follow_refreshed: false goes back to the registered source."""
-    from flywheel.defs.domains import registration
+    from flywheel.domains import registration
 
     instance, _, home, resources = flywheel_run
     refreshed = latest(instance, "refreshed_dataset")
     assert refreshed["next_iteration_ingests_it"] is True
     assert registration(home, DOMAIN)["refreshed"] == str(Path(refreshed["path"]).resolve())
-    gate = {"min_episodes": 2, "min_val_episodes": 0}
+    follow = {k: v for k, v in resources.items()}
+    follow["flywheel"] = resources_for(home, ingest={"source": ""})["flywheel"]
     mats = materialized(dg.materialize(assets_named("demonstrations"), partition_key=DOMAIN, instance=instance,
-                                       resources=resources, run_config={"ops": {"demonstrations": {"config": gate}}}))
+                                       resources=follow))
     demos = mats["demonstrations"]
     assert Path(demos["dataset_root"]).resolve() == Path(refreshed["path"]).resolve()
     assert demos["episodes"] == refreshed["real_episodes"] + refreshed["synthetic_episodes"]
@@ -234,63 +261,61 @@ def test_the_domains_next_demonstrations_are_its_refreshed_version(flywheel_run)
 
     # This domain has no registered source and no inbox folder: without the refreshed version there is nothing.
     back = dg.materialize(assets_named("demonstrations"), partition_key=DOMAIN, instance=instance,
-                          resources=resources, raise_on_error=False,
-                          run_config={"ops": {"demonstrations": {"config": {**gate, "follow_refreshed": False}}}})
+                          resources=resources_for(home, ingest={"source": "", "follow_refreshed": False}),
+                          raise_on_error=False)
     assert not back.success
-    (failure,) = [e for e in back.all_events if e.event_type_value == "STEP_FAILURE"]
-    error = failure.event_specific_data.error
-    assert error.cause.cls_name == "FileNotFoundError" and "has no demonstrations" in error.cause.message
+    assert failure_of(back).startswith(f"domain {DOMAIN!r} has no demonstrations: set ingest.source")
 
 
 def test_rematerializing_synthetic_videos_reuses_upstream(flywheel_run, small_pusht):
     instance, _, home, resources = flywheel_run
     adapter_before = latest(instance, "adapter")
     clips_before = latest(instance, "training_clips")
-    config = {"ops": {"synthetic_videos": {"config": {"seeds": [0, 1], "max_videos": 3}}}}
+    experiment = resources_for(home, small_pusht, generate={"seeds": [0, 1], "max_videos": 3})
     result = dg.materialize(assets_named("synthetic_videos"), partition_key=DOMAIN, instance=instance,
-                            resources=resources, run_config=config)
+                            resources=experiment)
     assert result.success
     mats = materialized(result)
     assert list(mats) == ["synthetic_videos"]  # nothing upstream ran again
     assert mats["synthetic_videos"]["videos"] == 3
-    assert mats["synthetic_videos"]["inputs"] == {"adapter": adapter_before["key"], "training_clips": clips_before["key"]}
+    assert mats["synthetic_videos"]["inputs"] == {"training_clips": clips_before["key"],
+                                                  "generating_adapter": adapter_before["key"]}
     # the same experiment again: the artifact is reused, not regenerated
     again = materialized(dg.materialize(assets_named("synthetic_videos"), partition_key=DOMAIN, instance=instance,
-                                        resources=resources, run_config=config))
+                                        resources=experiment))
     assert again["synthetic_videos"]["reused"] is True
     assert again["synthetic_videos"]["key"] == mats["synthetic_videos"]["key"]
-    # an experiment is a Dagster run of its own: its own MLflow iteration run with one child run
-    parent, children = step_runs_of_dagster_run(home, result.run_id)
-    assert list(children) == ["synthetic_videos"] and int(parent.data.tags["flywheel.iteration"]) >= 2
+    # an experiment is a Dagster run of its own: its own MLflow parent run (unnumbered) with one child run
+    close(home, instance, result)
+    parent, children = step_runs_of_dagster_run(home, result.run_id, kind="experiment")
+    assert list(children) == ["synthetic_videos"] and "flywheel.iteration" not in parent.data.tags
+    assert parent.info.status == "FINISHED"
     assert mats["synthetic_videos"]["mlflow_run_id"] == children["synthetic_videos"].info.run_id
 
 
 def test_synthetic_videos_adapter_choice_base_or_registry_version(flywheel_run):
-    instance, _, _, resources = flywheel_run
-    version = latest(instance, "adapter")["mlflow_model_version"]
-    config = {"seeds": [0], "max_videos": 1}
+    instance, _, home, _ = flywheel_run
+    version = latest(instance, "adapter")["registered_version"]
     for choice, label in (("base", "base"), (version, f"v{version}")):
-        run = {"ops": {"synthetic_videos": {"config": {**config, "adapter": choice}}}}
+        chosen = resources_for(home, generate={"seeds": [0], "max_videos": 1, "adapter": choice})
         mats = materialized(dg.materialize(assets_named("synthetic_videos"), partition_key=DOMAIN, instance=instance,
-                                           resources=resources, run_config=run))
+                                           resources=chosen))
         assert mats["synthetic_videos"]["generated_with"] == label
         assert (mats["synthetic_videos"].get("mlflow_model_version") == version) is (choice != "base")
     missing = dg.materialize(assets_named("synthetic_videos"), partition_key=DOMAIN, instance=instance,
-                             resources=resources, raise_on_error=False,
-                             run_config={"ops": {"synthetic_videos": {"config": {**config, "adapter": "999"}}}})
+                             resources=resources_for(home, generate={"seeds": [0], "max_videos": 1, "adapter": "999"}),
+                             raise_on_error=False)
     assert not missing.success
-    (failure,) = [e for e in missing.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "has no version '999'" in failure.event_specific_data.error.message
+    assert "has no version '999'" in failure_of(missing)
 
 
 def test_invalid_config_fails_before_any_gpu_work_and_is_not_retried(flywheel_run):
-    instance, _, _, resources = flywheel_run
-    result = dg.materialize(assets_named("adapter"), partition_key=DOMAIN, instance=instance, resources=resources,
-                            run_config={"ops": {"adapter": {"config": {"rank": 0}}}}, raise_on_error=False)
+    instance, _, home, _ = flywheel_run
+    result = dg.materialize(assets_named("adapter"), partition_key=DOMAIN, instance=instance,
+                            resources=resources_for(home, train={"rank": 0}), raise_on_error=False)
     assert not result.success
-    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert len(failures) == 1
-    assert "rank: Input should be greater than 0" in failures[0].event_specific_data.error.message
+    assert "the Launchpad (resources.flywheel.config.run): train.rank: Input should be greater than 0" in \
+        failure_of(result)
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     logs = [r.user_message for r in instance.all_logs(result.run_id)]
     assert not any("workload" in m for m in logs)  # nothing was launched
@@ -301,49 +326,44 @@ def test_train_workload_through_pipes_streams_logs_and_metadata(flywheel_run, mo
     # the workload is a fresh Python importing torch: let it cache bytecode (the suite may disable writing it)
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "flywheel-test-pycache"))
-    resources = {"flywheel": FlywheelResource(model=TINY, home=str(home), gpus=1), "gpu": GpuLauncher(backend="subprocess")}
-    config = {"ops": {"adapter": {"config": {"steps": 3, "checkpoint_every": 2, "rank": 4, "alpha": 4}}}}
-    result = dg.materialize(assets_named("adapter"), partition_key=DOMAIN, instance=instance, resources=resources,
-                            run_config=config)
+    pipes = resources_for(home, gpu="subprocess", gpus=1, train={"steps": 3, "checkpoint_every": 2})
+    result = dg.materialize(assets_named("adapter"), partition_key=DOMAIN, instance=instance, resources=pipes)
     assert result.success
     meta = materialized(result)["adapter"]
     assert meta["steps"] == 3 and math.isfinite(meta["final_loss"]) and meta["reused"] is False
     assert (Path(meta["path"]) / "adapter_card.json").is_file()
     assert meta["preview_image"].startswith("![loss](data:image/png;base64,")
     logs = [r.user_message for r in instance.all_logs(result.run_id)]
-    assert any("train workload started" in m for m in logs), logs
+    assert any("adapter workload started" in m for m in logs), logs
     assert any("stage=train" in m and "loss=" in m for m in logs)  # progress streamed from the subprocess
-    assert any("running train workload on GPU 0" in m for m in logs)
+    assert any("running adapter on GPU 0" in m for m in logs)
 
 
 def test_a_failing_blocking_gate_stops_downstream_assets(small_pusht, tmp_path):
-    resources = {"flywheel": FlywheelResource(model=TINY, home=str(tmp_path / "home")), "gpu": GpuLauncher(backend="in_process")}
+    strict = resources_for(tmp_path / "home", small_pusht, gates={"demonstrations": {"min_episodes": 1000}})
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("domain", [DOMAIN])
         selected = ["demonstrations", "training_clips", "adapter"]
-        result = dg.materialize(assets_named(*selected), partition_key=DOMAIN, instance=instance, resources=resources,
-                                raise_on_error=False,
-                                run_config=run_config(small_pusht, selected, demonstrations={"min_episodes": 1000}))
+        result = dg.materialize(assets_named(*selected), partition_key=DOMAIN, instance=instance, resources=strict,
+                                raise_on_error=False)
         assert not result.success
         assert list(materialized(result)) == ["demonstrations"]  # recorded, but nothing downstream ran
         (check,) = result.get_asset_check_evaluations()
-        assert check.check_name == "schema_and_episode_counts" and check.passed is False
-        assert "4 episodes, the gate wants at least 1000" in check.description
+        assert check.check_name == "enough_episodes" and check.passed is False
+        assert "episodes 4 (needs >= 1000)" in check.description
         step_events = {e.step_key: e.event_type_value for e in result.all_events if e.step_key}
         assert "training_clips" not in step_events or step_events["training_clips"] != "STEP_SUCCESS"
 
 
 def test_workload_runs_standalone_without_dagster(flywheel_run):
     """The same entrypoint by hand: the adapter of the graph run is found in the store, not retrained."""
-    from flywheel.defs.assets.train import TrainSettings
-
     instance, result, home, resources = flywheel_run
     graph = materialized(result)
-    args = {"latent_cache": graph["training_clips"]["latent_cache"],
-            "train": TrainSettings(**FAST["adapter"]).to_core("train").model_dump(mode="json"),
-            "model": resources["flywheel"].model_config_core().model_dump(mode="json")}
-    proc = subprocess.run([sys.executable, "-m", "flywheel.workloads.train", "--home", str(home),
-                           "--config-json", json.dumps(args)], capture_output=True, text=True, timeout=300)
+    clips = {k: v for k, v in graph["training_clips"].items() if k != "preview_image"}
+    args = {"inputs": {"training_clips": clips},
+            "config": resources["flywheel"].flywheel_config(DOMAIN).model_dump(mode="json")}
+    proc = subprocess.run([sys.executable, "-m", "flywheel.workloads.stage", "--stage", "adapter", "--home", str(home),
+                           "--config-json", json.dumps(args, default=str)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["reused"] is True and out["key"] == graph["adapter"]["key"] and out["path"] == graph["adapter"]["path"]

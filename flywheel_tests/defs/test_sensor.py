@@ -9,10 +9,11 @@ import time
 import dagster as dg
 import pytest
 
-from flywheel.defs.domains import add_domain, record_refreshed_version, registration, resolve_source, scan_inbox
-from flywheel.defs.resources import FlywheelResource, ModelSettings
+from flywheel.defs.partitions import add_domain
+from flywheel.defs.resources import FlywheelResource
+from flywheel.domains import SAMPLE_DATASET, SAMPLE_DOMAIN, record_refreshed_version, registration, resolve_source, scan_inbox
+from flywheel.errors import ConfigError, DataError
 
-TINY = ModelSettings(preset="tiny")  # these tests are sized for the tiny preset, not the default tiny-pusht
 from flywheel.defs.schedules import flywheel_iteration_schedule
 from flywheel.defs.sensors import inbox_sensor
 
@@ -40,7 +41,7 @@ def apply(instance, result: dg.SensorResult) -> None:
 
 
 def test_new_dataset_adds_the_domain_and_requests_a_run(inbox_dataset, tmp_path):
-    flywheel = FlywheelResource(model=TINY, home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=5)
+    flywheel = FlywheelResource(home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=5)
     with dg.instance_for_test() as instance:
         result = evaluate(instance, flywheel)
         (request,) = result.dynamic_partitions_requests
@@ -68,7 +69,7 @@ def test_new_dataset_adds_the_domain_and_requests_a_run(inbox_dataset, tmp_path)
 
 
 def test_a_copy_in_progress_waits_and_bad_names_are_reported(inbox_dataset, tmp_path):
-    flywheel = FlywheelResource(model=TINY, home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=600)
+    flywheel = FlywheelResource(home=str(tmp_path / "home"), inbox=str(inbox_dataset), inbox_settle_seconds=600)
     (inbox_dataset / "g1-cell" / "meta" / "info.json").touch()  # just written
     shutil.copytree(inbox_dataset / "g1-cell", inbox_dataset / "Bad Name")
     with dg.instance_for_test() as instance:
@@ -88,10 +89,12 @@ def test_add_domain_registers_its_source_and_the_partition(robot_datasets, tmp_p
     assert resolve_source(home, home / "inbox", "g1", None) == str((robot_datasets / "g1_pick_bottle").resolve())
     assert resolve_source(home, home / "inbox", "g1", "/elsewhere") == "/elsewhere"  # the Launchpad wins
     assert registration(home, "g1")["camera_key"] == "observation.images.cam_high"
-    with pytest.raises(FileNotFoundError, match="has no demonstrations"):
+    with pytest.raises(DataError, match="has no demonstrations: set ingest.source"):
         resolve_source(home, home / "inbox", "nowhere", None)
-    with pytest.raises(ValueError, match="lower-case letters"):
+    with pytest.raises(ConfigError, match="lower-case letters"):
         add_domain("Cell 3", home=home)
+    # the embedded sample domain needs no registration: its demonstrations are the sample in the repository
+    assert resolve_source(home, home / "inbox", SAMPLE_DOMAIN, None) == str(SAMPLE_DATASET)
 
 
 def test_a_refreshed_version_is_the_domains_next_source_until_it_is_registered_again(robot_datasets, tmp_path):
@@ -106,7 +109,7 @@ def test_a_refreshed_version_is_the_domains_next_source_until_it_is_registered_a
     assert resolve_source(home, home / "inbox", "g1", None, follow_refreshed=False) == str(source.resolve())
     assert resolve_source(home, home / "inbox", "g1", "/elsewhere") == "/elsewhere"
     version.rmdir()
-    with pytest.raises(FileNotFoundError, match="refreshed dataset version .* is gone"):
+    with pytest.raises(DataError, match="refreshed dataset version .* is gone"):
         resolve_source(home, home / "inbox", "g1", None)
     add_domain("g1", source, home=home, instance=dg.DagsterInstance.ephemeral())  # new real data: a new line
     assert resolve_source(home, home / "inbox", "g1", None) == str(source.resolve())

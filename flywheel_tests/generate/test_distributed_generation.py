@@ -45,6 +45,7 @@ def _make_adapter(pipe, out_dir: Path) -> Path:
     from flywheel.train.adapter_io import remove_adapter, save_adapter
     from flywheel.train.config import TrainConfig
     from flywheel.train.lora import add_training_adapter
+    from flywheel_tests.adapter_card import make_card
 
     params = add_training_adapter(pipe.transformer, TrainConfig(rank=4, alpha=4))
     try:
@@ -52,7 +53,7 @@ def _make_adapter(pipe, out_dir: Path) -> Path:
             generator = torch.Generator().manual_seed(11)
             for p in params:
                 p.add_(0.3 * torch.randn(p.shape, generator=generator))
-        save_adapter(pipe.transformer, out_dir, {"method": "lora", "rank": 4, "alpha": 4})
+        save_adapter(pipe.transformer, out_dir, make_card("lora", 4, 4))
     finally:
         remove_adapter(pipe)
     return out_dir

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from flywheel.cli import REPO_ROOT
+from flywheel_tests.conftest import REPO_ROOT
 from flywheel.label.episodes import recorded_column
 from flywheel.stages import _simulator_features
 

@@ -38,8 +38,14 @@ def shared_home(tmp_path_factory) -> Path:
     return _shared["home"]
 
 
-def make_adapter(root: Path, seed: int, rank: int = 4, method: str = "lora", steps: int = 5) -> Path:
-    """A small real adapter dir: LoRA A/B matrices in safetensors plus its adapter card."""
+def make_adapter(root: Path, seed: int, rank: int = 4, method: str = "lora", steps: int = 5,
+                 parent: Path | None = None, external: bool = False, base_revision: str = BASE_REVISION) -> Path:
+    """A small real adapter dir: LoRA A/B matrices in safetensors plus its adapter card.
+
+    `parent`: the adapter dir training continued (the card names it by its weights' sha256, as
+    flywheel.train.lora writes it); `external`: a card as flywheel.train.adapter_import writes it."""
+    from flywheel.store import hash_file
+
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -51,11 +57,19 @@ def make_adapter(root: Path, seed: int, rank: int = 4, method: str = "lora", ste
         "method": method,
         "rank": rank,
         "alpha": 2 * rank,
+        "scaling": 2.0,
         "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
-        "base_model_id": BASE_MODEL,
-        "base_revision": BASE_REVISION,
+        "base_model": {"model_id": BASE_MODEL, "revision": base_revision},
+        "num_trainable_parameters": 2 * rank * 32,
         "steps": steps,
         "final_loss": 0.25,
+        "lineage": "trained" if parent is None else "continued",
+        "parent_adapter": None if parent is None else {
+            "weights_sha256": hash_file(Path(parent) / "pytorch_lora_weights.safetensors")},
     }
+    if external:
+        card |= {"lineage": "external", "steps": None, "final_loss": None, "training_data": None,
+                 "source": {"format": "diffusers-lora", "file": "pytorch_lora_weights.safetensors",
+                            "sha256": hash_file(root / "pytorch_lora_weights.safetensors"), "alpha_from": "--alpha"}}
     (root / "adapter_card.json").write_text(json.dumps(card, indent=1))
     return root

@@ -20,7 +20,9 @@ WORKER = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     home, index, go, shared_adapter, own_adapter = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
-    from flywheel.lineage import register_adapter, start_iteration_run, step_run, tracking
+    from flywheel.lineage import tracking
+    from flywheel.lineage.registry import register_adapter
+    from flywheel.lineage.runs import start_iteration_run, step_run
     tracking.ensure_tracking_store(home)  # every worker races to create the fresh schema
     import mlflow.entities  # noqa: F401  (imports done before the start line, so writes overlap)
     while not go.exists():

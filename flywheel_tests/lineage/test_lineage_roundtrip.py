@@ -3,7 +3,7 @@
 import pytest
 
 from flywheel.lineage import query, registry, runs, tracking
-from flywheel.lineage.cli import main as cli_main
+from flywheel.cli import main as cli_main
 from flywheel.store import hash_tree
 from flywheel_tests.lineage import BASE_MODEL, BASE_REVISION, make_adapter, shared_home
 
@@ -26,7 +26,8 @@ def _iteration(home, tmp_path, iteration, training_digest, parent_version):
     with runs.step_run(home, parent, "adapter", DOMAIN, f"dg-{iteration}", f"adapter/{DOMAIN}/{iteration}", code) as run:
         run.log_dataset_input("training_data", training_digest, "/home/latents/x", "dataset_version")
         run.log_step_metrics({"step": s, "loss": 1.0 / (s + 1)} for s in range(4))
-        adapter = make_adapter(tmp_path / f"adapter{iteration}", seed=100 + iteration)
+        continued = tmp_path / f"adapter{iteration - 1}" if parent_version else None  # training continued it
+        adapter = make_adapter(tmp_path / f"adapter{iteration}", seed=100 + iteration, parent=continued)
         version = registry.register_adapter(
             home, DOMAIN, adapter, None, training_digest, iteration, parent_version=parent_version, run_id=run.run_id
         )
@@ -92,6 +93,6 @@ def test_two_iterations_round_trip_lineage_both_ways(home, tmp_path, capsys):
     assert cli_main(["adapters", "lineage", DOMAIN, "1", "--home", str(home)]) == 0
     out = capsys.readouterr().out
     assert synthetic1[:16] in out and refreshed1[:16] in out and synthetic2[:16] not in out
-    assert cli_main(["adapters", "show", DOMAIN, "7", "--home", str(home)]) == 1
+    assert cli_main(["adapters", "show", DOMAIN, "7", "--home", str(home)]) == 2
     links = registry.links_for_version(home, DOMAIN, v2)
     assert links["mlflow_model_version_url"].endswith(f"/#/models/flywheel-{DOMAIN}/versions/2")

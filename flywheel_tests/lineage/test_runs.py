@@ -110,3 +110,78 @@ def test_dataset_input_refuses_unknown_kind_and_non_digest(home):
         run.log_dataset_input("d", "a" * 64, "/p", "pictures")
     with pytest.raises(ValueError, match="content digest"):
         run.log_dataset_input("d", "abc", "/p", "clips")
+
+
+KILLED_WORKER = """
+import os, signal, sys
+from flywheel.lineage.recorder import IterationLineage
+lineage = IterationLineage.for_dagster_run(sys.argv[1], sys.argv[2], "dg-dies")
+with lineage.stage("adapter", "k", {"rank": 4}) as run:
+    print(lineage.run_id, run.run_id, lineage.iteration, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies mid-stage: nothing gets to close its runs
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_dead_process_runs_are_killed_at_the_next_start_and_its_iteration_number_is_given_back(home):
+    import subprocess
+    import sys
+
+    from flywheel.lineage.recorder import IterationLineage, next_iteration
+
+    domain = "runs-dead"
+    done = subprocess.run([sys.executable, "-c", KILLED_WORKER, str(home), domain], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    parent_id, step_id, number = done.stdout.split()
+    assert number == "1"
+    client = tracking.client(home)
+    assert client.get_run(parent_id).info.status == client.get_run(step_id).info.status == "RUNNING"
+
+    lineage = IterationLineage.for_dagster_run(home, domain, "dg-next")
+    assert lineage.iteration == 1  # the dead run's number, given back
+    dead_parent, dead_step = client.get_run(parent_id), client.get_run(step_id)
+    assert (dead_parent.info.status, dead_step.info.status) == ("KILLED", "KILLED")
+    assert "flywheel.iteration" not in dead_parent.data.tags and dead_parent.data.tags["flywheel.released_iteration"] == "1"
+    assert "given back" in dead_parent.info.run_name
+    assert lineage.run_id != parent_id and next_iteration(home, domain) == 2
+
+
+def test_a_parent_run_stays_running_until_its_run_ends_and_experiments_take_no_number(home):
+    from flywheel.lineage.recorder import IterationLineage, close_dagster_run, next_iteration
+
+    domain = "runs-parent"
+    client = tracking.client(home)
+    iteration = IterationLineage.for_dagster_run(home, domain, "dg-whole")
+    assert iteration.numbered and next_iteration(home, domain) == 1  # nothing written before the first stage
+    for asset in ("demonstrations", "training_clips"):
+        with iteration.stage(asset, "k", {"n": 1}):
+            pass
+        assert client.get_run(iteration.run_id).info.status == "RUNNING"  # more stages may follow
+    assert iteration.iteration == 1
+
+    experiment = IterationLineage.for_dagster_run(home, domain, "dg-partial", numbered=False, label="adapter")
+    with experiment.stage("adapter", "k", {"n": 1}) as run:
+        pass
+    parent = client.get_run(experiment.run_id)
+    assert experiment.iteration is None and parent.data.tags["flywheel.kind"] == "experiment"
+    assert "flywheel.iteration" not in parent.data.tags and "flywheel.iteration" not in client.get_run(run.run_id).data.tags
+    assert next_iteration(home, domain) == 2
+
+    assert close_dagster_run(home, "dg-whole", "FINISHED") == [iteration.run_id]
+    assert client.get_run(iteration.run_id).info.status == "FINISHED"
+    assert close_dagster_run(home, "dg-whole", "FINISHED") == [iteration.run_id]  # idempotent
+    close_dagster_run(home, "dg-partial", "KILLED")  # a cancelled experiment: KILLED, no number to give back
+    assert client.get_run(experiment.run_id).info.status == "KILLED"
+    cancelled = IterationLineage.for_dagster_run(home, domain, "dg-cancelled")
+    assert cancelled.iteration == 2
+    close_dagster_run(home, "dg-cancelled", "KILLED")
+    assert next_iteration(home, domain) == 2  # the cancelled iteration did not consume its number
+
+
+def test_an_interrupted_step_is_killed_not_failed(home):
+    client = tracking.client(home)
+    with pytest.raises(KeyboardInterrupt):
+        with runs.step_run(home, None, "label", "runs-c", None, "label/runs-c/interrupted", log_environment=False) as run:
+            raise KeyboardInterrupt
+    assert client.get_run(run.run_id).info.status == "KILLED"

@@ -86,3 +86,27 @@ def test_a_local_model_loads_vae_only_for_a_codec_roundtrip(tiny_pipe, tmp_path)
     frames = np.random.default_rng(0).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
     out = codec_roundtrip(pipe, frames)
     assert out.shape == frames.shape and out.dtype == np.uint8
+
+
+FP32_WARNING = "should be kept in float32"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-pusht"])
+def test_loading_a_preset_prints_no_float32_warning(preset, capfd):
+    """diffusers warns on every `.to(dtype)` of a model with float32-only modules; presets cast without it."""
+    load_pipeline(preset, device="cpu")
+    captured = capfd.readouterr()
+    assert FP32_WARNING not in captured.err + captured.out
+
+
+def test_a_bfloat16_preset_keeps_the_float32_modules_in_float32():
+    """As `from_pretrained(torch_dtype=torch.bfloat16)` does: everything bf16 except `_keep_in_fp32_modules`."""
+    from flywheel.model.presets import TINY_TRANSFORMER, _cast
+
+    model = CosmosTransformer3DModel(**{**TINY_TRANSFORMER, "extra_pos_embed_type": "learnable"})
+    assert model._keep_in_fp32_modules == ["learnable_pos_embed"] and model.learnable_pos_embed is not None
+    _cast(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    kept = {n for n in dtypes if n.startswith("learnable_pos_embed.")}
+    assert kept and all(dtypes[n] == torch.float32 for n in kept)
+    assert {dtypes[n] for n in dtypes if n not in kept} == {torch.bfloat16}

@@ -1,15 +1,23 @@
 """Refresh: real + accepted synthetic episodes as a new immutable LeRobot v3.0 version that LeRobot loads
 offline, with is_synthetic and provenance; no version left behind by a crash; the next iteration can
-refresh it again and LeRobot's own aggregate can merge it."""
+refresh it again. LeRobot's own tools accept it: the base's feature descriptions carried over exactly (also
+those of a dataset converted from v2.1), is_synthetic stats over every frame, merges by LeRobot's
+aggregate_datasets / merge_datasets with its lineage and (after add_is_synthetic) with its source."""
+
+import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from flywheel.label import load_episodes
+from flywheel.data.clips import resize_frame
 from flywheel.data.pusht_sample import read_sample_info
+from flywheel.errors import DataError
+from flywheel.label import load_episodes
 from flywheel.label.labeling import nearest_indices, resample_actions
 from flywheel.quality.pusht_replay import PushTReplayVerifier
-from flywheel.refresh import RefreshConfig, SyntheticEpisode, load_refreshed, read_provenance, refresh_dataset
+from flywheel.refresh import (RefreshConfig, SyntheticEpisode, add_is_synthetic, load_refreshed, read_provenance,
+                              refresh_dataset)
 from flywheel.store import hash_tree
 
 
@@ -35,12 +43,53 @@ def pusht_synthetic(root, episode, start, seed, fps=10.0, size=96, frames=17):
     return clip
 
 
-def test_g1_refresh_roundtrips_through_lerobot(robot_datasets, episode_cache, store):
+def assert_carries_features(root, base_root):
+    """Every base feature described exactly as in the base's info.json (video: up to LeRobot's encoder
+    settings, which its own feature comparison ignores), plus is_synthetic."""
+    from lerobot.datasets.feature_utils import features_equal_for_merge
+
+    base = json.loads((base_root / "meta" / "info.json").read_text())["features"]
+    ours = json.loads((root / "meta" / "info.json").read_text())["features"]
+    assert list(ours) == [*[k for k in base if k != "is_synthetic"], "is_synthetic"]
+    assert ours["is_synthetic"] == {"dtype": "bool", "shape": [1], "names": None}
+    assert features_equal_for_merge({k: v for k, v in ours.items() if k in base}, base)
+    for key, feature in base.items():
+        if feature["dtype"] != "video":
+            assert ours[key] == feature, key
+
+
+def assert_flag_stats_describe_frames(ds):
+    """LeRobot's view of the dataset: meta/stats.json and each episode's stats of is_synthetic match the frames."""
+    flags = np.asarray(ds.hf_dataset["is_synthetic"], dtype=float).reshape(-1)
+    episode = np.asarray(ds.hf_dataset["episode_index"]).reshape(-1)
+    stats = ds.meta.stats["is_synthetic"]
+    assert int(stats["count"][0]) == len(flags) == ds.num_frames
+    assert float(stats["mean"][0]) == pytest.approx(flags.mean())
+    assert (float(stats["min"][0]), float(stats["max"][0])) == (flags.min(), flags.max())
+    from lerobot.datasets.io_utils import load_nested_dataset
+
+    # LeRobot's episode metadata leaves the per-episode stats out of ds.meta.episodes; read them as it writes them
+    episodes = load_nested_dataset(ds.root / "meta" / "episodes")
+    assert len(episodes) == ds.num_episodes
+    for row in episodes:
+        e = row["episode_index"]
+        assert row["stats/is_synthetic/count"] == [(episode == e).sum()]
+        assert row["stats/is_synthetic/mean"] == [flags[episode == e].mean()]
+    return int(flags.sum())
+
+
+def test_g1_refresh_roundtrips_through_lerobot(robot_datasets, episode_cache, store, tmp_path, capfd):
+    from lerobot.datasets.dataset_tools import merge_datasets
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
     base = robot_datasets / "g1_pick_bottle"
     base_hash = hash_tree(base)
     eps = load_episodes(base, [0, 1], image_size=64, cache_dir=episode_cache)
     synthetic = [synthetic_from(eps[0], 10, seed=0), synthetic_from(eps[1], 40, seed=1)]
+    capfd.readouterr()
     vid, root = refresh_dataset(base, synthetic, store)
+    # LeRobot encoded the synthetic episodes with SVT-AV1, which prints its configuration unless told not to.
+    assert "Svt[" not in capfd.readouterr().err
     assert root == store.path("datasets", vid) and store.exists("datasets", vid)
     ds = load_refreshed(root)
     assert ds.num_episodes == 14 and ds.meta.fps == 30
@@ -57,11 +106,69 @@ def test_g1_refresh_roundtrips_through_lerobot(robot_datasets, episode_cache, st
     prov = read_provenance(root)
     assert prov["is_synthetic"].sum() == 2 and prov.loc[13, "seed"] == 1 and prov.loc[12, "source_episode"] == "0"
     assert prov.loc[3, "base_episode"] == 3
+    # LeRobot's tools accept it: the source's descriptions (per-feature fps included), flag stats over all frames
+    assert_carries_features(root, base)
+    assert assert_flag_stats_describe_frames(ds) == 2 * n_syn
+    # ... and, once the source has the flag (all False), LeRobot merges the two.
+    flagged = add_is_synthetic(base, tmp_path / "g1_flagged")
+    assert_carries_features(flagged, base)
+    source = LeRobotDataset("g1/flagged", root=flagged, video_backend="pyav")
+    assert assert_flag_stats_describe_frames(source) == 0
+    merged = merge_datasets([source, ds], "g1/merged", tmp_path / "merged")
+    assert merged.num_episodes == 12 + 14
+    assert assert_flag_stats_describe_frames(merged) == 2 * n_syn
+    with pytest.raises(DataError, match="already has an 'is_synthetic' feature"):
+        add_is_synthetic(root, tmp_path / "again")
     # Immutable and content-addressed: same inputs, same version, nothing rewritten; base untouched.
     mtime = (root / "provenance.parquet").stat().st_mtime_ns
     assert refresh_dataset(base, synthetic, store) == (vid, root)
     assert (root / "provenance.parquet").stat().st_mtime_ns == mtime
     assert hash_tree(base) == base_hash
+
+
+def test_converted_v21_versions_merge_with_their_lineage_and_source(robot_datasets, episode_cache, store, tmp_path):
+    """A dataset LeRobot's converter made from v2.1 states `fps` on every feature; its versions keep that, so
+    LeRobot's aggregate_datasets merges them with each other and with the flagged source. A version without
+    synthetic episodes has is_synthetic stats too."""
+    from lerobot.datasets.aggregate import aggregate_datasets
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from flywheel.data.lerobot_source import convert_v21_to_v30
+
+    converted = tmp_path / "g1_v21_converted"
+    converted.mkdir()
+    convert_v21_to_v30(robot_datasets / "g1_pick_bottle_v21", converted)  # LeRobot's converter, on a copy
+    assert json.loads((converted / "meta" / "info.json").read_text())["features"]["timestamp"]["fps"] == 30
+    v0, root0 = refresh_dataset(converted, [], store)
+    assert_carries_features(root0, converted)
+    assert assert_flag_stats_describe_frames(load_refreshed(root0)) == 0
+    # A clip generated from an aspect-keeping "pad" clip (48x64 picture between bars): its picture, not the
+    # bars, becomes the 480x640 camera frame.
+    source = LeRobotDataset("g1/converted", root=converted, video_backend="pyav")
+    start = int(source.meta.episodes[2]["dataset_from_index"])
+    camera = [(source[start + t]["observation.images.cam_high"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+              for t in range(17)]
+    padded = SyntheticEpisode(frames=np.stack([resize_frame(f, 64, 64, "pad") for f in camera]),
+                              actions=np.stack([source.hf_dataset[start + t]["action"].numpy() for t in range(17)]), fps=30.0,
+                              provenance=dict(clip_id="pad-clip", seed=3, source_episode=2))
+    v1, root1 = refresh_dataset(root0, [padded], store, clip_resize="pad")
+    assert_carries_features(root1, converted)
+    written = load_refreshed(root1)
+    frame = written[written.num_frames - 1]["observation.images.cam_high"].permute(1, 2, 0).numpy() * 255
+    low = np.asarray(Image.fromarray(camera[-1]).resize((64, 48), Image.BILINEAR).resize((640, 480), Image.BILINEAR))
+    assert np.abs(frame - low).mean() < 8  # AV1 noise; with the bars stretched in it would be far off
+    assert frame[:40].mean() == pytest.approx(low[:40].mean(), abs=8) and low[:40].mean() > 30
+    lineage = tmp_path / "lineage"
+    aggregate_datasets(["g1/v0", "g1/v1"], "g1/lineage", roots=[root0, root1], aggr_root=lineage)
+    merged = LeRobotDataset("g1/lineage", root=lineage, video_backend="pyav")
+    assert merged.num_episodes == 3 + 4
+    synthetic_frames = assert_flag_stats_describe_frames(merged)
+    assert synthetic_frames == written.meta.episodes[3]["length"] == 17
+    flagged = add_is_synthetic(converted, tmp_path / "flagged")
+    with_source = tmp_path / "with_source"
+    aggregate_datasets(["g1/source", "g1/v1"], "g1/with_source", roots=[flagged, root1], aggr_root=with_source)
+    assert assert_flag_stats_describe_frames(LeRobotDataset("g1/with_source", root=with_source,
+                                                            video_backend="pyav")) == synthetic_frames
 
 
 def test_next_iteration_refreshes_and_lerobot_aggregate_merges(pusht_root, episode_cache, store, tmp_path, capfd):
@@ -131,7 +238,7 @@ def test_bad_synthetic_episode_is_named(pusht_root, episode_cache, store):
     eps = load_episodes(pusht_root, [0], image_size=96, cache_dir=episode_cache)
     bad = pusht_synthetic(pusht_root, eps[0], 0, seed=0)
     bad.actions = bad.actions[:, :1]
-    with pytest.raises(ValueError, match="clip-0-0.*actions shape"):
+    with pytest.raises(DataError, match="clip-0-0.*actions shape"):
         refresh_dataset(pusht_root, [bad], store)
     # PushT has observation.environment_state (block pose), which a generated clip cannot know by itself.
     with pytest.raises(ValueError, match="environment_state.*simulator replay"):

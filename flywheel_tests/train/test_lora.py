@@ -11,11 +11,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from flywheel.store import hash_file
+
 from flywheel.train import TrainConfig, flow_matching_loss, load_adapter, remove_adapter, sample_flow_draw, train_adapter
 from flywheel.train.adapter_io import ADAPTER_WEIGHTS, adapter_scalings, read_saved_adapter, save_adapter
 from flywheel.train.lora import add_training_adapter, load_batch
 from flywheel.train.schedule import lr_multiplier
 from flywheel_tests.train import PROMPT, tiny_latent_cache  # noqa: F401  (session fixture)
+from flywheel_tests.adapter_card import make_card
 
 # A constant LR well above the recipe's: 40 steps must move a random tiny model visibly.
 FAST = dict(rank=4, alpha=4, steps=40, learning_rate=1e-2, warmup_steps=0, f_start=1.0, f_max=1.0, f_min=1.0,
@@ -102,7 +105,7 @@ def test_saved_adapter_loads_with_the_stock_loader_like_the_in_memory_one(tiny_p
                 p.add_(0.2 * torch.randn(p.shape, generator=g) * p.detach().abs().mean().clamp_min(0.1))
         assert adapter_scalings(tiny_pipe.transformer, "default") == {alpha / rank}
         in_memory = _generate(tiny_pipe)
-        save_adapter(tiny_pipe.transformer, tmp_path / "adapter", {"method": method, "rank": rank, "alpha": alpha})
+        save_adapter(tiny_pipe.transformer, tmp_path / "adapter", make_card(method, rank, alpha))
     finally:
         remove_adapter(tiny_pipe)
     assert _peft_free(tiny_pipe.transformer)
@@ -115,7 +118,7 @@ def test_saved_adapter_loads_with_the_stock_loader_like_the_in_memory_one(tiny_p
         loaded = _generate(tiny_pipe)
     finally:
         remove_adapter(tiny_pipe, "mine")
-    assert card["alpha"] == alpha
+    assert card.alpha == alpha
     np.testing.assert_allclose(loaded, in_memory, rtol=0, atol=1e-5)
     np.testing.assert_allclose(_generate(tiny_pipe), base, rtol=0, atol=1e-6)
 
@@ -131,7 +134,8 @@ def test_child_adapter_starts_from_its_parent(tiny_pipe, tiny_latent_cache, tmp_
     assert parent_sd.keys() == child_sd.keys()
     assert max((parent_sd[k] - child_sd[k]).abs().max().item() for k in parent_sd) < 1e-6
     assert any(parent_sd[k].abs().max() > 0 for k in parent_sd if "lora.up" in k), "parent must be trained (B != 0)"
-    assert child.card["parent_adapter"]["path"] == str(parent.adapter_dir)
+    assert child.card["lineage"] == "continued"  # named by the parent's weights, not a path (homes move)
+    assert child.card["parent_adapter"]["weights_sha256"] == hash_file(parent.adapter_dir / "pytorch_lora_weights.safetensors")
 
     with pytest.raises(ValueError, match="init_adapter"):
         train_adapter(tiny_latent_cache, tiny_pipe, TrainConfig(**{**FAST, "rank": 8, "init_adapter": parent.adapter_dir}),
@@ -166,3 +170,4 @@ def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValidationError) as err:
         TrainConfig(steps=1000 if field != "steps" else value, **({field: value} if field != "steps" else {}))
     assert field in str(err.value), str(err.value)
+

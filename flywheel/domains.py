@@ -1,12 +1,13 @@
 """Domains: a robot cell, a camera view or a task family, each with its own data and adapter line.
 
-A domain is a partition key of every asset. Where its demonstrations come from, in this order:
-the `source` set in the Launchpad for `demonstrations`; the domain's newest refreshed dataset version
-(recorded in its registration by `refreshed_dataset` when it loads and passed the usefulness gate; unless
-the Launchpad sets `follow_refreshed: false`), so that each iteration builds on the one before; the source in the domain's registration
-(`<home>/domains/<domain>.json`, written by `add_domain`); the inbox folder `<inbox>/<domain>`.
-The inbox sensor registers every LeRobot dataset dropped into the inbox as a domain of that name; a
-registration (new real data) starts the domain's line of refreshed versions again from that data.
+A domain is a partition key of every Dagster asset. Where its demonstrations come from, in this order:
+`ingest.source` when set; the domain's newest refreshed dataset version (recorded in its registration when
+the build-on decision accepted it; unless `ingest.follow_refreshed: false`), so that each iteration builds
+on the one before; the source in the domain's registration (`<home>/domains/<domain>.json`, written by
+`flywheel domain add`); the inbox folder `<inbox>/<domain>`; for the embedded sample domain
+(`pusht-rotated`), the sample dataset in the repository. The inbox sensor registers every LeRobot dataset
+dropped into the inbox as a domain of that name; a registration (new real data) starts the domain's line
+of refreshed versions again from that data.
 """
 
 from __future__ import annotations
@@ -18,19 +19,26 @@ import re
 import time
 from pathlib import Path
 
+from flywheel.errors import ConfigError, DataError
 from flywheel.store import atomic_write_bytes, resolve_home
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-# The embedded sample: registered on first start so a fresh UI has something to materialize.
-SAMPLE_DOMAIN = "pusht-rotated"  # the embedded default config's domain
-SAMPLE_DATASET = Path(__file__).resolve().parents[2] / "datasets" / "pusht_rotated"
+# The embedded sample: the default config's domain; its demonstrations are the sample dataset in the repository.
+SAMPLE_DOMAIN = "pusht-rotated"
+SAMPLE_DATASET = Path(__file__).resolve().parents[1] / "datasets" / "pusht_rotated"
 
 
 def check_domain_name(name: str) -> str:
     if not DOMAIN_NAME.match(name or ""):
-        raise ValueError(f"domain {name!r}: use lower-case letters, digits, '-' and '_' (starting with a letter "
+        raise ConfigError(f"domain {name!r}: use lower-case letters, digits, '-' and '_' (starting with a letter "
                          "or digit, at most 63 characters), e.g. 'cell-3' or 'wrist_cam'")
     return name
+
+
+def domain_for_source(source: str | Path) -> str:
+    """A domain name derived from a dataset's folder name (or Hub repo id): lower-case, '-' for other characters."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", Path(str(source).rstrip("/")).name.lower()).strip("-_")[:63]
+    return check_domain_name(name or "default")
 
 
 def registration_path(home: str | Path, domain: str) -> Path:
@@ -43,7 +51,7 @@ def register_domain(home: str | Path, domain: str, source: str | Path | None = N
     if source is not None:
         source = Path(source).expanduser()
         if not source.exists():
-            raise FileNotFoundError(f"domain {domain!r}: source {source} does not exist; give a LeRobot dataset root "
+            raise DataError(f"domain {domain!r}: source {source} does not exist; give a LeRobot dataset root "
                                     "or a raw video folder")
         entry["source"] = str(source.resolve())
     entry.update({k: v for k, v in ingest.items() if v is not None})
@@ -58,7 +66,7 @@ def registration(home: str | Path, domain: str) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete it and register the domain again") from None
+        raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete it and register the domain again") from None
 
 
 def record_refreshed_version(home: str | Path, domain: str, dataset_root: str | Path) -> Path:
@@ -71,17 +79,17 @@ def record_refreshed_version(home: str | Path, domain: str, dataset_root: str | 
 
 def resolve_source(home: str | Path, inbox: str | Path, domain: str, configured: str | None,
                    follow_refreshed: bool = True) -> str:
-    """Where the domain's demonstrations are: the configured source, its newest refreshed version, the
-    registered source, or the inbox."""
+    """Where the domain's demonstrations are: the configured source, its newest accepted refreshed version,
+    the registered source, the inbox, or (the sample domain) the embedded sample dataset."""
     if configured:
         return configured
     entry = registration(home, domain)
     if follow_refreshed and entry.get("refreshed"):
         if not Path(entry["refreshed"]).is_dir():
-            raise FileNotFoundError(
+            raise DataError(
                 f"domain {domain!r}: its newest refreshed dataset version {entry['refreshed']} is gone; "
-                f"materialize refreshed_dataset again, set follow_refreshed: false in the demonstrations config, "
-                f"or register the domain's source again ({registration_path(home, domain)})")
+                f"set ingest.follow_refreshed: false, give ingest.source, or register the domain's source again "
+                f"(flywheel domain add {domain} --source ...)")
         return str(entry["refreshed"])
     registered = entry.get("source")
     if registered:
@@ -89,28 +97,11 @@ def resolve_source(home: str | Path, inbox: str | Path, domain: str, configured:
     in_inbox = Path(inbox) / domain
     if in_inbox.exists():
         return str(in_inbox)
-    raise FileNotFoundError(
-        f"domain {domain!r} has no demonstrations: set `source` in the demonstrations config, register it "
-        f"(flywheel.defs.domains.add_domain / the CLI), or put a LeRobot dataset at {in_inbox}")
-
-
-def add_domain(domain: str, source: str | Path | None = None, home: str | Path | None = None, instance=None,
-               **ingest: object) -> str:
-    """Add a domain partition (and register its source): what the CLI calls.
-
-    `instance` defaults to the Dagster instance of the flywheel home (<home>/dagster).
-    """
-    from flywheel.defs.instance import flywheel_instance
-    from flywheel.defs.partitions import DOMAIN_PARTITIONS_NAME
-
-    check_domain_name(domain)
-    home = resolve_home(home)
-    if source is not None or ingest:
-        register_domain(home, domain, source, **ingest)
-    instance = instance or flywheel_instance(home)
-    if not instance.has_dynamic_partition(DOMAIN_PARTITIONS_NAME, domain):
-        instance.add_dynamic_partitions(DOMAIN_PARTITIONS_NAME, [domain])
-    return domain
+    if domain == SAMPLE_DOMAIN:
+        return str(SAMPLE_DATASET)
+    raise DataError(
+        f"domain {domain!r} has no demonstrations: set ingest.source (e.g. --set ingest.source=/data/my_lerobot_dataset), "
+        f"register it (flywheel domain add {domain} --source ...), or put a LeRobot dataset at {in_inbox}")
 
 
 # ------------------------------------------------------------------------------------------ the inbox
