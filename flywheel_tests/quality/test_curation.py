@@ -28,7 +28,7 @@ def domain(robot_datasets, episode_cache, tmp_path_factory):
     root = robot_datasets / ROOT_NAME
     work = tmp_path_factory.mktemp("curation")
     idm_dir = work / "idm"
-    train_idm(root, IdmConfig(steps=40, batch_size=8, episodes=[0, 1, 2, 3], val_episodes=[3]), idm_dir,
+    train_idm(root, IdmConfig(steps=200, batch_size=8, episodes=[0, 1, 2, 3], val_episodes=[3]), idm_dir,
               cache_dir=episode_cache)
     return root, work, idm_dir
 
