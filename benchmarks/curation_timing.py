@@ -29,11 +29,10 @@ def main(argv=None) -> dict:
 
     import flywheel
     from flywheel import stages
-    from flywheel.cli import DEFAULT_CONFIG
     from flywheel.config import load_config
 
     home = Path(args.home)
-    config = load_config(DEFAULT_CONFIG, {"home": str(home)})
+    config = load_config(overrides={"home": str(home)})  # the defaults, as `flywheel iterate` runs them
     labels = sorted((home / "labels").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
     manifest = sorted((home / "manifests").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
     runs = []

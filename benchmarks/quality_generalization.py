@@ -304,8 +304,14 @@ def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, wor
     from flywheel.quality.stats import STAT_DIRECTION
     from flywheel.quality.verifier import AT_LEAST
 
+    from flywheel.quality.calibration import real_action_clip_quantiles
+
     root = Path(corpus["root"])
-    reference = _action_reference(load_actions(root, corpus["train"]))
+    train_actions = load_actions(root, corpus["train"])
+    reference = _action_reference(train_actions)
+    # As calibrate() does: action thresholds never stricter than the real actions cut into clips.
+    reference["real_clip_quantile"] = real_action_clip_quantiles(
+        [e.actions for e in train_actions], train_actions[0].fps, NUM_FRAMES, FPS, reference, config.percentile_hi)
     clips = candidates_for(corpus, protocol, work, codec)
     tag = protocol if corpus["use_codec"] else "raw"
     candidates, raw = score_corpus(corpus, clips, tag, config, work)
