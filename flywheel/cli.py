@@ -78,7 +78,7 @@ def cmd_run(args, until: str | None) -> int:
         for turn in range(count):
             if history:
                 previous = history[-1]
-                build_on = previous.check("build_on")
+                build_on = previous.check("build_on_policy" if config.gates.refresh.evidence == "policy" else "build_on")
                 refreshed = previous.results.get("refreshed_dataset")
                 if refreshed is None or (build_on is not None and not build_on.passed):
                     say(f"[iterations] stopping after {turn} of {count}: "

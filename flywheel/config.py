@@ -31,6 +31,7 @@ from flywheel.decisions import Gates
 from flywheel.errors import ConfigError
 from flywheel.generate.config import GenerateConfig
 from flywheel.label.config import IdmConfig, LabelConfig
+from flywheel.policy.config import PolicyStageConfig
 from flywheel.quality.config import FilterConfig
 from flywheel.refresh.config import RefreshConfig, UsefulnessConfig
 from flywheel.train.config import TrainConfig
@@ -110,6 +111,8 @@ class FlywheelConfig(BaseModel):
     quality: FilterConfig = Field(default_factory=lambda: FilterConfig(calibrate_on="model_codec"))
     refresh: RefreshStageConfig = Field(default_factory=lambda: RefreshStageConfig(
         usefulness=UsefulnessConfig(seeds=[0, 1, 2], idm=IdmConfig(steps=200))))
+    policy: PolicyStageConfig = Field(default_factory=PolicyStageConfig, description="closed-loop policy evaluation "
+                                      "of the refreshed version (policy_evaluation; flywheel.policy, docs/policy.md)")
     gates: Gates = Field(default_factory=Gates, description="the criteria of every decision (flywheel.decisions)")
 
     def section_dump(self, section: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@
     generator       which adapter generates the synthetic videos                 -> champion, base or a chosen one
     curation        the share of trajectories the filters keep is plausible      -> refresh, or stop
     build on        the refreshed version loads and its synthetic data helped    -> the next iteration ingests it
+    policy verdict  a policy trained on it does as well closed-loop (simulator)  -> build on, with evidence: policy
 
 Each decision is a `Decision`: its verdict, every criterion with the measured value, the threshold and
 whether it held, and who decided (an iteration, a user on the command line). The Dagster asset checks show
@@ -93,6 +94,10 @@ class RefreshGate(BaseModel):
         default_factory=lambda: ["better", "non-inferior"], min_length=1,
         description="usefulness verdicts (real + synthetic vs real only) on which the next iteration ingests the "
                     "refreshed version; 'inconclusive' is not evidence that the synthetic data help")
+    evidence: Literal["idm", "policy"] = Field(
+        "idm", description="whose usefulness verdict build_on reads: idm (the inverse-dynamics proxy, refreshed_dataset "
+                           "decides) | policy (the closed-loop policy verdict, policy_evaluation decides; the IDM "
+                           "proxy where no policy was evaluated: no simulator, or policy.evaluate off / auto on CPU)")
 
 
 class Gates(BaseModel):
@@ -295,6 +300,46 @@ def build_on_decision(refreshed: dict[str, Any], loads: bool, gate: RefreshGate,
                "the next iteration keeps the current demonstrations" +
                (f" (see {refreshed['usefulness_report']})" if refreshed.get("usefulness_report") else ""))
     return Decision(name="build on", subject=subject, passed=passed, outcome=outcome, criteria=criteria)
+
+
+def policy_verdict_decision(policy: dict[str, Any], gate: RefreshGate, subject: str) -> Decision:
+    """The closed-loop comparison's verdict (policy_evaluation's metadata) against gates.refresh.build_on; not
+    evaluated (and why) fails the decision, so the run shows that no policy was measured."""
+    if not policy.get("evaluated"):
+        return Decision(name="policy verdict", subject=subject, passed=False,
+                        outcome=f"not evaluated: {policy.get('not_evaluated', 'no reason recorded')}",
+                        criteria=[Criterion(name="policy evaluated", value="no", threshold="yes", rule="yes",
+                                            passed=False)])
+    verdict = str(policy.get("policy_verdict"))
+    metric = policy.get("policy_primary_metric")
+    criteria = [Criterion(name=f"policy verdict on {metric}", value=verdict, threshold=", ".join(gate.build_on),
+                          rule=f"one of {', '.join(gate.build_on)}", passed=verdict in gate.build_on)]
+    for arm in ("real", "refreshed"):
+        value = policy.get(f"policy_{metric}_{arm}_mean")
+        if isinstance(value, (int, float)):
+            criteria.append(Criterion(name=f"{metric} {arm}", value=float(value), threshold=None, rule="recorded",
+                                      passed=True))
+    passed = all(c.passed for c in criteria)
+    return Decision(name="policy verdict", subject=subject, passed=passed, criteria=criteria,
+                    outcome=f"{verdict}: {policy.get('policy_verdict_reason', '')}")
+
+
+def policy_build_on_decision(refreshed: dict[str, Any], policy: dict[str, Any], gate: RefreshGate,
+                             subject: str) -> Decision:
+    """build on with `evidence: policy`: the policy verdict stands in for the IDM verdict where a policy was
+    evaluated; elsewhere the IDM verdict decides, and the decision says so."""
+    loads = bool(refreshed.get("loads_with_lerobot", False))
+    if policy.get("evaluated"):
+        decision = build_on_decision({**refreshed, "usefulness_verdict": policy.get("policy_verdict"),
+                                      "usefulness_report": policy.get("path")}, loads, gate, subject)
+        evidence = "closed-loop policy"
+    else:
+        decision = build_on_decision(refreshed, loads, gate, subject)
+        evidence = f"IDM proxy (no policy evaluated: {policy.get('not_evaluated', 'no reason recorded')})"
+    decision.criteria.append(Criterion(name="evidence", value=evidence, threshold="policy", passed=True,
+                                       rule="the policy verdict where evaluated, else the IDM proxy"))
+    decision.outcome += f" [evidence: {evidence}]"
+    return decision
 
 
 # ------------------------------------------------------------------------------------ adapter line (stateful)
@@ -619,9 +664,9 @@ def loads_with_lerobot(root: Path) -> dict[str, Any]:
 
 def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
     """The version loads with LeRobot (its counts matching), and whether the next iteration builds on it."""
-    from flywheel.domains import record_refreshed_version
-
     import json
+
+    from flywheel.domains import record_refreshed_version
 
     curated = step.inputs["curated_trajectories"].path / "curated.json"
     step.lineage.record_refreshed(step.run, result, Path(json.loads(curated.read_text())["synthetic"]).name)
@@ -637,13 +682,40 @@ def decide_refreshed_dataset(step: Step, result) -> list[Decision]:
                      outcome=problem or f"{loaded['episodes']} episodes, {loaded['frames']} frames",
                      criteria=[Criterion(name="episodes loaded", value=loaded.get("episodes"), threshold=expected,
                                          rule=f"== {expected}", passed=problem is None)])
-    build = build_on_decision(meta, loads.passed, step.config.gates.refresh, subject)
-    for decision in (loads, build):
-        _stage_decision(step, decision)
+    _stage_decision(step, loads)
+    result.metadata["loads_with_lerobot"] = loads.passed
+    if step.config.gates.refresh.evidence == "policy":  # decide_policy_evaluation makes the build-on decision
+        result.metadata["build_on_decided_by"] = "policy_evaluation"
+        return [loads]
+    build = _stage_decision(step, build_on_decision(meta, loads.passed, step.config.gates.refresh, subject))
     result.metadata["next_iteration_ingests_it"] = build.passed
     if build.passed:
         record_refreshed_version(step.home, step.domain, result.path)
     return [loads, build]
+
+
+def decide_policy_evaluation(step: Step, result) -> list[Decision]:
+    """The policy verdict (recorded on the stage's MLflow run with its report); with gates.refresh.evidence:
+    policy, also whether the next iteration builds on the refreshed version."""
+    import json
+
+    from flywheel.domains import record_refreshed_version
+
+    refreshed = step.inputs["refreshed_dataset"]
+    subject = f"{step.subject} dataset version {str(refreshed.key)[:12]}"
+    gate = step.config.gates.refresh
+    verdict = _stage_decision(step, policy_verdict_decision(result.metadata, gate, subject))
+    report = Path(result.path) / "report.json"
+    if step.run is not None and report.is_file():
+        step.run.log_json_artifact("policy_evaluation/report.json", json.loads(report.read_text()))
+    if gate.evidence != "policy":
+        return [verdict]
+    policy = {**result.metadata, "path": str(result.path)}
+    build = _stage_decision(step, policy_build_on_decision(refreshed.metadata, policy, gate, subject))
+    result.metadata["next_iteration_ingests_it"] = build.passed
+    if build.passed:
+        record_refreshed_version(step.home, step.domain, refreshed.path)
+    return [verdict, build]
 
 
 # ------------------------------------------------------------------------------------------- adapter import

@@ -1,7 +1,7 @@
 """The flywheel's stages, each declared once: what it is called, what it reads, where it runs, what runs it.
 
     demonstrations -> training_clips -> adapter -> adapter_evaluation -> synthetic_videos
-      -> pseudo_actions -> curated_trajectories -> refreshed_dataset
+      -> pseudo_actions -> curated_trajectories -> refreshed_dataset -> policy_evaluation
 
 The Dagster assets (flywheel/defs/assets.py), the CLI's stage commands and the GPU workloads
 (flywheel/workloads/stage.py) all read `STAGES`; nothing else lists the stages. Every stage runs as
@@ -95,6 +95,11 @@ def _refresh(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Progr
                                 config.refresh, progress, clip_resize=config.clips.resize)
 
 
+def _policy(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Progress) -> StageResult:
+    refreshed = inputs["refreshed_dataset"]
+    return stages.policy_stage(home, refreshed.path, refreshed.metadata, config.policy, config.model.device, progress)
+
+
 STAGE_LIST = (
     Stage("demonstrations", "ingest", "ingest", _ingest, (),
           prepare=decisions.prepare_demonstrations, decide=decisions.decide_demonstrations,
@@ -162,6 +167,23 @@ STAGE_LIST = (
           description="The domain's next LeRobot dataset version (v3.0): the demonstrations plus the accepted "
                       "synthetic episodes, with the usefulness verdict. The next iteration ingests it when the "
                       "build-on decision accepts it."),
+    Stage("policy_evaluation", "policy", "policy", _policy, ("refreshed_dataset",), gpu=True,
+          decide=decisions.decide_policy_evaluation,
+          checks=(Check("policy_verdict", "policy verdict", "the same LeRobot policy trained on real + synthetic is "
+                                                            "better than or non-inferior to one trained on real only, "
+                                                            "closed-loop in the simulator", blocking=False),
+                  Check("build_on_policy", "build on", "with gates.refresh.evidence: policy, the next iteration "
+                                                       "ingests the refreshed version when the policy verdict (the "
+                                                       "IDM proxy where no policy was evaluated) is one "
+                                                       "gates.refresh.build_on accepts", blocking=False)),
+          preview_title="rollouts (real rows, then refreshed)",
+          help="train a LeRobot policy on real vs refreshed and roll both out in the simulator",
+          description="Closed-loop policy evaluation (flywheel.policy, docs/policy.md): the same LeRobot policy "
+                      "(ACT / diffusion), same budget and seeds, trained on the iteration's input version and on the "
+                      "refreshed one, rolled out on one start list in the domain's simulator through its camera: "
+                      "success and coverage with 95% intervals, the paired difference and a verdict "
+                      "(&lt;home&gt;/policy_evaluations/&lt;key&gt;). `policy.evaluate: auto` runs it only where a "
+                      "GPU is present and otherwise records 'not evaluated' (opt in with policy.evaluate: on)."),
 )
 STAGES: dict[str, Stage] = {s.asset: s for s in STAGE_LIST}
 BY_COMMAND: dict[str, Stage] = {s.command: s for s in STAGE_LIST}
@@ -203,4 +225,10 @@ def headline(result: StageResult) -> str:
     if result.stage == "refreshed_dataset":
         verdict = f", usefulness {m['usefulness_verdict']}" if m.get("usefulness_verdict") else ""
         return f"version {str(m.get('version_id'))[:12]}: +{m.get('synthetic_episodes', 0)} synthetic episodes{verdict}"
+    if result.stage == "policy_evaluation":
+        if not m.get("evaluated"):
+            return f"not evaluated: {m.get('not_evaluated')}"
+        metric = m.get("policy_primary_metric")
+        return (f"policy verdict {m.get('policy_verdict')} on {metric}: real {m.get(f'policy_{metric}_real_mean', 0):.3f}"
+                f" vs refreshed {m.get(f'policy_{metric}_refreshed_mean', 0):.3f}")
     return ""

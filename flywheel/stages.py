@@ -547,3 +547,44 @@ def _simulator_features(root: Path, row, actions, fps: float) -> dict | None:
     source = {"initial_state": episodes[episode_index]["initial_state"],
               "reset_seed": episodes[episode_index].get("reset_seed")}
     return {"observation.environment_state": PushTReplayVerifier().environment_states(source, actions, fps, lead_in)}
+
+
+def policy_stage(home, refreshed_path, refreshed_meta: dict, policy_config, device: str | None = None,
+                 progress: Progress = None) -> StageResult:
+    """policy_evaluation: the same LeRobot policy trained on the iteration's input version (real: the version the
+    refresh started from, `base_root`) and on the refreshed one, rolled out closed-loop in the domain's simulator (flywheel.policy.compare_arms). Where it
+    does not run (policy.evaluate off, auto without a GPU, no simulator, nothing synthetic) the result says
+    "not evaluated" and why; the build-on decision reads either (flywheel.decisions)."""
+    from flywheel.policy.compare import compare_arms
+    from flywheel.policy.iteration import comparison_metadata, resolve_device, why_not_evaluated
+
+    store = ArtifactStore(home)
+    real_root = Path(refreshed_meta["base_root"])
+    refreshed_root = Path(refreshed_meta.get("dataset_root") or refreshed_path)
+    device = resolve_device(device)
+    synthetic = int(refreshed_meta.get("synthetic_episodes", 0) or 0)
+    reason = why_not_evaluated(policy_config, device, real_root, synthetic)
+    comparison = policy_config.comparison(device)
+    # the refreshed version's id covers its base version's content too
+    key = hash_json({"refreshed": refreshed_root.name,
+                     "config": comparison.model_dump(mode="json", exclude={"device"}), "skipped": reason})[:24]
+    path = store.path("policy_evaluations", key)
+    with claimed(store, "policy_evaluations", key) as exists:
+        if exists:
+            meta = store.meta("policy_evaluations", key)
+            preview = path / "contact_sheet.png"
+            return StageResult("policy_evaluation", key, path, meta, preview if preview.is_file() else None, True)
+        meta: dict = {"evaluated": False, "device": device, "cpu_minutes_estimate": round(policy_config.cpu_minutes(), 1),
+                      "real_root": str(real_root), "refreshed_root": str(refreshed_root)}
+        with store.write("policy_evaluations", key, meta) as tmp:
+            if reason is not None:
+                meta["not_evaluated"] = reason
+                report = {"evaluated": False, "reason": reason, **meta, "config": comparison.model_dump(mode="json")}
+                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            else:
+                started = time.perf_counter()
+                meta.update(comparison_metadata(compare_arms(real_root, refreshed_root, comparison, tmp,
+                                                             progress=progress)))
+                meta["seconds"] = round(time.perf_counter() - started, 1)
+        preview = path / "contact_sheet.png"
+        return StageResult("policy_evaluation", key, path, meta, preview if preview.is_file() else None)

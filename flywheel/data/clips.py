@@ -391,7 +391,7 @@ def write_clip(tmp: Path, episode: pd.Series, frames: np.ndarray, start: int, co
 
 def write_preview(root: Path, clips: pd.DataFrame) -> Path:
     """Contact sheet of up to PREVIEW_CLIPS clips spread over the set, decoded back from their mp4s."""
-    from flywheel.generate.preview import contact_sheet
+    from flywheel.preview import contact_sheet
 
     picks = sorted(set(np.linspace(0, len(clips) - 1, min(PREVIEW_CLIPS, len(clips))).round().astype(int).tolist()))
     chosen = clips.iloc[picks]

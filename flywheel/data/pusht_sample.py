@@ -405,7 +405,10 @@ def write_pusht_dataset(
         info = dict(generator="flywheel.data.pusht_sample", env_id=ENV_ID, config=config.model_dump(),
                     repo_id=config.repo_id, task=variant.task, episodes=records)
         (tmp / INIT_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        contact_sheet(preview_rows).save(tmp / PREVIEW_FILE)
+        from flywheel.preview import contact_sheet
+
+        contact_sheet([np.stack(row) for row in preview_rows], [f"episode {i}" for i in range(len(preview_rows))],
+                      tmp / PREVIEW_FILE, frames_per_video=len(preview_rows[0]), scale=1.0)
         shutil.rmtree(tmp / "images", ignore_errors=True)  # LeRobot's per-frame PNG staging, if left over
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)  # LeRobot's temp files come out owner-only
@@ -423,17 +426,6 @@ def write_pusht_dataset(
             bar.close()
     return out
 
-
-def contact_sheet(rows: list[list[np.ndarray]], gap: int = 2):
-    """One row of evenly spaced frames per episode, as a PIL image: a look at the data without decoding it."""
-    from PIL import Image
-
-    h, w = rows[0][0].shape[:2]
-    sheet = Image.new("RGB", (len(rows[0]) * (w + gap) + gap, len(rows) * (h + gap) + gap), (0, 0, 0))
-    for r, row in enumerate(rows):
-        for c, frame in enumerate(row):
-            sheet.paste(Image.fromarray(frame), (gap + c * (w + gap), gap + r * (h + gap)))
-    return sheet
 
 
 def _replace(new: Path, out: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 from fractions import Fraction
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import av
 import numpy as np
 
 from flywheel.errors import DataError
+from flywheel.store import atomic_path
 
 
 class VideoError(DataError):
@@ -138,10 +138,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, *, codec:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video({path}): expected uint8 [T,H,W,3] frames, got {frames.dtype} {frames.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     height, width = frames.shape[1:3]
-    try:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w") as container:
             stream = container.add_stream(codec, rate=Fraction(int(fps), 1))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -155,8 +153,4 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, *, codec:
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

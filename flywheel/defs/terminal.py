@@ -103,7 +103,9 @@ class _StageLines(logging.Handler):
         if meta.get("dagster_event") is not None:
             return  # Dagster's own events: the UI's event log has them
         message = meta.get("orig_message", record.getMessage())
-        if record.levelno >= logging.WARNING and not message.startswith("["):
+        if message.startswith("Dependencies for step"):  # Dagster's skip notice, one per downstream step
+            message = f"[{meta.get('step_key') or 'flywheel'}] not run: an upstream step did not succeed"
+        elif record.levelno >= logging.WARNING and not message.startswith("["):
             step = meta.get("step_key") or "flywheel"
             message = f"[{step}] {message}"
         (_terminal or Terminal()).line(message)

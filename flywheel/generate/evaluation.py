@@ -63,7 +63,7 @@ def evaluate_adapter(pipe, adapter_dir: Path, clip_set, config, out_dir: Path, g
                      filter_config=None) -> dict:
     """Generate base vs adapter on held-out clips, score against real frames, write metrics + a contact sheet."""
     from flywheel.data.video import read_frames
-    from flywheel.generate.preview import contact_sheet
+    from flywheel.preview import contact_sheet
     from flywheel.generate.world import GenerationRequest, generate_videos, unload_adapters
 
     clips, split_used = evaluation_clips(clip_set.frame, config.split, config.max_clips)

@@ -438,7 +438,7 @@ class BackgroundWriter:
 
 
 def _write_contact_sheet(path: Path, previews: list[tuple[str, np.ndarray]]) -> Path:
-    from flywheel.generate.preview import contact_sheet
+    from flywheel.preview import contact_sheet
 
     return contact_sheet([v for _, v in previews], [label for label, _ in previews], path,
                          frames_per_video=CONTACT_SHEET_FRAMES)

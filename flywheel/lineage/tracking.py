@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flywheel.store import HOME_ENV, resolve_home
+from flywheel.store import HOME_ENV, atomic_write_bytes, resolve_home
 
 # No phoning home from a pipeline library; users may still opt in by setting it to false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -218,9 +218,7 @@ def relocate_store(home: str | os.PathLike | None = None) -> str | None:
     if moved:
         _rewrite_paths(db, moved, str(home))
     if moved or not record.is_file():
-        tmp = record.with_name(f".{record.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"home": str(home)}) + "\n")
-        os.replace(tmp, record)
+        atomic_write_bytes(record, (json.dumps({"home": str(home)}) + "\n").encode())
     return moved
 
 
@@ -371,10 +369,7 @@ def record_ui_url(home: str | os.PathLike | None, host: str, port: int) -> str:
     host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     url = f"http://{'[' + host + ']' if ':' in host else host}:{int(port)}"
     path = mlflow_dir(home) / UI_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"url": url}) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps({"url": url}) + "\n").encode())
     return url
 
 

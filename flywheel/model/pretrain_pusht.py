@@ -627,6 +627,8 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Uncapped, float64 (a frozen clip must read as far above any real one). Not quality.stats.psnr: this recipe
+    runs on a bare GPU host with torch and numpy only (no av/lerobot, which quality imports), and that one caps at 60 dB."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
 
@@ -672,7 +674,7 @@ def generate_samples(pipe, data: PushTFrames, episodes: list[int], seed: int) ->
 def evaluate_weights(weights_dir: Path, data: PushTFrames, config: PretrainConfig, device: torch.device,
                      progress: Progress = None) -> dict[str, Any]:
     """Sample metrics + samples.png for a weights dir, with the pipeline `load_pipeline("tiny-pusht")` builds."""
-    from flywheel.generate.preview import contact_sheet
+    from flywheel.preview import contact_sheet
     from flywheel.model.presets import load_pipeline
 
     count = min(config.samples.num_episodes, config.data.holdout_episodes)

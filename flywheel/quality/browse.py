@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from flywheel.preview import contact_sheet
 from flywheel.quality.calibration import Thresholds
 from flywheel.store import atomic_write_bytes
 
@@ -23,21 +24,6 @@ def _save_png(img: Image.Image, path: str | Path) -> Path:
     img.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
 
-
-def contact_sheet(clips_frames: list[np.ndarray], captions: list[str], path: str | Path, thumb: int = 64,
-                  frames_per_clip: int = 4) -> Path:
-    """One row per clip: a few evenly spaced frames and the caption (e.g. its reasons)."""
-    text_w = 520
-    img = Image.new("RGB", (frames_per_clip * (thumb + 2) + text_w, max(1, len(clips_frames)) * (thumb + 4)), "white")
-    draw = ImageDraw.Draw(img)
-    for r, (frames, caption) in enumerate(zip(clips_frames, captions)):
-        idx = np.linspace(0, len(frames) - 1, frames_per_clip).round().astype(int)
-        for c, i in enumerate(idx):
-            img.paste(Image.fromarray(frames[i]).resize((thumb, thumb)), (c * (thumb + 2), r * (thumb + 4)))
-        draw.text((frames_per_clip * (thumb + 2) + 6, r * (thumb + 4) + 4), caption[:90], fill=(0, 0, 0))
-        if len(caption) > 90:
-            draw.text((frames_per_clip * (thumb + 2) + 6, r * (thumb + 4) + 18), caption[90:180], fill=(0, 0, 0))
-    return _save_png(img, path)
 
 
 def score_plot(results: pd.DataFrame, thresholds: Thresholds, path: str | Path, group_col: str = "kind") -> Path:
@@ -94,6 +80,8 @@ def write_browse(results: pd.DataFrame, out_dir: str | Path, thresholds: Thresho
     if frames is not None and len(rejected):
         rows = [r for r in rejected.itertuples() if r.clip_id in frames][:max_rows]
         paths["rejected"] = contact_sheet([frames[r.clip_id] for r in rows],
-                                          [f"{r.clip_id}: {r.reasons}" for r in rows], out_dir / "rejected.png")
+                                          [f"{r.clip_id}: {r.reasons}" for r in rows], out_dir / "rejected.png",
+                                          frames_per_video=4, scale=64 / frames[rows[0].clip_id].shape[1],
+                                          min_width=720)
     return paths
 

@@ -130,7 +130,7 @@ def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Pat
     from PIL import Image
 
     from flywheel.data.video import read_frames
-    from flywheel.generate.preview import contact_sheet
+    from flywheel.preview import contact_sheet
     from flywheel.label.episodes import load_actions, load_episodes
     from flywheel.label.idm import InverseDynamicsModel
     from flywheel.quality.browse import write_browse

@@ -22,7 +22,6 @@ import dataclasses
 import enum
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.errors import DataError
+from flywheel.store import atomic_path
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_CARD = "adapter_card.json"
@@ -133,17 +133,11 @@ def canonicalize_safetensors_header(path: Path) -> None:
             f.seek(8)
             f.write(padded)
         return
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            src.seek(8 + length)
-            dst.write(len(padded).to_bytes(8, "little") + padded)
-            while block := src.read(1 << 24):
-                dst.write(block)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+        src.seek(8 + length)
+        dst.write(len(padded).to_bytes(8, "little") + padded)
+        while block := src.read(1 << 24):
+            dst.write(block)
 
 
 def write_adapter_weights(out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -24,7 +24,7 @@ from flywheel.data.clips import (
 )
 from flywheel.data.video import read_frames
 from flywheel.errors import ConfigError
-from flywheel.generate.preview import LABEL_H, PAD, animated_gif, contact_sheet
+from flywheel.preview import LABEL_H, PAD, animated_gif, contact_sheet
 from flywheel.model.presets import get_preset
 from flywheel.store import ArtifactStore, hash_file, hash_json
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.defs.ui import REPO_ROOT, dagster_command, group_alive, prepare_home, stop
+from flywheel.pipeline import STAGE_LIST
 
 pytestmark = pytest.mark.multiprocess
 
@@ -131,7 +132,7 @@ def what_a_run_decided(home: Path) -> dict:
     return {"keys": keys, "checks": verdicts, "versions": versions, "refreshed": keys.get("refreshed_dataset")}
 
 
-def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dagster_dev, tmp_path):
+def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dagster_dev, tmp_path, monkeypatch):
     from dagster import DagsterRunStatus
     from dagster_graphql import DagsterGraphQLClient
 
@@ -166,9 +167,12 @@ def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dag
 
     # the same config from the CLI, on a second fresh home
     other = tmp_path / "cli-home"
+    # the UI's step processes run with one torch thread (the server's env): so does the CLI here, since float
+    # reductions over another thread count give other low bits, other labels, another (correct) version id
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["iterate", "--home", str(other), *(f"--set={s}" for s in FAST)]) == 0
     ui, cli = what_a_run_decided(home), what_a_run_decided(other)
-    assert len(ui["keys"]) == 8 and set(ui["checks"]) >= {"enough_episodes", "model_fits_the_data", "adapter_gate"}
+    assert len(ui["keys"]) == len(STAGE_LIST) and set(ui["checks"]) >= {"enough_episodes", "model_fits_the_data", "adapter_gate"}
     assert ui == cli
 
     os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / `flywheel ui` shutdown sends

@@ -18,9 +18,10 @@ from flywheel.workloads.gpu import EXIT_CONFIG, EXIT_ERROR, EXIT_TRANSIENT_GPU, 
 STAGE_ASSETS = [s.asset for s in STAGE_LIST]
 GROUPS = {"demonstrations": "ingest", "training_clips": "clips", "adapter": "train", "adapter_evaluation": "evaluate",
           "synthetic_videos": "generate", "pseudo_actions": "label", "curated_trajectories": "curate",
-          "refreshed_dataset": "refresh"}
+          "refreshed_dataset": "refresh", "policy_evaluation": "policy"}
 # every stage that loads the world model (curation: its VAE, to calibrate) holds a GPU slot
-GPU_ASSETS = {"training_clips", "adapter", "adapter_evaluation", "synthetic_videos", "curated_trajectories"}
+GPU_ASSETS = {"training_clips", "adapter", "adapter_evaluation", "synthetic_videos", "curated_trajectories",
+              "policy_evaluation"}
 
 
 def test_definitions_load_with_the_fixed_graph():
@@ -38,6 +39,7 @@ def test_definitions_load_with_the_fixed_graph():
     assert "synthetic_videos" in parents["pseudo_actions"]
     assert "pseudo_actions" in parents["curated_trajectories"]
     assert "curated_trajectories" in parents["refreshed_dataset"]
+    assert parents["policy_evaluation"] == {"refreshed_dataset"}  # the closed-loop comparison of the refreshed version
 
 
 def test_gpu_steps_queue_on_the_gpu_pool_and_retry():
@@ -54,10 +56,12 @@ def test_gpu_steps_queue_on_the_gpu_pool_and_retry():
 def test_decisions_are_checks_declared_once_in_the_pipeline():
     specs = {spec.key.name: spec for a in defs.assets for spec in a.check_specs}
     assert set(specs) == {"enough_episodes", "model_fits_the_data", "loss_is_finite", "adapter_gate",
-                          "pass_rate_within_bounds", "loads_with_lerobot", "build_on"}
+                          "pass_rate_within_bounds", "loads_with_lerobot", "build_on", "policy_verdict",
+                          "build_on_policy"}
     # the adapter gate and the build-on decision choose what the wheel uses next (the champion, the version to
     # ingest); they do not stop the run: a refused candidate leaves the champion generating
-    assert {name for name, spec in specs.items() if not spec.blocking} == {"adapter_gate", "build_on"}
+    assert {name for name, spec in specs.items() if not spec.blocking} == {"adapter_gate", "build_on", "policy_verdict",
+                                                                           "build_on_policy"}
     for stage in STAGE_LIST:  # the asset is found from its stage, and its stage from the table: two hops
         assert {c.name for c in stage.checks} == {s.key.name for s in specs.values() if s.asset_key.path[-1] == stage.asset}
         assert STAGES[stage.asset] is stage

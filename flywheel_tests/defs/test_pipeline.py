@@ -39,6 +39,9 @@ FAST = {
               "adapter": {"max_filter_pass_rate_drop": 1.0, "max_ssim_drop": 1.0},
               "curation": {"min_pass_rate": 0.0},
               "refresh": {"build_on": ["better", "non-inferior", "inconclusive"]}},
+    # where a GPU makes policy.evaluate: auto run the comparison: the plumbing's budget, not a measurement
+    "policy": {"policy": {"steps": 2, "batch_size": 2}, "seeds": [0, 1],
+               "rollout": {"episodes": 2, "max_steps": 5, "batch": 2, "video_episodes": 0}},
 }
 
 
@@ -132,12 +135,28 @@ def test_whole_graph_materializes_with_paths_keys_and_previews(flywheel_run):
     assert synthetic["inputs"] == {"generating_adapter": adapter["key"], "training_clips": mats["training_clips"]["key"]}
     # the data version of each asset is its artifact's content key
     assert instance.get_latest_data_version_record(dg.AssetKey("adapter"), partition_key=DOMAIN) is not None
+    # the closed-loop policy comparison is in the graph; without a GPU (auto) it is recorded as not evaluated
+    policy = mats["policy_evaluation"]
+    assert policy["inputs"] == {"refreshed_dataset": mats["refreshed_dataset"]["key"]}
+    import torch
+
+    if not torch.cuda.is_available():
+        assert policy["evaluated"] is False and "opt in with --set policy.evaluate=on" in policy["not_evaluated"]
 
 
 def test_gates_ran_and_passed(flywheel_run):
+    import torch
+
     _, result, _, _ = flywheel_run
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(checks) == {c.name for s in STAGE_LIST for c in s.checks}
+    # on a CPU, policy.evaluate: auto records that no policy was evaluated (a warning, not a stop) and why
+    policy = checks.pop("policy_verdict")
+    if not torch.cuda.is_available():
+        assert not policy.passed and policy.description.startswith(
+            "policy verdict failed: not evaluated: no GPU (policy.evaluate: auto runs it on a GPU only); opt in with "
+            "--set policy.evaluate=on (takes ~")
+    assert checks["build_on_policy"].description.startswith("not decided in this run")  # gates.refresh.evidence: idm
     assert all(check.passed for check in checks.values()), {n: c.description for n, c in checks.items()}
     assert checks["model_fits_the_data"].description.startswith("not decided in this run")  # turned off above
     # each check says who decided, for which domain, and every criterion with its threshold
@@ -265,6 +284,31 @@ def test_the_domains_next_demonstrations_are_its_refreshed_version(flywheel_run)
                           raise_on_error=False)
     assert not back.success
     assert failure_of(back).startswith(f"domain {DOMAIN!r} has no demonstrations: set ingest.source")
+
+
+def test_with_policy_evidence_policy_evaluation_makes_the_build_on_decision(flywheel_run):
+    """gates.refresh.evidence: policy moves the build-on decision from refreshed_dataset to policy_evaluation,
+    which falls back to the IDM proxy where no policy was evaluated (here: policy.evaluate off) and says so."""
+    instance, _, home, _ = flywheel_run
+    res = resources(home, gates={"refresh": {"evidence": "policy"}}, policy={"evaluate": "off"})
+    result = dg.materialize(assets_named("refreshed_dataset", "policy_evaluation"), partition_key=DOMAIN,
+                            instance=instance, resources=res, selection=assets_named("refreshed_dataset",
+                                                                                     "policy_evaluation"))
+    assert result.success
+    close(home, instance, result)
+    mats = materialized(result)
+    assert mats["refreshed_dataset"]["build_on_decided_by"] == "policy_evaluation"
+    assert "next_iteration_ingests_it" not in mats["refreshed_dataset"]
+    assert mats["policy_evaluation"]["not_evaluated"] == "policy.evaluate is off"
+    assert mats["policy_evaluation"]["next_iteration_ingests_it"] is True
+    checks = {(e.asset_key.path[-1], e.check_name): e for e in result.get_asset_check_evaluations()}
+    assert checks["refreshed_dataset", "build_on"].description.startswith("not decided in this run")
+    build = checks["policy_evaluation", "build_on_policy"]
+    assert build.passed and "[evidence: IDM proxy (no policy evaluated: policy.evaluate is off)]" in build.description
+    assert not checks["policy_evaluation", "policy_verdict"].passed
+    _, children = step_runs_of_dagster_run(home, result.run_id, kind="experiment")
+    tags = children["policy_evaluation"].data.tags
+    assert tags["flywheel.decision.build_on"] == "passed" and tags["flywheel.decision.policy_verdict"] == "failed"
 
 
 def test_rematerializing_synthetic_videos_reuses_upstream(flywheel_run, small_pusht):

@@ -69,17 +69,20 @@ def contact_sheet(
     path: str | os.PathLike,
     frames_per_video: int = 6,
     scale: float | None = None,
+    min_width: int = 0,
 ) -> Path:
     """Render one row per video of `frames_per_video` frames sampled across time; write a PNG atomically.
 
-    Videos of another size than the first are stretched to its cell size so rows line up.
+    Videos of another size than the first are stretched to its cell size so rows line up; `min_width` widens the
+    sheet for long labels (e.g. a rejected clip's reasons).
     """
     _check_videos(videos, labels, f"contact_sheet({path})")
     if frames_per_video < 1:
         raise ValueError(f"contact_sheet({path}): frames_per_video must be >= 1, got {frames_per_video}")
     cell_w, cell_h = cell_size(np.asarray(videos[0]), scale)
     row_h = LABEL_H + cell_h + PAD
-    sheet = Image.new("RGB", (PAD + frames_per_video * (cell_w + PAD), PAD + len(videos) * row_h), BACKGROUND)
+    width = max(min_width, PAD + frames_per_video * (cell_w + PAD))
+    sheet = Image.new("RGB", (width, PAD + len(videos) * row_h), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for row, video in enumerate(videos):
