@@ -409,6 +409,7 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
 
     Rejected clips stay in the artifact with every score and the reasons they failed."""
     from flywheel.data.ingest import load_manifest
+    from flywheel.quality.config import FILTER_VERSION
     from flywheel.quality.curation import curate
 
     store = ArtifactStore(home)
@@ -418,7 +419,7 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
         raise ValueError("quality.calibrate_on is 'model_codec': curate_stage needs the model config whose VAE "
                          "renders the calibration clips (pass model=...)")
     key = hash_json({"labels": labels_path.name, "manifest": Path(manifest_path).name,
-                     "filters": filter_config.model_dump(mode="json"),
+                     "filters": filter_config.model_dump(mode="json"), "filter_version": FILTER_VERSION,
                      **({"codec": model.model_dump(mode="json", exclude={"device"})} if codec else {})})[:24]
     path = store.path("curated", key)
     if store.exists("curated", key):
