@@ -403,21 +403,14 @@ def _synthetic_clips(labels_path: Path):
 
 def curate_stage(home, labels_path, manifest_path, filter_config, progress: Progress = None,
                  model=None) -> StageResult:
-    """curated_trajectories: the filter stack, thresholds calibrated on held-out real episodes (as the
-    base model's VAE renders them when filter_config.calibrate_on is "model_codec"; `model` names it).
+    """curated_trajectories: the filter stack (flywheel.quality.curation.curate), thresholds calibrated on
+    held-out real episodes (as the base model's codec renders them when filter_config.calibrate_on is
+    "model_codec"; `model` names it).
 
     Rejected clips stay in the artifact with every score and the reasons they failed."""
-    import numpy as np
-    from PIL import Image
-
     from flywheel.data.ingest import load_manifest
-    from flywheel.data.video import read_frames
-    from flywheel.preview import contact_sheet
-    from flywheel.label.episodes import load_actions, load_episodes
-    from flywheel.label.idm import InverseDynamicsModel
-    from flywheel.quality.browse import write_browse
-    from flywheel.quality.calibration import calibrate, real_clips
-    from flywheel.quality.filters import run_filters
+    from flywheel.quality.config import FILTER_VERSION
+    from flywheel.quality.curation import curate
 
     store = ArtifactStore(home)
     labels_path = Path(labels_path)
@@ -426,58 +419,35 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
         raise ValueError("quality.calibrate_on is 'model_codec': curate_stage needs the model config whose VAE "
                          "renders the calibration clips (pass model=...)")
     key = hash_json({"labels": labels_path.name, "manifest": Path(manifest_path).name,
-                     "filters": filter_config.model_dump(mode="json"),
+                     "filters": filter_config.model_dump(mode="json"), "filter_version": FILTER_VERSION,
                      **({"codec": model.model_dump(mode="json", exclude={"device"})} if codec else {})})[:24]
     path = store.path("curated", key)
     if store.exists("curated", key):
         return StageResult("curated_trajectories", key, path, store.meta("curated", key), path / "scores.png",
                            reused=True)
     manifest = load_manifest(manifest_path)
-    root = _dataset_root(manifest)
-    table, synthetic, idm_dir = _synthetic_clips(labels_path)
     held_out = _episode_indices(manifest, ("val", "test")) or _episode_indices(manifest, ("train",))[-1:]
-    idm = InverseDynamicsModel.load(idm_dir)
-    fps, num_frames = float(table["fps"].iloc[0]), int(table["num_frames"].iloc[0])
-    real = load_episodes(root, held_out, image_size=filter_config.analysis_size)
-    calibration_clips = real_clips(real, num_frames, fps)
-    if codec:
-        calibration_clips = _through_model_codec(calibration_clips, model)
-    thresholds = calibrate(calibration_clips, filter_config, load_actions(root), idm=idm,
-                           source={"dataset_root": str(root), "episodes": held_out,
-                                   "calibrate_on": filter_config.calibrate_on})
-    videos = [read_frames(synthetic / v) for v in table["video"]]
-    first_frames = [np.asarray(Image.open(synthetic / f).convert("RGB")) for f in table["first_frame"]]
-    labels = [np.load(labels_path / a) for a in table["actions"]]
-    results = run_filters(videos, first_frames, [z["actions"] for z in labels], thresholds, filter_config,
-                          fps=fps, clip_ids=list(table["request_id"]), groups=list(table["prompt"]),
-                          disagreements=[z["disagreement"] for z in labels])
-    frames = dict(zip(table["request_id"], videos))
+    train = _episode_indices(manifest, ("train",))
     meta: dict = {}
     with store.write("curated", key, meta) as tmp:
-        thresholds.save(tmp / "thresholds.json")
-        write_browse(results, tmp, thresholds, frames=frames)
-        accepted = results[results["accepted"]]
-        if len(accepted):
-            contact_sheet([frames[c] for c in accepted["clip_id"][:24]], list(accepted["clip_id"][:24]),
-                          tmp / "accepted.png")
-        (tmp / "curated.json").write_text(json.dumps({"labels": str(labels_path), "synthetic": str(synthetic)}))
-        reasons = [r.split(":")[0] for rs in results["reasons"] for r in rs.split("; ") if r]
-        meta.update({"clips": len(results), "accepted": int(results["accepted"].sum()),
-                     "pass_rate": float(results["accepted"].mean()), "filter_version": str(thresholds.filter_version),
-                     "rejected_by": json.dumps({r: reasons.count(r) for r in sorted(set(reasons))}),
-                     "calibrated_on_real_clips": thresholds.num_real_clips})
+        meta.update(curate(tmp, labels_path, _dataset_root(manifest), held_out, train, filter_config,
+                           codec=_through_model_codec(model) if codec else None, progress=progress))
     return StageResult("curated_trajectories", key, path, meta, path / "scores.png")
 
 
-def _through_model_codec(clips: list, model) -> list:
-    """The calibration clips as the base model's VAE renders them (conditioning frames stay raw, as they
-    are for generated clips)."""
+def _through_model_codec(model):
+    """The base model's codec (VAE encode to the posterior mean, decode) as a function of a list of clips;
+    the VAE is loaded on first use, without the 2B model's 7B text encoder."""
+    pipe = None
 
-    from flywheel.model.encode import codec_roundtrips
+    def roundtrip(clips: list) -> list:
+        nonlocal pipe
+        from flywheel.model.encode import codec_roundtrips
 
-    pipe = _pipeline(model, vae_only=True)  # the 2B model's VAE without its 7B text encoder
-    rendered = codec_roundtrips(pipe, [c.frames for c in clips])
-    return [dataclasses.replace(c, frames=frames) for c, frames in zip(clips, rendered)]
+        pipe = pipe or _pipeline(model, vae_only=True)
+        return codec_roundtrips(pipe, clips)
+
+    return roundtrip
 
 
 def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: Progress = None,

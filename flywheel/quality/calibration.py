@@ -9,17 +9,20 @@ first-frame statistics of real data measure "as close as the next real frame", w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.label.episodes import Episode
 from flywheel.label.labeling import nearest_indices, resample_actions
 from flywheel.quality.config import FILTER_VERSION, FilterConfig
-from flywheel.quality.stats import STAT_DIRECTION, action_reference
+from flywheel.quality.stats import STAT_BOUNDS, STAT_DIRECTION, action_reference
+from flywheel.quality.verifier import AT_LEAST
 from flywheel.store import atomic_write_bytes, hash_json
 
 
@@ -31,11 +34,15 @@ class Clip:
     frames: np.ndarray | str | Path
     first_frame: np.ndarray
     fps: float
+    # The conditioning frame as the model's codec renders a still clip of it ([T,H,W,3]); None: the raw
+    # conditioning frame. Statistics are measured against it (see stats.video_stats).
+    reference: np.ndarray | None = None
     actions: np.ndarray | None = None
     group: str | None = None          # near-duplicates are looked for inside a group (e.g. the prompt)
     disagreement: np.ndarray | None = None
     extra_stats: dict[str, float] = field(default_factory=dict)  # e.g. a verifier's replay errors
     kind: str = "unknown"             # validation: "good" or the corruption applied
+    meta: dict = field(default_factory=dict)  # provenance, e.g. the episode and frame the clip starts from
 
 
 class Thresholds(BaseModel):
@@ -46,8 +53,12 @@ class Thresholds(BaseModel):
     values: dict[str, float]                  # stat -> threshold
     directions: dict[str, str]                # stat -> "min" | "max"
     real_quantiles: dict[str, dict[str, float]]  # stat -> {p_lo, p50, p_hi} on real clips
+    slack: dict[str, float] = {}              # stat -> the slack its threshold was widened by (see calibrate)
     action_reference: dict | None = None
     num_real_clips: int = 0
+    calibrated_on: str = "real"               # what the real clips looked like: "real" | "model_codec"
+    codec_psnr: float | None = None           # codec round-trip fidelity on the real clips, dB (model_codec only)
+    notes: list[str] = []                     # what calibration found and did: checks unable to fire, repairs
     source: dict = {}
 
     def save(self, path: str | Path) -> Path:
@@ -84,7 +95,8 @@ def real_clips(episodes: list[Episode], num_frames: int, fps: float, stride_s: f
         for s in starts:
             clips.append(Clip(clip_id=f"real-ep{ep.index}-t{s}", frames=ep.frames[idx[s:s + num_frames]],
                               first_frame=ep.frames[idx[s - 1]], fps=fps, actions=acts[s:s + num_frames],
-                              group=f"real-ep{ep.index}-t{s}", kind="good"))
+                              group=f"real-ep{ep.index}-t{s}", kind="good",
+                              meta={"episode_index": ep.index, "frame_indices": idx[s - 1:s + num_frames].tolist()}))
     if not clips:
         raise ValueError(f"no real clip of {num_frames} frames at {fps} fps fits in episodes "
                          f"{[e.index for e in episodes]}; use longer episodes or shorter clips")
@@ -92,43 +104,139 @@ def real_clips(episodes: list[Episode], num_frames: int, fps: float, stride_s: f
 
 
 def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Episode] | None = None,
-              idm=None, source: dict | None = None) -> Thresholds:
+              idm=None, source: dict | None = None, extra_directions: dict[str, str] | None = None,
+              calibrated_on: str = "real", codec_psnr: float | None = None, notes: list[str] | None = None) -> Thresholds:
     """Thresholds from real clips. With `idm`, clip actions are the IDM's labels (as for generated clips)
-    and the disagreement threshold is calibrated too; `action_episodes` (real, full) set the action scales."""
+    and the disagreement threshold is calibrated too; `action_episodes` (the real episodes the domain trains
+    on, full length) set the action scales. `extra_directions`: "min"/"max" of verifier stats (default
+    "max"). `calibrated_on`/`codec_psnr`/`notes`: recorded (see flywheel.quality.curation.calibration_clips).
+
+    Each threshold is a real percentile widened by a slack (FilterConfig): the smallest slack, from
+    `slack` up to `max_slack`, at which at most `held_out_rejection` of the clips of each calibration
+    episode fall beyond a threshold calibrated on the *other* episodes (leave one episode out): thresholds
+    that hold on episodes they did not see, not just on the ones they came from."""
     from flywheel.quality.filters import score_clips
 
     reference = None
     if action_episodes:
         reference = action_reference([e.actions for e in action_episodes], action_episodes[0].fps)
+        reference["episodes"] = [int(e.index) for e in action_episodes]
+        num_frames = next((len(c.actions) for c in clips if c.actions is not None), None)
+        if num_frames is None and not isinstance(clips[0].frames, (str, Path)):
+            num_frames = len(clips[0].frames)
+        if num_frames:
+            reference["real_clip_quantile"] = real_action_clip_quantiles(
+                [e.actions for e in action_episodes], action_episodes[0].fps, num_frames, clips[0].fps, reference,
+                config.percentile_hi)
     if idm is not None:
         from flywheel.label.labeling import label_video
 
         labelled = []
         for c in clips:
             actions, disagreement = label_video(idm, c.frames, c.fps)
-            labelled.append(Clip(**{**c.__dict__, "actions": actions, "disagreement": disagreement}))
+            labelled.append(dataclasses.replace(c, actions=actions, disagreement=disagreement))
         clips = labelled
     scores = score_clips(clips, config, reference)
-    values, quantiles = {}, {}
-    for stat, direction in STAT_DIRECTION.items():
-        if stat not in scores or scores[stat].isna().all():
+    episodes = [str(c.meta.get("episode_index", c.group)) for c in clips]
+    directions = {**STAT_DIRECTION, **{k: "min" if k in AT_LEAST else "max" for c in clips for k in c.extra_stats},
+                  **(extra_directions or {})}
+    return thresholds_from_scores(scores, episodes, config, directions, action_reference=reference, source=source,
+                                  calibrated_on=calibrated_on, codec_psnr=codec_psnr, notes=notes)
+
+
+def real_action_clip_quantiles(episodes: list[np.ndarray], fps: float, num_frames: int, clip_fps: float,
+                               reference: dict, percentile: float) -> dict[str, float]:
+    """The action statistics of the domain's real actions cut into clips like the generated ones (resampled to
+    `clip_fps`, every window of `num_frames`): their `percentile` per statistic. A pseudo-action as smooth and
+    as fast as the real demonstrations is plausible, whatever the IDM's labels of real clips look like."""
+    from flywheel.quality.stats import action_stats
+
+    rows = []
+    for actions in episodes:
+        resampled = resample_actions(actions, fps, clip_fps)
+        for s in range(0, len(resampled) - num_frames + 1):
+            rows.append(action_stats(resampled[s:s + num_frames], clip_fps, reference))
+    if not rows:
+        return {}
+    table = pd.DataFrame(rows)
+    return {stat: float(np.percentile(table[stat], percentile)) for stat in ("action_velocity", "action_jerk")}
+
+
+def thresholds_from_scores(scores: pd.DataFrame, episodes: list[str], config: FilterConfig, directions: dict[str, str],
+                           action_reference: dict | None = None, source: dict | None = None,
+                           calibrated_on: str = "real", codec_psnr: float | None = None,
+                           notes: list[str] | None = None) -> Thresholds:
+    """`calibrate` once the real clips are scored: `scores` one row per clip, `episodes` the episode of each."""
+    episodes = np.asarray(episodes)
+    values, quantiles, slacks, notes = {}, {}, {}, list(notes or [])
+    for stat, direction in directions.items():
+        if stat == "idle" or stat not in scores or scores[stat].isna().all():
             continue
-        values[stat], quantiles[stat] = _threshold(scores[stat].dropna().to_numpy(), direction, config)
+        x = scores[stat].to_numpy(dtype=float)
+        known = ~np.isnan(x)
+        slacks[stat] = _held_out_slack(x[known], episodes[known], direction, config)
+        values[stat], quantiles[stat] = _threshold(x[known], direction, config, slacks[stat])
         if direction == "max" and stat in config.floors:
             values[stat] = max(values[stat], config.floors[stat])
-    for stat in sorted({k for c in clips for k in c.extra_stats}):
-        # Verifier stats (replay errors) are "at most" by convention.
-        vals = np.array([c.extra_stats[stat] for c in clips if stat in c.extra_stats])
-        values[stat], quantiles[stat] = _threshold(vals, "max", config)
+        real_actions = (action_reference or {}).get("real_clip_quantile", {})
+        if direction == "max" and stat in real_actions:
+            # Never stricter than the domain's own demonstrations: the IDM's labels of real clips are smoother
+            # than the real actions, so a threshold from them alone rejected plausible labels (PushT: a held-out
+            # clean clip at 0.90 x the real p99 velocity against a threshold of 0.85).
+            values[stat] = max(values[stat], real_actions[stat])
+        bound = STAT_BOUNDS.get(stat)
+        if bound is not None and (values[stat] >= bound if direction == "max" else values[stat] <= bound):
+            # Repaired to the most extreme value a real clip showed: every calibration clip still passes, and
+            # the check can fire again (default job, 25 PushT clips: frozen_tail calibrated to 2.9 of at most 1).
+            extreme = float(x[known].max() if direction == "max" else x[known].min())
+            reachable = extreme < bound if direction == "max" else extreme > bound
+            notes.append(f"{stat}: calibrated threshold {values[stat]:.4g} is beyond what the statistic can reach "
+                         f"({bound:g}); " + (f"repaired to the most extreme real value, {extreme:.4g}" if reachable
+                                             else "a real clip reaches the bound, so this check cannot fire"))
+            if reachable:
+                values[stat] = extreme
+    if "idle" in scores:
+        idle = int(np.nansum(scores["idle"].to_numpy(dtype=float)))
+        if idle == 0:
+            values["idle"], quantiles["idle"], slacks["idle"] = 0.5, {"p_lo": 0.0, "p50": 0.0, "p_hi": 0.0}, 0.0
+            notes.append("idle: no real clip is still throughout, so a generated clip that never moves is rejected")
+        else:
+            notes.append(f"idle: {idle} of {len(scores)} real clips are still throughout (a robot at rest), so a "
+                         "generated clip that never moves is not rejected for it")
     return Thresholds(filter_version=FILTER_VERSION, config_hash=hash_json(config.model_dump())[:16], values=values,
-                      directions={s: STAT_DIRECTION.get(s, "max") for s in values}, real_quantiles=quantiles,
-                      action_reference=reference, num_real_clips=len(clips), source=source or {})
+                      directions={s: directions.get(s, "max") for s in values}, real_quantiles=quantiles,
+                      slack=slacks, action_reference=action_reference, num_real_clips=len(scores),
+                      calibrated_on=calibrated_on, codec_psnr=codec_psnr, notes=notes, source=source or {})
 
 
-def _threshold(x: np.ndarray, direction: str, config: FilterConfig) -> tuple[float, dict]:
+def _held_out_slack(x: np.ndarray, episodes: np.ndarray, direction: str, config: FilterConfig) -> float:
+    """The smallest slack on config.slack_steps (from config.slack to config.max_slack) whose thresholds,
+    calibrated without one episode, reject at most config.held_out_rejection of that episode's clips
+    (pooled over episodes). Without two episodes, config.slack."""
+    groups = np.unique(episodes)
+    steps = [s for s in SLACK_STEPS if config.slack <= s <= config.max_slack] or [config.slack]
+    if len(groups) < 2:
+        return config.slack
+    for slack in steps:
+        beyond = 0
+        for g in groups:
+            inside = episodes != g
+            limit, _ = _threshold(x[inside], direction, config, slack)
+            held = x[~inside]
+            beyond += int((held > limit).sum() if direction == "max" else (held < limit).sum())
+        if beyond <= config.held_out_rejection * len(x):
+            return slack
+    return steps[-1]
+
+
+SLACK_STEPS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def _threshold(x: np.ndarray, direction: str, config: FilterConfig, slack: float) -> tuple[float, dict]:
     lo, med, hi = np.percentile(x, [config.percentile_lo, 50, config.percentile_hi])
     q = {"p_lo": float(lo), "p50": float(med), "p_hi": float(hi)}
     if direction == "max":
-        return float(hi + config.slack * (hi - med)), q
-    # "At least" stats are all positive; never ask less than a fraction of the real low percentile.
-    return float(max(lo - config.slack * (med - lo), config.min_fraction_of_low * lo)), q
+        return float(hi + slack * (hi - med)), q
+    # A positive "at least" stat never asks less than a fraction of the real low percentile.
+    limit = lo - slack * (med - lo)
+    return float(max(limit, config.min_fraction_of_low * lo) if lo > 0 else limit), q

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FILTER_VERSION = "1"
+FILTER_VERSION = "2"
 
 
 class FilterConfig(BaseModel):
@@ -16,13 +16,19 @@ class FilterConfig(BaseModel):
     analysis_size: int = Field(64, ge=16, le=512, description="every clip is resized to this square before scoring")
     min_frames: int = Field(8, ge=2, description="decode filter: fewer frames than this is a failed generation")
     expected_hw: tuple[int, int] | None = Field(None, description="decode filter: required (height, width), if any")
-    static_eps: float = Field(0.5, gt=0, description="a step whose mean |frame diff| (gray levels) is below this is frozen")
+    static_eps: float = Field(1.0, gt=0, description="a step whose largest 8x8-block mean |frame diff| (gray levels) is "
+                              "below this (or below still_factor x the codec's own change on a still clip) is still")
+    still_factor: float = Field(1.5, ge=1, description="see static_eps")
     percentile_lo: float = Field(1.0, ge=0, le=50, description="'at least' thresholds start at this real percentile")
     percentile_hi: float = Field(99.0, ge=50, le=100, description="'at most' thresholds start at this real percentile")
-    slack: float = Field(0.5, ge=0, description="widen each threshold by slack x (percentile - median) of the real data")
+    slack: float = Field(0.5, ge=0, description="widen each threshold by at least slack x (percentile - median) of the real data")
+    max_slack: float = Field(4.0, ge=0, description="... and at most this: see held_out_rejection")
+    held_out_rejection: float = Field(
+        0.02, ge=0, le=1, description="each threshold gets the smallest slack at which, calibrated without one real "
+        "episode, it rejects at most this share of that episode's clips (leave one episode out)")
     min_fraction_of_low: float = Field(0.5, ge=0, le=1, description="'at least' thresholds are at least this x the real low percentile")
     floors: dict[str, float] = Field(
-        default_factory=lambda: {"static_fraction": 0.34, "action_range": 2.0},
+        default_factory=lambda: {"action_range": 2.0, "clipped_increase": 0.02},
         description="'at most' thresholds never go below these (stats that are ~0 on every real clip)",
     )
     # A generated video is decoded by the model's VAE, so it carries the codec's blur in every frame, the
@@ -32,6 +38,13 @@ class FilterConfig(BaseModel):
     # (encode, decode) first, so the thresholds judge what the generator adds.
     calibrate_on: Literal["real", "model_codec"] = Field(
         "real", description="real: raw held-out real clips; model_codec: the same clips after the base model's VAE")
+    min_codec_psnr: float = Field(
+        15.0, ge=0, description="model_codec: a codec whose round trip of the real clips is below this PSNR (dB) "
+        "cannot render the domain; calibrate on the raw clips instead (recorded in thresholds.notes)")
+    min_progress: float | None = Field(
+        None, description="simulator domains: reject a trajectory whose replayed task progress over the clip (PushT: "
+        "change of the block's coverage of the goal) is below this, e.g. 0.0 = no progress or backwards; None: the "
+        "calibrated threshold (rejects only losing more than the real clips ever lose)")
     overrides: dict[str, float] = Field(default_factory=dict, description="stat -> threshold, replaces the calibrated one")
     duplicate_max_hamming: int = Field(8, ge=0, le=128, description="perceptual-hash distance (of 128 bits) at or below which two clips of one group are duplicates")
     disabled: list[str] = Field(default_factory=list, description="filters to skip, by name")

@@ -2,8 +2,9 @@
 accepted when every enabled filter passes. Every statistic is kept per clip, and a failed clip carries
 its reasons ("static: motion=0.04 < 0.61"), so rejected clips can be browsed and the thresholds argued with.
 
-Order (cost): decode/shape -> first-frame fidelity -> static -> flicker/drift -> temporal order ->
-blur/exposure -> near-duplicates (perceptual hash, within a group) -> action sanity -> verifier (replay).
+Order (cost): decode/shape -> first-frame fidelity -> static (freezes, idle) -> flicker/drift -> colour ->
+blur/exposure/noise -> temporal order -> persistence (what no motion explains) -> near-duplicates
+(perceptual hash, within a group) -> action sanity -> verifier (simulator replay and progress).
 All statistics are computed for every decodable clip (they are cheap), so scores exist for every filter.
 """
 
@@ -24,14 +25,17 @@ from flywheel.quality.stats import action_stats, clip_hash, video_stats
 FILTERS: dict[str, list[str]] = {
     "decode": [],
     "first_frame": ["psnr_first", "ssim_first"],
-    "static": ["motion", "static_fraction"],
+    "static": ["frozen_tail", "idle"],
     "flicker": ["flicker", "border_drift"],
-    "temporal": ["jump_ratio", "lag_ratio"],
-    "blur_exposure": ["sharpness_ratio", "exposure_shift", "clipped_increase"],
+    "colour": ["colour_shift"],
+    "blur_exposure": ["sharpness_ratio", "exposure_shift", "clipped_increase", "noise_ratio"],
+    "temporal": ["order_ratio", "reversal", "lag_ratio"],
+    "persistence": ["unexplained_change"],
     "duplicate": ["duplicate_distance"],
     "action": ["action_range", "action_velocity", "action_jerk", "idm_disagreement"],
     "verifier": [],  # filled by the stats a Verifier returns (any stat not claimed above)
 }
+PROGRESS_STAT = "sim_progress"  # a simulator verifier's task progress (FilterConfig.min_progress)
 
 
 def _decode(clip: Clip, config: FilterConfig) -> tuple[np.ndarray | None, str | None]:
@@ -59,7 +63,8 @@ def score_clips(clips: Sequence[Clip], config: FilterConfig, action_reference: d
         row = {"clip_id": clip.clip_id, "group": clip.group, "kind": clip.kind, "decode_error": error,
                "num_frames": np.nan if frames is None else len(frames)}
         if frames is not None:
-            row.update(video_stats(frames, clip.first_frame, config.analysis_size, config.static_eps))
+            row.update(video_stats(frames, clip.first_frame, config.analysis_size, config.static_eps,
+                                   reference=clip.reference, still_factor=config.still_factor))
             if clip.actions is not None and action_reference is not None:
                 row.update(action_stats(clip.actions, clip.fps, action_reference))
             if clip.disagreement is not None:
@@ -87,10 +92,20 @@ def filter_clips(clips: Sequence[Clip], thresholds: Thresholds, config: FilterCo
     if thresholds.filter_version != FILTER_VERSION:
         raise ValueError(f"thresholds are for filter version {thresholds.filter_version}, code is {FILTER_VERSION}; "
                          "re-calibrate")
+    return judge(score_clips(clips, config, thresholds.action_reference), thresholds, config)
+
+
+def judge(df: pd.DataFrame, thresholds: Thresholds, config: FilterConfig) -> pd.DataFrame:
+    """`filter_clips` on clips already scored (`score_clips`): adds pass_<filter>, accepted, reasons."""
+    if thresholds.filter_version != FILTER_VERSION:
+        raise ValueError(f"thresholds are for filter version {thresholds.filter_version}, code is {FILTER_VERSION}; "
+                         "re-calibrate")
+    df = df.copy()
     limits = thresholds.effective(config)
     limits.setdefault("duplicate_distance", float(config.duplicate_max_hamming) + 0.5)
-    directions = {**thresholds.directions, "duplicate_distance": "min"}
-    df = score_clips(clips, config, thresholds.action_reference)
+    directions = {PROGRESS_STAT: "min", **thresholds.directions, "duplicate_distance": "min"}
+    if config.min_progress is not None and PROGRESS_STAT not in config.overrides:
+        limits[PROGRESS_STAT] = config.min_progress
     claimed = {s for stats in FILTERS.values() for s in stats}
     verifier_stats = [s for s in limits if s not in claimed and s in df.columns]
     reasons: list[list[str]] = [[] if e is None else [e] for e in df["decode_error"]]
@@ -123,9 +138,11 @@ def run_filters(videos: Sequence[np.ndarray | str | Path], first_frames: Sequenc
                 actions: Sequence[np.ndarray | None] | None, thresholds: Thresholds, config: FilterConfig, *,
                 fps: float | Sequence[float], clip_ids: Sequence[str] | None = None,
                 groups: Sequence[str | None] | None = None, disagreements: Sequence[np.ndarray | None] | None = None,
-                extra_stats: Sequence[dict] | None = None) -> pd.DataFrame:
+                extra_stats: Sequence[dict] | None = None,
+                references: Sequence[np.ndarray | None] | None = None) -> pd.DataFrame:
     """One row per clip (see `filter_clips`). videos: frames or mp4 paths; groups: e.g. the prompt
-    (near-duplicates are looked for within a group); extra_stats: e.g. a Verifier's scores per clip."""
+    (near-duplicates are looked for within a group); extra_stats: e.g. a Verifier's scores per clip;
+    references: each clip's conditioning frame as the codec renders a still clip of it (see `Clip`)."""
     n = len(videos)
     if len(first_frames) != n or (actions is not None and len(actions) != n):
         raise ValueError(f"run_filters: {n} videos but {len(first_frames)} first frames"
@@ -135,5 +152,6 @@ def run_filters(videos: Sequence[np.ndarray | str | Path], first_frames: Sequenc
                   fps=fps_list[i], actions=None if actions is None else actions[i],
                   group=groups[i] if groups else None,
                   disagreement=None if disagreements is None else disagreements[i],
-                  extra_stats=dict(extra_stats[i]) if extra_stats else {}) for i in range(n)]
+                  extra_stats=dict(extra_stats[i]) if extra_stats else {},
+                  reference=None if references is None else references[i]) for i in range(n)]
     return filter_clips(clips, thresholds, config)

@@ -1,6 +1,7 @@
 """Verifiers: domain checks that a generated clip and its pseudo-actions agree with the world's physics.
 A domain plugs one in by implementing `Verifier`; its scores join the filter stack as the "verifier"
-filter (each score is an "at most" statistic, calibrated on real episodes replayed with their true actions).
+filter, calibrated on real clips labelled and replayed the same way. Each score is an "at most" statistic
+unless the verifier's `directions` (or `AT_LEAST` here) says "min".
 """
 
 from __future__ import annotations
@@ -8,6 +9,10 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+
+# Verifier scores where larger is better (e.g. the task progress a replay makes).
+AT_LEAST = {"sim_progress", "replay_block_overlap"}
 
 
 @runtime_checkable

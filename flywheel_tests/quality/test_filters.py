@@ -38,14 +38,14 @@ def test_each_filter_catches_its_corruption_and_keeps_real_clips(g1, tmp_path):
     for kind, filters in TARGETS.items():
         is_kind = results["kind"] == kind
         caught = (~results.loc[is_kind, [f"pass_{f}" for f in filters]]).any(axis=1).mean()
-        assert caught >= 0.8, f"{kind}: its filter {filters} caught only {caught:.0%}"
+        assert caught >= 0.95, f"{kind}: its filter {filters} caught only {caught:.0%}"
     stack = report[(report.scope == "stack") & (report.name == "all")].iloc[0]
     assert stack.recall >= 0.9 and stack.precision >= 0.95, stack
     kept = report[report.name == "good_kept"].iloc[0]
-    assert kept.recall >= 0.8, kept  # real clips from unseen episodes mostly pass
+    assert kept.recall >= 0.94, kept  # real clips from unseen episodes pass (at most one of 19 rejected)
     rejected = results[~results.accepted]
     assert (rejected["reasons"].str.len() > 0).all()
-    assert rejected["reasons"].str.contains("static: motion").any()
+    assert rejected["reasons"].str.contains("static: frozen_tail").any()
     # Stored and browsable: the report per version, every score per clip, plots.
     assert save_report(report, tmp_path).name == f"filter_validation_v{FILTER_VERSION}.csv"
     paths = write_browse(results, tmp_path / "browse", thresholds,
@@ -60,7 +60,7 @@ def test_thresholds_json_roundtrip_versions_and_overrides(g1, tmp_path):
     path = thresholds.save(tmp_path / "thresholds.json")
     loaded = Thresholds.load(path)
     assert loaded.values == thresholds.values and loaded.filter_version == FILTER_VERSION
-    assert loaded.real_quantiles["motion"]["p50"] > loaded.values["motion"]  # "at least" below the median
+    assert loaded.real_quantiles["sharpness_ratio"]["p50"] > loaded.values["sharpness_ratio"]  # "at least" below the median
     stale = path.read_text().replace(f'"filter_version": "{FILTER_VERSION}"', '"filter_version": "0"')
     (tmp_path / "stale.json").write_text(stale)
     with pytest.raises(ValueError, match="re-run calibrate"):
@@ -68,7 +68,7 @@ def test_thresholds_json_roundtrip_versions_and_overrides(g1, tmp_path):
     clips = held_out[:3]
     args = ([c.frames for c in clips], [c.first_frame for c in clips], None, loaded)
     assert run_filters(*args, config, fps=16)["pass_static"].all()
-    strict = config.model_copy(update={"overrides": {"motion": 1e6}})
+    strict = config.model_copy(update={"overrides": {"frozen_tail": -1.0}})
     assert not run_filters(*args, strict, fps=16)["pass_static"].any()
     with pytest.raises(ValueError, match="unknown stats"):
         run_filters(*args, config.model_copy(update={"overrides": {"nope": 1}}), fps=16)

@@ -1,0 +1,487 @@
+"""Does the quality stack generalize to failures it was not designed around? Leave-one-family-out, on
+held-out real episodes of the G1 sample and of PushT, with the packaged default filter configuration.
+
+    .venv/bin/python benchmarks/quality_generalization.py [--datasets g1,pusht_rotated] [--work DIR]
+        [--out benchmarks/results] [--design codec|paired]
+
+Per dataset: the first 4 episodes are the domain's training data (the IDM is trained on them and the
+action scales come from them); the other episodes are split into two folds of whole episodes. For each
+fold, thresholds are calibrated on the other fold's real clips and every clip of this fold is scored:
+the real clips (clean) and, per clean clip, one corrupted copy for each corruption family x strength
+(flywheel.quality.corruptions.FAMILIES: 16 families x 2 strengths). As in curation, each candidate is
+what a generated clip would be: its frames leave through the default model's codec (tiny-pusht's VAE)
+when the codec can render the domain (`calibrate_on: model_codec`; it cannot render G1: 6 dB round trip,
+so G1 is scored on raw frames, as the default configuration then decides by itself), its actions are the
+domain IDM's labels of those frames (action families corrupt the labels), and on PushT its labels are
+replayed in the simulator from the clip's start state.
+
+Leave-one-family-out: thresholds come from real clips only, so every family is held out from calibration
+by construction: the recall of a family is measured with thresholds that never saw it. (A learned critic
+would have to be trained on the other families; none is used, see docs/quality.md.)
+
+Reported per dataset: recall per family and strength, the clean false-rejection rate at the default
+thresholds, precision at a 1:1 clean/corrupted balance (recall / (recall + false rejection)), the mean
+over held-out families, which filter caught each family, the project's own corruption kinds (the strong
+strength of their family), and on PushT how the simulator's progress signal relates to the other
+filters' decisions. Writes <out>/quality-generalization.{json,md}.
+
+`--design paired` measures the cheaper alternative calibration (raw real clips, candidates scored against
+their codec reference) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pickle
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flywheel.quality.calibration import Clip, calibrate, real_clips  # noqa: E402
+from flywheel.quality.config import FilterConfig  # noqa: E402
+from flywheel.quality.corruptions import FAMILIES, KIND_FAMILY, corrupt_family  # noqa: E402
+from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_source, still_clip  # noqa: E402
+
+DATASETS = {"g1": "datasets/g1_pick_bottle", "pusht_rotated": "datasets/pusht_rotated", "pusht": "datasets/pusht"}
+TRAIN_EPISODES = 4
+NUM_FRAMES, FPS = 17, 16.0  # what the default model (tiny-pusht) generates
+STRENGTHS = ("weak", "strong")
+
+
+def default_filter_config() -> FilterConfig:
+    """The packaged default quality section (flywheel/default_config.yaml)."""
+    import yaml
+
+    section = yaml.safe_load((REPO / "flywheel" / "default_config.yaml").read_text()).get("quality") or {}
+    return FilterConfig.model_validate(section)
+
+
+class CachedCodec:
+    """tiny-pusht's VAE round trip, memoised by content (the corpus repeats conditioning frames)."""
+
+    def __init__(self, preset: str):
+        self.preset, self.pipe, self.memo = preset, None, {}
+
+    def __call__(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        from flywheel.model.encode import codec_roundtrips
+        from flywheel.model.presets import load_pipeline
+
+        keys = [hashlib.sha1(np.ascontiguousarray(c).tobytes()).hexdigest() for c in clips]
+        todo = {k: c for k, c in zip(keys, clips) if k not in self.memo}
+        if todo:
+            if self.pipe is None:
+                torch.set_num_threads(1)  # measured: 2 threads on a shared 2-core machine are slower
+                self.pipe = load_pipeline(self.preset, vae_only=True)
+            for k, out in zip(todo, codec_roundtrips(self.pipe, list(todo.values()))):
+                self.memo[k] = out
+        return [self.memo[k] for k in keys]
+
+
+def log(*args) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+# ── Corpus: every candidate, as curation would see it ────────────────────────────────────────────────────
+
+def train_idm_for(name: str, root: Path, train: list[int], val: int, work: Path):
+    from flywheel.label.config import IdmConfig
+    from flywheel.label.idm import InverseDynamicsModel, train_idm
+
+    out = work / f"idm-{name}"
+    if not (out / "metrics.json").is_file():
+        config = IdmConfig(steps=300, episodes=train + [val], val_episodes=[val])  # as the default job trains it
+        train_idm(root, config, out, cache_dir=work / "episodes")
+    return InverseDynamicsModel.load(out)
+
+
+def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig, seed: int = 0) -> dict:
+    """Clean clips and corrupted candidates of the held-out episodes, with frames as scored (through the codec
+    when it can render the domain), references, IDM labels and simulator replay scores. Cached in `work`."""
+    from flywheel.label.episodes import list_episodes, load_actions, load_episodes
+    from flywheel.quality.pusht_replay import PushTReplayVerifier
+
+    path = work / f"corpus-{name}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    root = REPO / DATASETS[name]
+    episodes = list_episodes(root)
+    train, held = episodes[:TRAIN_EPISODES], episodes[TRAIN_EPISODES:]
+    folds = [held[0::2], held[1::2]]
+    idm = train_idm_for(name, root, train, held[0], work)
+    eps = load_episodes(root, held, image_size=config.analysis_size, cache_dir=work / "episodes")
+    clean = real_clips(eps, NUM_FRAMES, FPS)
+    log(name, f"{len(clean)} clean clips from episodes {held}")
+
+    # Codec fitness decides whether candidates are codec-rendered (as the default configuration would).
+    raw_frames = [np.asarray(c.frames) for c in clean]
+    coded = codec(raw_frames)
+    fidelity = codec_fidelity(raw_frames, coded)
+    use_codec = fidelity >= config.min_codec_psnr
+    log(name, f"codec round trip {fidelity:.1f} dB -> candidates {'through the codec' if use_codec else 'raw'}")
+
+    rng = np.random.default_rng(seed)
+    candidates = []
+    for i, clip in enumerate(clean):
+        others = [c for c in clean if c.meta["episode_index"] != clip.meta["episode_index"]]
+        donor = others[(i * 7) % len(others)]
+        candidates.append(clip)
+        for family, spec in FAMILIES.items():
+            if spec.action is not None:
+                continue
+            for strength in STRENGTHS:
+                candidates.append(corrupt_family(clip, family, strength, rng, donor=donor))
+    if use_codec:
+        rendered = codec([np.asarray(c.frames) for c in candidates])
+        refs = codec([still_clip(c.first_frame, NUM_FRAMES) for c in candidates])
+        candidates = [dataclasses.replace(c, frames=f, reference=r) for c, f, r in zip(candidates, rendered, refs)]
+    log(name, f"{len(candidates)} video candidates rendered; labelling")
+    candidates = label_clips(candidates, idm)
+    scale = np.asarray(_action_reference(load_actions(root, train))["scale"])
+    for clip in [c for c in candidates if c.kind == "good"]:
+        for family, spec in FAMILIES.items():
+            if spec.action is not None:
+                for strength in STRENGTHS:
+                    candidates.append(corrupt_family(clip, family, strength, rng, action_scale=scale))
+    # The raw clean clips, labelled, for the `paired` design's calibration.
+    raw_clean = label_clips(clean, idm)
+    verifier = PushTReplayVerifier.for_dataset(root)
+    corpus = {"name": name, "root": str(root), "train": train, "folds": folds, "candidates": candidates,
+              "raw_clean": raw_clean, "codec_psnr": fidelity, "use_codec": use_codec,
+              "verifier_directions": getattr(verifier, "directions", None)}
+    path.write_bytes(pickle.dumps(corpus))
+    return corpus
+
+
+def _action_reference(episodes) -> dict:
+    from flywheel.quality.stats import action_reference
+
+    return action_reference([e.actions for e in episodes], episodes[0].fps)
+
+
+# ── Evaluation ───────────────────────────────────────────────────────────────────────────────────────
+
+INVISIBLE_DB = 40.0  # every frame this close (PSNR) to the clean clip's: no defect left to see
+
+
+def no_op_corruptions(candidates: list[Clip]) -> set[str]:
+    """Ids of corrupted video candidates whose frames, as scored (after the codec when it is used), are all
+    within INVISIBLE_DB of the clean clip's, with the same conditioning frame: a corruption that changed
+    nothing (two patches of plain floor swapped) or that the codec erased (noise or a slight blur the VAE
+    does not reproduce). Nothing to detect and nothing harmful in the generated clip: left out of the recall,
+    and counted per family in the report. Action corruptions always change the labels and are kept."""
+    from flywheel.quality.stats import psnr
+
+    clean = {c.clip_id: c for c in candidates if c.kind == "good"}
+    out = set()
+    for c in candidates:
+        if c.kind == "good" or c.kind.startswith(("duplicate", "action_")):
+            continue
+        base = clean[c.clip_id.rsplit("-", 2)[0]]
+        frames, base_frames = np.asarray(c.frames), np.asarray(base.frames)
+        if np.array_equal(c.first_frame, base.first_frame) and \
+                min(psnr(a, b) for a, b in zip(frames, base_frames)) >= INVISIBLE_DB:
+            out.add(c.clip_id)
+    return out
+
+
+# The code the cached scores depend on, read when this module is imported (with the modules themselves).
+import flywheel.quality.filters  # noqa: E402,F401
+import flywheel.quality.pusht_replay  # noqa: E402,F401
+
+_SOURCES = {f: (REPO / "flywheel" / "quality" / f).read_text()
+            for f in ("stats.py", "motion.py", "filters.py", "pusht_replay.py", "curation.py")}
+
+
+def _code_hash(*files: str) -> str:
+    return hashlib.sha1("".join(_SOURCES[f] for f in files).encode()).hexdigest()[:12]
+
+
+def post_codec_candidates(corpus: dict, work: Path, codec: CachedCodec, seed: int = 1) -> list[Clip]:
+    """The `post` protocol's candidates: every family applied to the codec's rendering of each clean clip
+    (a generated clip is a decoder output; its defects are in that output), relabelled by the IDM.
+    Without a codec (G1) the same as the `pre` candidates. Cached in `work`."""
+    if not corpus["use_codec"]:
+        return corpus["candidates"]
+    path = work / f"post-{corpus['name']}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    root = Path(corpus["root"])
+    held = [e for f in corpus["folds"] for e in f]
+    idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
+    clean = [c for c in corpus["candidates"] if c.kind == "good"]
+    rng = np.random.default_rng(seed)
+    video, action = [], []
+    for i, clip in enumerate(clean):
+        others = [c for c in clean if c.meta["episode_index"] != clip.meta["episode_index"]]
+        donor = others[(i * 7) % len(others)]
+        for family, spec in FAMILIES.items():
+            for strength in STRENGTHS:
+                if spec.action is not None:
+                    action.append((clip, family, strength))
+                else:
+                    video.append(corrupt_family(clip, family, strength, rng, donor=donor))
+    moved = [j for j, c in enumerate(video) if c.meta.get("first_index", 0)]  # backwards: a new conditioning frame
+    for j, ref in zip(moved, codec([still_clip(video[j].first_frame, NUM_FRAMES) for j in moved])):
+        video[j] = dataclasses.replace(video[j], reference=ref)
+    video = label_clips(video, idm)
+    scale = np.asarray(_action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
+        root, corpus["train"]))["scale"])
+    out = list(clean) + video + [corrupt_family(c, f, st, rng, action_scale=scale) for c, f, st in action]
+    path.write_bytes(pickle.dumps(out))
+    return out
+
+
+def candidates_for(corpus: dict, protocol: str, work: Path, codec: CachedCodec) -> list[Clip]:
+    return corpus["candidates"] if protocol == "pre" else post_codec_candidates(corpus, work, codec)
+
+
+def replay_corpus(corpus: dict, candidates: list[Clip], tag: str, work: Path) -> dict[str, dict]:
+    """The simulator verifier's scores of every candidate and raw clean clip by clip id ({} off PushT),
+    each replayed from the state its frame 0 shows. Cached per version of the verifier's code."""
+    from flywheel.quality.pusht_replay import PushTReplayVerifier
+
+    root = Path(corpus["root"])
+    verifier = PushTReplayVerifier.for_dataset(root)
+    if verifier is None:
+        return {}
+    path = work / f"replay-{corpus['name']}-{tag}-{_code_hash('pusht_replay.py', 'curation.py')}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    log(corpus["name"], f"simulator replay ({tag})")
+    scores = {}
+    for group, clips in (("candidates", candidates), ("raw_clean", corpus["raw_clean"])):
+        for c in clips:
+            scores[f"{group}/{c.clip_id}"] = verifier.verify(real_clip_source(root, c), np.asarray(c.frames),
+                                                             c.actions, c.fps)
+    path.write_bytes(pickle.dumps(scores))
+    return scores
+
+
+def score_corpus(corpus: dict, candidates: list[Clip], tag: str, config: FilterConfig,
+                 work: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every statistic of every candidate and of the raw clean clips (threshold-free, so computed once per
+    version of the statistics' code and scoring settings; cached in `work`)."""
+    from flywheel.quality.filters import score_clips
+
+    replay = replay_corpus(corpus, candidates, tag, work)
+    code = _code_hash("stats.py", "motion.py", "filters.py", "pusht_replay.py", "curation.py")
+    scoring = config.model_dump(include={"analysis_size", "static_eps", "still_factor", "min_frames", "expected_hw"})
+    key = hashlib.sha1((code + json.dumps(scoring, sort_keys=True)).encode()).hexdigest()[:12]
+    paths = [work / f"scores-{corpus['name']}-{tag}-{part}-{key}.parquet" for part in ("candidates", "raw")]
+    if all(p.is_file() for p in paths):
+        return tuple(pd.read_parquet(p) for p in paths)
+    reference = _action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
+        Path(corpus["root"]), corpus["train"]))
+    out = []
+    for group, clips, path in (("candidates", candidates, paths[0]), ("raw_clean", corpus["raw_clean"], paths[1])):
+        clips = [dataclasses.replace(c, extra_stats=replay.get(f"{group}/{c.clip_id}", {})) for c in clips]
+        df = score_clips(clips, config, reference)
+        df["episode"] = [c.meta["episode_index"] for c in clips]
+        df.to_parquet(path)
+        out.append(df)
+    return tuple(out)
+
+
+def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, work: Path,
+             codec: CachedCodec) -> pd.DataFrame:
+    """Per-candidate results of both folds (every score, pass_<filter>, accepted, reasons, kind, fold)."""
+    from flywheel.label.episodes import load_actions
+    from flywheel.quality.calibration import thresholds_from_scores
+    from flywheel.quality.filters import judge
+    from flywheel.quality.stats import STAT_DIRECTION
+    from flywheel.quality.verifier import AT_LEAST
+
+    from flywheel.quality.calibration import real_action_clip_quantiles
+
+    root = Path(corpus["root"])
+    train_actions = load_actions(root, corpus["train"])
+    reference = _action_reference(train_actions)
+    # As calibrate() does: action thresholds never stricter than the real actions cut into clips.
+    reference["real_clip_quantile"] = real_action_clip_quantiles(
+        [e.actions for e in train_actions], train_actions[0].fps, NUM_FRAMES, FPS, reference, config.percentile_hi)
+    clips = candidates_for(corpus, protocol, work, codec)
+    tag = protocol if corpus["use_codec"] else "raw"
+    candidates, raw = score_corpus(corpus, clips, tag, config, work)
+    no_op = no_op_corruptions(clips)
+    extra = [k for k in (corpus["verifier_directions"] or {})]
+    directions = {**STAT_DIRECTION, **{k: "min" if k in AT_LEAST else "max" for k in extra},
+                  **(corpus["verifier_directions"] or {})}
+    out, all_thresholds = [], []
+    for k, test_eps in enumerate(corpus["folds"]):
+        cal_eps = [e for f in corpus["folds"] for e in f if e not in test_eps]
+        pool = raw if design == "paired" or not corpus["use_codec"] else candidates[candidates["kind"] == "good"]
+        cal = pool[pool["episode"].isin(cal_eps)]
+        thresholds = thresholds_from_scores(
+            cal, [str(e) for e in cal["episode"]], config, directions, action_reference=reference,
+            calibrated_on="model_codec" if corpus["use_codec"] and design == "codec" else "real",
+            codec_psnr=corpus["codec_psnr"])
+        test = candidates[candidates["episode"].isin(test_eps) & ~candidates["clip_id"].isin(no_op)]
+        results = judge(test, thresholds, config)
+        results["fold"] = k
+        out.append(results)
+        all_thresholds.append(thresholds)
+        log(corpus["name"], f"fold {k}: calibrated on {len(cal)} clips of episodes {cal_eps}, judged {len(test)}; "
+            f"notes: {thresholds.notes}")
+    results = pd.concat(out, ignore_index=True)
+    results.attrs["thresholds"] = all_thresholds
+    kinds = pd.Series([c.kind for c in clips if c.clip_id in no_op])
+    results.attrs["no_op"] = {k: int(v) for k, v in sorted(kinds.value_counts().items())}
+    return results
+
+
+def summarize(results: pd.DataFrame) -> dict:
+    clean = results[results["kind"] == "good"]
+    fr = float((~clean["accepted"]).mean())
+    pass_cols = [c for c in results.columns if c.startswith("pass_")]
+    families = {}
+    for family in FAMILIES:
+        row = {}
+        for strength in STRENGTHS:
+            sel = results[results["kind"] == f"{family}/{strength}"]
+            recall = float((~sel["accepted"]).mean())
+            caught_by = {c[5:]: float((~sel[c]).mean()) for c in pass_cols if (~sel[c]).any()}
+            row[strength] = {"n": int(len(sel)), "recall": recall,
+                             "precision_1to1": recall / (recall + fr) if recall + fr else float("nan"),
+                             "caught_by": dict(sorted(caught_by.items(), key=lambda kv: -kv[1]))}
+        row["recall"] = float(np.mean([row[s]["recall"] for s in STRENGTHS]))
+        families[family] = row
+    mean_recall = float(np.mean([f["recall"] for f in families.values()]))
+    own = {kind: families[fam][strength]["recall"] for kind, (fam, strength) in KIND_FAMILY.items()}
+    clean_reasons = [r.split(":")[0] for rs in clean["reasons"] for r in rs.split("; ") if r]
+    summary = {"clean": {"n": int(len(clean)), "false_rejection": fr,
+                         "rejected_by": {r: clean_reasons.count(r) for r in sorted(set(clean_reasons))},
+                         "rejected_clips": clean.loc[~clean["accepted"], ["clip_id", "reasons"]].values.tolist()},
+               "mean_family_recall": mean_recall,
+               "precision_1to1": mean_recall / (mean_recall + fr) if mean_recall + fr else float("nan"),
+               "families": families, "own_kinds": own,
+               "families_below_60": [f for f, r in families.items() if r["recall"] < 0.6]}
+    if "sim_progress" in results:
+        summary["sim_progress"] = progress_signal(results)
+    return summary
+
+
+def progress_signal(results: pd.DataFrame) -> dict:
+    """How the simulator's progress relates to the other filters' decisions (point-biserial correlation of
+    sim_progress with 'every other filter passed'), overall and on the clean clips."""
+    from scipy import stats
+
+    others = [c for c in results.columns if c.startswith("pass_") and c != "pass_verifier"]
+    kept_by_others = results[others].all(axis=1).to_numpy()
+    progress = results["sim_progress"].to_numpy(dtype=float)
+    known = ~np.isnan(progress)
+    out = {"n": int(known.sum()),
+           "mean_kept_by_other_filters": float(progress[known & kept_by_others].mean()),
+           "mean_rejected_by_other_filters": float(progress[known & ~kept_by_others].mean()),
+           "clean_quantiles": {q: float(np.nanpercentile(results.loc[results["kind"] == "good", "sim_progress"], q))
+                               for q in (1, 10, 50, 90, 99)},
+           "clean_no_progress_share": float((results.loc[results["kind"] == "good", "sim_progress"] <= 0).mean())}
+    if known.sum() > 2 and kept_by_others[known].any() and (~kept_by_others[known]).any():
+        r, p = stats.pointbiserialr(kept_by_others[known], progress[known])
+        out.update(pointbiserial_r=float(r), p_value=float(p))
+    return out
+
+
+def environment() -> dict:
+    import cv2
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),
+            "cpus": __import__("os").cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "opencv": cv2.__version__, "torch": torch.__version__, "pandas": pd.__version__, "commit": commit}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Quality stack: leave-one-family-out generalization ({report['environment']['date']})", "",
+             f"`{report['command']}` — {report['environment']['machine']}, {report['environment']['cpus']} CPUs, "
+             f"commit {report['environment']['commit']}; filter version {report['filter_version']}; design "
+             f"`{report['design']}`; config: the packaged default (`calibrate_on: {report['config']['calibrate_on']}`).", ""]
+    for name, ds in report["datasets"].items():
+        s = ds["summary"]
+        lines += [f"## {name}", "",
+                  f"{ds['clean_clips']} clean clips from {ds['episodes']} held-out episodes (two folds); codec round trip "
+                  f"{ds['codec_psnr']:.1f} dB -> {'candidates through the codec' if ds['use_codec'] else 'raw frames (codec unfit)'}; "
+                  f"{ds['seconds']:.0f} s.", "",
+                  f"- clean false rejection: **{s['clean']['false_rejection']:.1%}** "
+                  f"({s['clean']['rejected_by'] or 'none'})",
+                  f"- mean held-out-family recall: **{s['mean_family_recall']:.1%}**; precision at 1:1: "
+                  f"{s['precision_1to1']:.1%}",
+                  f"- families below 60%: {', '.join(s['families_below_60']) or 'none'}",
+                  "- the project's own kinds: " + ", ".join(f"{k} {v:.0%}" for k, v in s["own_kinds"].items()), "",
+                  "| family | weak recall | strong recall | precision 1:1 (weak / strong) | caught by (strong) |",
+                  "|---|---|---|---|---|"]
+        for fam, r in s["families"].items():
+            caught = ", ".join(f"{k} {v:.0%}" for k, v in list(r["strong"]["caught_by"].items())[:3])
+            lines.append(f"| {fam} | {r['weak']['recall']:.0%} | {r['strong']['recall']:.0%} | "
+                         f"{r['weak']['precision_1to1']:.0%} / {r['strong']['precision_1to1']:.0%} | {caught} |")
+        if "sim_progress" in s:
+            p = s["sim_progress"]
+            lines += ["", f"Simulator progress (coverage gain over the clip): clean clips median "
+                      f"{p['clean_quantiles'][50]:+.3f}, {p['clean_no_progress_share']:.0%} make no progress; mean "
+                      f"{p['mean_kept_by_other_filters']:+.3f} where every other filter passes vs "
+                      f"{p['mean_rejected_by_other_filters']:+.3f} where one rejects"
+                      + (f"; point-biserial r = {p['pointbiserial_r']:+.2f} (p = {p['p_value']:.2g})"
+                         if "pointbiserial_r" in p else "") + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", default="g1,pusht_rotated")
+    parser.add_argument("--work", default="/tmp/flywheel-quality-bench")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--design", choices=["codec", "paired"], default="codec")
+    parser.add_argument("--protocol", choices=["post", "pre"], default="post",
+                        help="post: corrupt the codec's rendering of a real clip; pre: corrupt, then render")
+    parser.add_argument("--name", default="quality-generalization")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    config = default_filter_config()
+    codec = CachedCodec("tiny-pusht")
+    report = {"command": "python benchmarks/quality_generalization.py " + " ".join(argv or sys.argv[1:]),
+              "environment": environment(), "design": args.design, "config": config.model_dump(mode="json"),
+              "filter_version": __import__("flywheel.quality.config", fromlist=["x"]).FILTER_VERSION, "datasets": {}}
+    for name in args.datasets.split(","):
+        started = time.time()
+        corpus = build_corpus(name, work, codec, config)
+        results = evaluate(corpus, config, args.design, args.protocol, work, codec)
+        table = results.drop(columns=[c for c in results.columns if results[c].dtype == object and c not in
+                                      ("clip_id", "kind", "reasons")])
+        table.attrs = {}
+        table.to_parquet(work / f"results-{name}-{args.design}-{args.protocol}.parquet")
+        clean = results[results["kind"] == "good"]
+        report["datasets"][name] = {
+            "episodes": sum(len(f) for f in corpus["folds"]), "clean_clips": int(len(clean)),
+            "codec_psnr": corpus["codec_psnr"], "use_codec": corpus["use_codec"], "seconds": time.time() - started,
+            "thresholds": [t.model_dump(mode="json", exclude={"action_reference"}) for t in results.attrs["thresholds"]],
+            "no_op_corruptions_left_out": results.attrs["no_op"], "summary": summarize(results)}
+        log(name, json.dumps({k: v for k, v in report["datasets"][name]["summary"].items()
+                              if k in ("mean_family_recall", "precision_1to1", "own_kinds")}, default=float))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
