@@ -1470,6 +1470,7 @@ def concurrency(root: Path, log=print) -> Concurrency:
     commands = [(domain, ["train", "--home", str(home), "--domain", domain, *sets(SMALL_TRAIN), *extra])
                 for domain, extra in domains.items() for _ in range(2)]
     started = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
     processes = [start_cli(argv, root / f"concurrent-{i}.log") for i, (_, argv) in enumerate(commands)]
     finished = []
     for (domain, argv), process, i in zip(commands, processes, range(len(commands))):

@@ -532,18 +532,32 @@ def _record_event(home, mlflow_client, domain, event, version, previous, decisio
     name = f"{event} v{version}" if version else event
     run = mlflow_client.create_run(experiment_id, tags=tags, run_name=name)
     run_id = run.info.run_id
-    if decision is not None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(c.key, float(c.value), now, 0) for c in decision.criteria
-                   if isinstance(c.value, (int, float)) and not isinstance(c.value, bool) and math.isfinite(float(c.value))]
-        params = [Param(f"criterion.{c.key}", f"{c.line()}: {'ok' if c.passed else 'FAILED'}"[:6000])
-                  for c in decision.criteria]
-        mlflow_client.log_batch(run_id, metrics=metrics, params=params)
-    if version:
-        model_version = mlflow_client.get_model_version(registered_model_name(domain), version)
-        mlflow_client.log_inputs(run_id, models=[LoggedModelInput(model_id_of(model_version))])
-    mlflow_client.set_terminated(run_id, "FAILED" if refused else "FINISHED")
+    status = "FAILED"  # whatever goes wrong below, the run does not stay RUNNING
+    try:
+        if decision is not None:
+            now = int(time.time() * 1000)
+            metrics = [Metric(c.key, float(c.value), now, 0) for c in decision.criteria
+                       if isinstance(c.value, (int, float)) and not isinstance(c.value, bool)
+                       and math.isfinite(float(c.value))]
+            params = [Param(f"criterion.{c.key}", f"{c.line()}: {'ok' if c.passed else 'FAILED'}"[:6000])
+                      for c in decision.criteria]
+            mlflow_client.log_batch(run_id, metrics=metrics, params=params)
+        model_id = _model_id_if_registered(mlflow_client, domain, version) if version else None
+        if model_id:  # a refusal may name a version that does not exist: nothing to link then
+            mlflow_client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+        status = "FAILED" if refused else "FINISHED"
+    finally:
+        mlflow_client.set_terminated(run_id, status)
     return run_id
+
+
+def _model_id_if_registered(mlflow_client, domain: str, version: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return model_id_of(mlflow_client.get_model_version(registered_model_name(domain), version))
+    except MlflowException:
+        return None
 
 
 def governance_history(home, domain: str) -> list[dict[str, str]]:
