@@ -8,6 +8,7 @@ start, so changing FLYWHEEL_GPUS takes effect without editing the file.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -73,7 +74,17 @@ def flywheel_instance(home: str | os.PathLike | None = None, echo_step_output: b
     if not echo_step_output:
         overrides = {"compute_logs": {"module": "flywheel.defs.compute_logs", "class": "CapturedComputeLogManager",
                                       "config": {"base_dir": str(folder / "storage")}}}
-    return DagsterInstance.from_ref(InstanceRef.from_dir(str(folder), overrides=overrides))
+    # The first processes on a fresh home would create the sqlite schemas at once, and Dagster's migrations race
+    # ("table ... already exists"): creating the storages is serialized across processes.
+    with open(folder / ".instance.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(folder), overrides=overrides))
+            for storage in ("run_storage", "event_log_storage", "schedule_storage"):
+                getattr(instance, storage)  # created (and migrated) now, under the lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return instance
 
 
 def set_gpu_pool_limit(instance, gpus: int) -> None:
