@@ -21,13 +21,16 @@ def test_the_iteration_benchmark_measures_every_stage_on_cpu(tmp_path):
     report = json.loads((tmp_path / "iteration-gpu-cpu-dry-run.json").read_text())
     stages = report["stages"]
     assert list(stages) == ["demonstrations", "training_clips", "adapter", "adapter_evaluation", "synthetic_videos",
-                            "pseudo_actions", "curated_trajectories", "refreshed_dataset"]
+                            "pseudo_actions", "curated_trajectories", "refreshed_dataset", "policy_evaluation"]
     assert len(report["run_ids"]) == 2, "a refused adapter: the stages after it ran in a second run"
     pipes = [name for name, f in stages.items() if f.get("pipes")]
-    assert pipes == ["training_clips", "adapter", "adapter_evaluation", "synthetic_videos", "curated_trajectories"]
+    assert pipes == ["training_clips", "adapter", "adapter_evaluation", "synthetic_videos", "curated_trajectories",
+                     "policy_evaluation"]
     for name in pipes:
         f = stages[name]
-        assert f["process_startup_s"] > 0 and f["model_loads"] and 0 < f["work_s"] < f["wall_s"], (name, f)
+        # policy_evaluation loads no world model (and on a CPU evaluates nothing unless opted in)
+        assert f["process_startup_s"] > 0 and (f["model_loads"] or name == "policy_evaluation"), (name, f)
+        assert 0 < f["work_s"] < f["wall_s"], (name, f)
         assert 0 < f["before_workload_s"] < f["wall_s"] and 0 < f["after_workload_s"] < f["wall_s"], (name, f)
     assert stages["adapter"]["model_loads"][0]["parts"] == "transformer"
     assert stages["adapter"]["training_mode"] == "none" and stages["adapter"]["step_s_median"] > 0
