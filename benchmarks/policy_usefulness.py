@@ -46,11 +46,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from flywheel.policy import compare  # noqa: E402
 from flywheel.policy.config import PolicyEvalConfig, cpu_config, gpu_config  # noqa: E402
-from flywheel.policy.evaluators import ArmPolicy, ScriptedPushTEvaluator  # noqa: E402
-from flywheel.policy.simulator import (  # noqa: E402
+from flywheel.policy.compare import episode_seeds  # noqa: E402
+from flywheel.policy.evaluators import ArmPolicy  # noqa: E402
+from flywheel.pusht.evaluator import ScriptedPushTEvaluator  # noqa: E402
+from flywheel.pusht.simulator import (  # noqa: E402
     PushTSimulator,
     coverage_of_states,
-    episode_seeds,
 )
 
 STARTED = time.time()
@@ -335,7 +336,7 @@ def write(result: dict, out: Path, name: str, timed: bool = True) -> None:
 def learning_curve(args, config: PolicyEvalConfig, out: Path, name: str) -> int:
     """The real arm's policy (first seed) evaluated on the start list after each step count in --curve: does a
     larger budget of the same policy leave the do-nothing floor?"""
-    from flywheel.policy.evaluators import SimulatorEvaluator
+    from flywheel.pusht.evaluator import SimulatorEvaluator
     from flywheel.policy.training import train_policy
 
     steps = sorted(int(s) for s in args.curve.split(","))

@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO))
 from flywheel.quality.calibration import Clip, calibrate, real_clips  # noqa: E402
 from flywheel.quality.config import FilterConfig  # noqa: E402
 from flywheel.quality.corruptions import FAMILIES, KIND_FAMILY, corrupt_family  # noqa: E402
-from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_source, still_clip  # noqa: E402
+from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_start, still_clip  # noqa: E402
+from flywheel.simulation import simulation_for  # noqa: E402
 
 DATASETS = {"g1": "datasets/g1_pick_bottle", "pusht_rotated": "datasets/pusht_rotated", "pusht": "datasets/pusht"}
 TRAIN_EPISODES = 4
@@ -111,7 +112,6 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
     """Clean clips and corrupted candidates of the held-out episodes, with frames as scored (through the codec
     when it can render the domain), references, IDM labels and simulator replay scores. Cached in `work`."""
     from flywheel.label.episodes import list_episodes, load_actions, load_episodes
-    from flywheel.quality.pusht_replay import PushTReplayVerifier
 
     path = work / f"corpus-{name}.pkl"
     if path.is_file():
@@ -157,7 +157,8 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
                     candidates.append(corrupt_family(clip, family, strength, rng, action_scale=scale))
     # The raw clean clips, labelled, for the `paired` design's calibration.
     raw_clean = label_clips(clean, idm)
-    verifier = PushTReplayVerifier.for_dataset(root)
+    simulation = simulation_for(root)
+    verifier = simulation.verifier(root) if simulation is not None else None
     corpus = {"name": name, "root": str(root), "train": train, "folds": folds, "candidates": candidates,
               "raw_clean": raw_clean, "codec_psnr": fidelity, "use_codec": use_codec,
               "verifier_directions": getattr(verifier, "directions", None)}
@@ -199,10 +200,11 @@ def no_op_corruptions(candidates: list[Clip]) -> set[str]:
 
 # The code the cached scores depend on, read when this module is imported (with the modules themselves).
 import flywheel.quality.filters  # noqa: E402,F401
-import flywheel.quality.pusht_replay  # noqa: E402,F401
+import flywheel.pusht.replay  # noqa: E402,F401
 
-_SOURCES = {f: (REPO / "flywheel" / "quality" / f).read_text()
-            for f in ("stats.py", "motion.py", "filters.py", "pusht_replay.py", "curation.py")}
+_SOURCES = {f: (REPO / "flywheel" / f).read_text()
+            for f in ("quality/stats.py", "quality/motion.py", "quality/filters.py", "pusht/replay.py",
+                      "quality/curation.py")}
 
 
 def _code_hash(*files: str) -> str:
@@ -251,20 +253,19 @@ def candidates_for(corpus: dict, protocol: str, work: Path, codec: CachedCodec) 
 def replay_corpus(corpus: dict, candidates: list[Clip], tag: str, work: Path) -> dict[str, dict]:
     """The simulator verifier's scores of every candidate and raw clean clip by clip id ({} off PushT),
     each replayed from the state its frame 0 shows. Cached per version of the verifier's code."""
-    from flywheel.quality.pusht_replay import PushTReplayVerifier
-
     root = Path(corpus["root"])
-    verifier = PushTReplayVerifier.for_dataset(root)
-    if verifier is None:
+    simulation = simulation_for(root)
+    if simulation is None:
         return {}
-    path = work / f"replay-{corpus['name']}-{tag}-{_code_hash('pusht_replay.py', 'curation.py')}.pkl"
+    path = work / f"replay-{corpus['name']}-{tag}-{_code_hash('pusht/replay.py', 'quality/curation.py')}.pkl"
     if path.is_file():
         return pickle.loads(path.read_bytes())
     log(corpus["name"], f"simulator replay ({tag})")
+    verifier = simulation.verifier(root)
     scores = {}
     for group, clips in (("candidates", candidates), ("raw_clean", corpus["raw_clean"])):
         for c in clips:
-            scores[f"{group}/{c.clip_id}"] = verifier.verify(real_clip_source(root, c), np.asarray(c.frames),
+            scores[f"{group}/{c.clip_id}"] = verifier.verify(real_clip_start(simulation, root, c), np.asarray(c.frames),
                                                              c.actions, c.fps)
     path.write_bytes(pickle.dumps(scores))
     return scores
@@ -277,7 +278,8 @@ def score_corpus(corpus: dict, candidates: list[Clip], tag: str, config: FilterC
     from flywheel.quality.filters import score_clips
 
     replay = replay_corpus(corpus, candidates, tag, work)
-    code = _code_hash("stats.py", "motion.py", "filters.py", "pusht_replay.py", "curation.py")
+    code = _code_hash("quality/stats.py", "quality/motion.py", "quality/filters.py", "pusht/replay.py",
+                      "quality/curation.py")
     scoring = config.model_dump(include={"analysis_size", "static_eps", "still_factor", "min_frames", "expected_hw"})
     key = hashlib.sha1((code + json.dumps(scoring, sort_keys=True)).encode()).hexdigest()[:12]
     paths = [work / f"scores-{corpus['name']}-{tag}-{part}-{key}.parquet" for part in ("candidates", "raw")]

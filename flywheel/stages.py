@@ -517,37 +517,19 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
 
 
 def _simulator_features(root: Path, row, actions, fps: float) -> dict | None:
-    """Per-frame features a video cannot carry, from the domain's simulator when it has one.
+    """Per-frame features a video cannot carry, from the domain's simulator when it has one
+    (flywheel.simulation; the PushT sample's `observation.environment_state`), replayed from where the source
+    clip starts. Other domains need nothing here ({}); a clip whose start is unknown (a synthetic source
+    episode, an episode the simulator never recorded) returns None."""
+    from flywheel.label.episodes import dataset_info
+    from flywheel.simulation import generated_clip_start, simulation_for
 
-    The sample PushT datasets store `observation.environment_state`; it is recovered by replaying the
-    pseudo-actions in the simulator from where the source clip starts: the episode's recorded initial
-    state, then (for a clip that starts later; clip ids end in `-f<start frame>`, in clip-fps frames) the
-    episode's own recorded actions up to that moment. Other domains need nothing here (their extra
-    features must come from the caller); a clip whose start cannot be found returns None.
-    """
-    info_path = root / "meta" / "pusht_sample.json"
-    if not info_path.is_file():
+    simulation = simulation_for(root)
+    if simulation is None:
         return {}
-    from flywheel.label.episodes import dataset_info, recorded_actions
-    from flywheel.quality.pusht_replay import PushTReplayVerifier
-
-    clip_start = int(str(row.source_clip_id).rsplit("-f", 1)[-1])
-    index_text = str(row.source_episode_id).rsplit("/", 1)[-1]
-    if not index_text.isdigit():  # a synthetic source episode: the simulator never recorded its start
-        return None
-    episode_index = int(index_text)
-    episodes = {e["episode_index"]: e for e in json.loads(info_path.read_text())["episodes"]}
-    if episode_index not in episodes:
-        return None
-    lead_in = None
-    if clip_start:
-        source_frame = int(round(clip_start * float(dataset_info(root)["fps"]) / fps))
-        lead_in = recorded_actions(root, episode_index)[:source_frame]
-        if len(lead_in) < source_frame:
-            return None
-    source = {"initial_state": episodes[episode_index]["initial_state"],
-              "reset_seed": episodes[episode_index].get("reset_seed")}
-    return {"observation.environment_state": PushTReplayVerifier().environment_states(source, actions, fps, lead_in)}
+    start = generated_clip_start(simulation, root, float(dataset_info(root)["fps"]), row.source_episode_id,
+                                 row.source_clip_id, fps)
+    return None if start is None else simulation.replayed_features(start, actions, fps)
 
 
 def policy_stage(home, refreshed_path, refreshed_meta: dict, policy_config, device: str | None = None,

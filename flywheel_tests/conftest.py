@@ -61,5 +61,14 @@ def pusht_root() -> Path:
     """The embedded sample dataset (datasets/pusht)."""
     root = REPO_ROOT / "datasets" / "pusht"
     if not (root / "meta" / "info.json").is_file():
-        pytest.fail(f"sample dataset not found at {root}; run `python -m flywheel.data.pusht_sample --out {root}`")
+        pytest.fail(f"sample dataset not found at {root}; run `python -m flywheel.pusht.sample --out {root}`")
+    return root
+
+
+@pytest.fixture(scope="session")
+def rotated_root() -> Path:
+    """The embedded default domain's dataset (datasets/pusht_rotated), with its simulator record."""
+    root = DATASETS / "pusht_rotated"
+    if not (root / "meta" / "pusht_sample.json").is_file():
+        pytest.fail(f"{root} is missing; see datasets/README.md")
     return root

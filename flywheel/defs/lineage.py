@@ -41,7 +41,7 @@ INTERRUPTED = "UNEXPECTED_TERMINATION"
 
 def use_tracking_store(flywheel: FlywheelResource) -> str:
     """Point this step process at the run's tracking store (the resource's URI if set) and create it once."""
-    uri = flywheel.mlflow_tracking_uri
+    uri = flywheel.tracking_uri
     if uri and os.environ.get(tracking.URI_ENV) != uri:
         # the step process's own setting; workload subprocesses inherit it through tracking_env()
         os.environ[tracking.URI_ENV] = uri

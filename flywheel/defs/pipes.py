@@ -153,7 +153,7 @@ def workload_command(python: str, stage: str, home: str, args: dict, processes: 
 
 def processes_for(stage: Stage, flywheel: FlywheelResource) -> int:
     """How many processes (GPUs) a stage runs as: gpus_per_step for the multi-GPU stages, else one."""
-    return flywheel.gpus_per_step if stage.multi_gpu else 1
+    return flywheel.step_gpu_count if stage.multi_gpu else 1
 
 
 def _raw(value: Any) -> Any:
@@ -177,7 +177,7 @@ class GpuLauncher(dg.ConfigurableResource):
     def resolved_backend(self, flywheel: FlywheelResource) -> str:
         if self.backend != "auto":
             return self.backend
-        return "subprocess" if flywheel.gpus > 0 else "in_process"
+        return "subprocess" if flywheel.gpu_count > 0 else "in_process"
 
     def run_stage(self, context: dg.AssetExecutionContext, stage: Stage, inputs: dict[str, StageResult],
                   config: FlywheelConfig, flywheel: FlywheelResource, progress=None) -> StageResult:
@@ -197,7 +197,7 @@ class GpuLauncher(dg.ConfigurableResource):
             if backend == "k8s":
                 invocation = self._run_k8s(context, stage.asset, home, args, processes)
             else:
-                invocation = self._run_subprocess(context, stage.asset, home, args, flywheel.gpus, processes)
+                invocation = self._run_subprocess(context, stage.asset, home, args, flywheel.gpu_count, processes)
         except WorkloadExit as e:
             if e.code == EXIT_TRANSIENT_GPU:
                 raise TransientGpuError(str(e)) from e

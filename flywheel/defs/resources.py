@@ -49,12 +49,18 @@ class FlywheelResource(dg.ConfigurableResource):
     """The flywheel home and the settings every stage shares (one model per run, so stages agree)."""
 
     home: str = Field(description="flywheel home: the artifact store every asset writes to")
+    # Machine facts (GPUs, inbox, MLflow server) left unset are read from the step process's environment when
+    # used: a run config that names this resource (every CLI and Launchpad run does) replaces the values it
+    # was built with by the fields' defaults, so defaults must mean "this machine's", never "none".
     inbox: str = Field("", description="folder watched for new LeRobot datasets (one sub-folder per domain); "
-                                        "'' = <home>/inbox")
-    mlflow_tracking_uri: str = Field("", description="MLflow tracking URI for lineage; '' = the local store in the home")
-    gpus: int = Field(0, ge=0, description="GPUs on this machine (FLYWHEEL_GPUS, else detected): the `gpu` pool "
-                                           "limit; 0 = none: GPU stages run in the step process, one at a time")
-    gpus_per_step: int = Field(1, ge=1, description="GPUs of one train / generate step: > 1 runs the workload under "
+                                        "'' = FLYWHEEL_INBOX, else <home>/inbox")
+    mlflow_tracking_uri: str = Field("", description="MLflow tracking URI for lineage; '' = FLYWHEEL_MLFLOW_URI / "
+                                                      "MLFLOW_TRACKING_URI, else the local store in the home")
+    gpus: int | None = Field(None, ge=0, description="GPUs on this machine: the `gpu` pool limit; 0 = none: GPU "
+                                                     "stages run in the step process, one at a time; unset = "
+                                                     "FLYWHEEL_GPUS, else detected")
+    gpus_per_step: int | None = Field(None, ge=1, description="GPUs of one train / generate step (unset = "
+                                                    "FLYWHEEL_GPUS_PER_STEP, else 1): > 1 runs the workload under "
                                                     "torchrun, one process per GPU (data-parallel training: "
                                                     "train.batch_size is the global batch and must be a multiple; "
                                                     "generation: videos split over the GPUs). With gpus=0: that "
@@ -71,7 +77,24 @@ class FlywheelResource(dg.ConfigurableResource):
 
     @property
     def inbox_path(self) -> Path:
-        return Path(self.inbox).expanduser().resolve() if self.inbox else self.home_path / "inbox"
+        inbox = self.inbox or os.environ.get("FLYWHEEL_INBOX", "")
+        return Path(inbox).expanduser().resolve() if inbox else self.home_path / "inbox"
+
+    @property
+    def gpu_count(self) -> int:
+        if self.gpus is not None:
+            return self.gpus
+        return int(os.environ["FLYWHEEL_GPUS"]) if os.environ.get("FLYWHEEL_GPUS") else detected_gpus()
+
+    @property
+    def step_gpu_count(self) -> int:
+        if self.gpus_per_step is not None:
+            return self.gpus_per_step
+        return int(os.environ.get("FLYWHEEL_GPUS_PER_STEP") or 1)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or os.environ.get("FLYWHEEL_MLFLOW_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         from flywheel.store import ArtifactStore
@@ -95,9 +118,5 @@ class FlywheelResource(dg.ConfigurableResource):
         return cls(
             run=RunSettings(**run) if run else RunSettings(),
             home=str(resolve_home()),
-            inbox=os.environ.get("FLYWHEEL_INBOX", ""),
-            mlflow_tracking_uri=os.environ.get("FLYWHEEL_MLFLOW_URI", os.environ.get("MLFLOW_TRACKING_URI", "")),
-            gpus=int(os.environ["FLYWHEEL_GPUS"]) if os.environ.get("FLYWHEEL_GPUS") else detected_gpus(),
-            gpus_per_step=int(os.environ.get("FLYWHEEL_GPUS_PER_STEP", "1")),
             executor=executor,
         )

@@ -5,7 +5,7 @@
   `diffusers/base/post-trained`), or any local directory in diffusers layout.
 - `cosmos-predict2.5-2b-random`: the real 2B / 7B / Wan shapes with random weights, for GPU benchmarks.
 - `tiny-pusht`: the same classes, small, pretrained on scripted PushT episodes by
-  `python -m flywheel.model.pretrain_pusht` (weights in flywheel/model/weights/tiny-pusht/; the text
+  `python -m flywheel.pusht.pretrain` (weights in flywheel/model/weights/tiny-pusht/; the text
   encoder is the `tiny` preset's, rebuilt from its seed). The embedded default's base world model.
 
 Configs are data: each preset is a `ModelPreset` whose fields say what gets built.
@@ -339,7 +339,7 @@ def _full_tokenizer_stand_in():
 TINY_PUSHT_DIR = Path(__file__).parent / "weights" / "tiny-pusht"
 TINY_PUSHT_META = "flywheel_model.json"  # text encoder seed + fingerprint, training prompts, report summary
 TINY_PUSHT_WEIGHTS = ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
-TINY_PUSHT_COMMAND = "python -m flywheel.model.pretrain_pusht --out flywheel/model/weights/tiny-pusht"
+TINY_PUSHT_COMMAND = "python -m flywheel.pusht.pretrain --out flywheel/model/weights/tiny-pusht"
 
 
 def tiny_pusht_revision(weights_dir: Path) -> str:
@@ -364,7 +364,7 @@ def read_tiny_pusht_meta(weights_dir: Path) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(
             f"tiny-pusht weights not found in {weights_dir} (missing {missing}); produce them with "
-            f"`{TINY_PUSHT_COMMAND}` (add `--device cuda` on a GPU; see flywheel/model/pretrain_pusht.py)")
+            f"`{TINY_PUSHT_COMMAND}` (add `--device cuda` on a GPU; see flywheel/pusht/pretrain.py)")
     return json.loads((weights_dir / TINY_PUSHT_META).read_text())
 
 

@@ -25,8 +25,7 @@ import pandas as pd
 from flywheel.errors import DataError
 from flywheel.policy import statistics
 from flywheel.policy.config import PolicyEvalConfig
-from flywheel.policy.evaluators import ArmPolicy, EpisodeResult, PolicyEvaluator, SimulatorEvaluator, load_evaluator
-from flywheel.policy.simulator import PushTSimulator, episode_seeds
+from flywheel.policy.evaluators import ArmPolicy, EpisodeResult, PolicyEvaluator, load_evaluator
 from flywheel.policy.training import train_policy
 from flywheel.store import atomic_write_bytes
 
@@ -72,24 +71,37 @@ def dataset_summary(root: Path) -> dict:
                 synthetic_episodes=synthetic, real_episodes=int(info["total_episodes"]) - synthetic)
 
 
+def episode_seeds(start_seed: int, episodes: int) -> list[int]:
+    """The shared start list's reset seeds: a pure function of (start_seed, i), so a longer list extends a
+    shorter one (the PushT sample draws its own episodes' seeds the same way)."""
+    return [int(np.random.SeedSequence([start_seed, i]).generate_state(1)[0]) for i in range(episodes)]
+
+
 def can_evaluate(real_root: str | Path, config: PolicyEvalConfig | None = None) -> bool:
     """Whether closed-loop evaluation is available for this domain: an evaluator is configured, or the dataset
     was recorded in a known simulator. Where not, a gate falls back to the IDM proxy (flywheel.refresh)."""
-    from flywheel.policy.simulator import simulator_for_dataset
+    from flywheel.simulation import simulation_for
 
-    return bool(config is not None and config.evaluator) or simulator_for_dataset(real_root) is not None
+    return bool(config is not None and config.evaluator) or simulation_for(real_root) is not None
 
 
 def make_evaluator(config: PolicyEvalConfig, real_root: Path, refreshed_root: Path) -> PolicyEvaluator:
     """Your evaluator if `config.evaluator` names one, else the simulator both versions were recorded in."""
     if config.evaluator:
         return load_evaluator(config.evaluator, config, real_root)
-    simulator = PushTSimulator.from_dataset(real_root)
-    other = PushTSimulator.from_dataset(refreshed_root)
-    if other != simulator:
-        raise DataError(f"{refreshed_root}: recorded in {other}, but {real_root} in {simulator}; both arms must be "
+    from flywheel.simulation import simulation_for
+
+    simulation = simulation_for(real_root)
+    if simulation is None:
+        raise DataError(f"{real_root}: not recorded in a known simulator (flywheel.simulation) and no policy.evaluator "
+                        "is set; closed-loop evaluation needs one of them (see docs/policy.md)")
+    evaluator = simulation.policy_evaluator(Path(real_root), config.rollout)
+    other = simulation_for(refreshed_root)
+    other_name = other.policy_evaluator(Path(refreshed_root), config.rollout).name if other else "no simulator"
+    if other_name != evaluator.name:
+        raise DataError(f"{refreshed_root}: recorded in {other_name}, but {real_root} in {evaluator.name}; both arms must be "
                         "the same domain (pass the version this one was refreshed from)")
-    return SimulatorEvaluator(simulator, config.rollout)
+    return evaluator
 
 
 @dataclass

@@ -10,8 +10,9 @@
    moves), so the codec's blur and drift are not defects, while what the generator adds still is.
 3. Pseudo-actions (the domain's IDM) for the calibration clips, as for the generated ones; the action
    scales come from the episodes the domain trains on.
-4. Simulator domains (a PushT dataset with meta/pusht_sample.json): each clip's pseudo-actions are replayed
-   from the clip's start state; the replay is compared with the video and its task progress recorded.
+4. Domains recorded in a simulator (flywheel.simulation; the PushT sample): each clip's pseudo-actions are
+   replayed from the clip's start state by the domain's verifier; the replay is compared with the video and
+   its task progress recorded.
 5. Thresholds from the real clips (calibration.calibrate), then every candidate scored and judged.
 
 The artifact layout: results.parquet (clip_id, accepted, reasons, a float column per statistic),
@@ -100,26 +101,10 @@ def replay_scores(verifier, sources: list[dict | None], clips: list[Clip]) -> li
             for src, c in zip(sources, clips)]
 
 
-def real_clip_source(root: Path, clip: Clip) -> dict | None:
-    """The simulator start of a real clip (its first frame's source frame) on a PushT dataset."""
-    from flywheel.quality.pusht_replay import clip_source
-
+def real_clip_start(simulation, root: Path, clip: Clip) -> dict | None:
+    """The simulator start of a real clip (its first frame's source frame)."""
     first = 1 + int(clip.meta.get("first_index", 0))
-    return clip_source(root, int(clip.meta["episode_index"]), int(clip.meta["frame_indices"][first]))
-
-
-def candidate_source(root: Path, source_episode_id: str, source_clip_id: str, fps: float) -> dict | None:
-    """The simulator start of a generated clip: its source clip's first frame (clip ids end in `-f<start
-    frame>`, in clip-fps frames). None for a synthetic source episode (the simulator never recorded it)."""
-    from flywheel.label.episodes import dataset_info
-    from flywheel.quality.pusht_replay import clip_source
-
-    index_text = str(source_episode_id).rsplit("/", 1)[-1]
-    start_text = str(source_clip_id).rsplit("-f", 1)[-1]
-    if not index_text.isdigit() or not start_text.isdigit():
-        return None
-    source_frame = int(round(int(start_text) * float(dataset_info(root)["fps"]) / fps))
-    return clip_source(root, int(index_text), source_frame)
+    return simulation.clip_start(root, int(clip.meta["episode_index"]), int(clip.meta["frame_indices"][first]))
 
 
 def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Path, calibration_episodes: list[int],
@@ -131,11 +116,11 @@ def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Pat
 
     from flywheel.data.video import read_frames
     from flywheel.preview import contact_sheet
-    from flywheel.label.episodes import load_actions, load_episodes
+    from flywheel.label.episodes import dataset_info, load_actions, load_episodes
     from flywheel.label.idm import InverseDynamicsModel
+    from flywheel.simulation import generated_clip_start, simulation_for
     from flywheel.quality.browse import write_browse
     from flywheel.quality.filters import filter_clips
-    from flywheel.quality.pusht_replay import PushTReplayVerifier
 
     out_dir, root = Path(out_dir), Path(dataset_root)
     table, synthetic, idm_dir = load_candidates(labels_path)
@@ -147,9 +132,10 @@ def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Pat
     real, references, info = calibration_clips(real, config, codec, extra=first_frames)
     _report(progress, "label calibration clips", 1, 3)
     real = label_clips(real, idm)
-    verifier = PushTReplayVerifier.for_dataset(root)
+    simulation = simulation_for(root)
+    verifier = simulation.verifier(root) if simulation is not None else None
     if verifier is not None:
-        scores = replay_scores(verifier, [real_clip_source(root, c) for c in real], real)
+        scores = replay_scores(verifier, [real_clip_start(simulation, root, c) for c in real], real)
         real = [dataclasses.replace(c, extra_stats=s) for c, s in zip(real, scores)]
     thresholds = calibrate(real, config, load_actions(root, train_episodes),
                            source={"dataset_root": str(root), "episodes": list(calibration_episodes),
@@ -162,7 +148,9 @@ def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Pat
                        group=row.prompt, disagreement=z["disagreement"], reference=ref)
                   for row, video, first, z, ref in zip(table.itertuples(), videos, first_frames, labels, references)]
     if verifier is not None:
-        sources = [candidate_source(root, row.source_episode_id, row.source_clip_id, fps) for row in table.itertuples()]
+        dataset_fps = float(dataset_info(root)["fps"])
+        sources = [generated_clip_start(simulation, root, dataset_fps, row.source_episode_id, row.source_clip_id, fps)
+                   for row in table.itertuples()]
         candidates = [dataclasses.replace(c, extra_stats=s)
                       for c, s in zip(candidates, replay_scores(verifier, sources, candidates))]
     results = filter_clips(candidates, thresholds, config)

@@ -159,14 +159,14 @@ def _check_episode(i: int, ep: SyntheticEpisode, info: dict, camera: str, config
                          f"pass it in SyntheticEpisode.features (e.g. from a simulator replay)")
 
 
-# Files next to LeRobot's own metadata that describe the base's real episodes by index (the real episodes
-# keep their indices in the new version): the PushT sample's reset states, which the simulator replay of
-# the next iteration's synthetic clips starts from.
-SIDECAR_FILES = ("meta/pusht_sample.json",)
-
-
 def _carry_sidecars(base_root: Path, dst: Path) -> None:
-    for name in SIDECAR_FILES:
+    """Files next to LeRobot's own metadata that describe the base's real episodes by index (the real episodes
+    keep their indices in the new version): for a domain recorded in a simulator, its record of them (the
+    PushT sample's reset states), which the replay of the next iteration's synthetic clips starts from."""
+    from flywheel.simulation import simulation_for
+
+    simulation = simulation_for(base_root)
+    for name in simulation.sidecar_files if simulation is not None else ():
         if (base_root / name).is_file():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(base_root / name, dst / name)

@@ -31,3 +31,28 @@ def test_a_container_without_dev_nvidia_counts_what_nvidia_smi_lists(monkeypatch
     assert detected_gpus() == 2
     smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\nexit 9\n")
     assert detected_gpus() == 0
+
+
+def test_a_launched_run_places_gpu_steps_on_the_machines_gpus(monkeypatch, tmp_path):
+    """A run config that names the `flywheel` resource (every CLI and Launchpad run) rebuilds it from the fields'
+    defaults: the GPU count must still be this machine's. It was not: FLYWHEEL_GPUS=1 was dropped, every GPU
+    stage ran with CUDA_VISIBLE_DEVICES='' and a 2B iteration encoded its latents on the CPU of a GPU host.
+    Here (no CUDA) the workload still computes on the CPU; what is checked is where Dagster placed it."""
+    import dagster as dg
+
+    from flywheel.cli import main
+    from flywheel.defs.instance import flywheel_instance
+
+    monkeypatch.setenv("FLYWHEEL_GPUS", "1")
+    monkeypatch.setenv("FLYWHEEL_GPU_BACKEND", "subprocess")
+    home = tmp_path / "home"
+    main(["clips", "--home", str(home), "--set", "model.preset=tiny", "--set", "gates.fit.enabled=false",
+          "--set", "clips.max_clips_per_episode=1"])
+    instance = flywheel_instance(home)
+    try:
+        (run,) = instance.get_runs()
+        messages = [e.user_message for e in instance.all_logs(run.run_id) if e.step_key == "training_clips"]
+    finally:
+        instance.dispose()
+    assert any("running training_clips on GPU 0" in m for m in messages), messages
+    assert run.status == dg.DagsterRunStatus.SUCCESS

@@ -83,7 +83,7 @@ def failure_of(result) -> str:
 @pytest.fixture(scope="module")
 def small_pusht(tmp_path_factory) -> Path:
     """A real 4-episode PushT LeRobot v3.0 dataset from the simulator (the embedded sample's generator)."""
-    from flywheel.data.pusht_sample import PushTSampleConfig, write_pusht_dataset
+    from flywheel.pusht.sample import PushTSampleConfig, write_pusht_dataset
 
     return write_pusht_dataset(tmp_path_factory.mktemp("data") / "pusht_small",
                                PushTSampleConfig(episodes=4, max_steps=40), progress=lambda _: None)

@@ -16,22 +16,14 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def rotated_root() -> Path:
-    root = DATASETS / "pusht_rotated"
-    if not (root / "meta" / "pusht_sample.json").is_file():
-        pytest.fail(f"{root} is missing; see datasets/README.md")
-    return root
-
-
-@pytest.fixture(scope="session")
 def refreshed_root(rotated_root, tmp_path_factory, episode_cache) -> Path:
     """A refreshed version of the rotated domain made by flywheel's own refresh: the 10 real episodes plus two
     'synthetic' ones (real windows at the generator's 16 fps and 64 px, their environment state from the
     simulator replay of their actions), as the refreshed_dataset stage writes them."""
-    from flywheel.data.pusht_sample import read_sample_info
+    from flywheel.pusht.sample import read_sample_info
     from flywheel.label import load_episodes
     from flywheel.label.labeling import nearest_indices, resample_actions
-    from flywheel.quality.pusht_replay import PushTReplayVerifier
+    from flywheel.pusht.replay import PushTReplayVerifier
     from flywheel.refresh import SyntheticEpisode, refresh_dataset
     from flywheel.store import ArtifactStore
 

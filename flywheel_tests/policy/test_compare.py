@@ -9,8 +9,9 @@ import pytest
 
 from flywheel.errors import ConfigError, DataError
 from flywheel.policy import VERDICTS, PolicyEvalConfig, VerdictConfig, can_evaluate, compare_arms, load_evaluator
-from flywheel.policy.evaluators import EpisodeResult, ScriptedPushTEvaluator
-from flywheel.policy.simulator import PushTSimulator
+from flywheel.policy.evaluators import EpisodeResult
+from flywheel.pusht.evaluator import ScriptedPushTEvaluator
+from flywheel.pusht.simulator import PushTSimulator
 
 
 def test_both_arms_train_the_same_policy_on_the_same_budget_and_starts(rotated_root, refreshed_root, tiny_config,
@@ -91,7 +92,7 @@ class BlockTravel:
 def test_a_user_evaluator_feeds_the_report_and_verdict(rotated_root, refreshed_root, tmp_path):
     """The hook: an evaluator named by import path (no policy trained), its metrics per episode go through the
     same statistics; both arms face the same starts, so the scripted expert scores the same on both."""
-    config = PolicyEvalConfig(evaluator="flywheel.policy.evaluators:scripted_pusht",
+    config = PolicyEvalConfig(evaluator="flywheel.pusht.evaluator:scripted_pusht",
                               rollout=dict(episodes=4, max_steps=40, video_episodes=1), seeds=[0, 1])
     result = compare_arms(rotated_root, refreshed_root, config, out_dir=tmp_path)
     assert result.report["evaluator"] == "scripted-pusht[rotated]"
@@ -122,7 +123,7 @@ def test_evaluator_specs_and_metrics_are_checked(rotated_root, refreshed_root, r
         load_evaluator("flywheel.policy.config:PolicyEvalConfig", config, rotated_root)
     with pytest.raises(ConfigError, match="lacks name"):
         load_evaluator("builtins:dict", config, rotated_root)
-    bad = config.model_copy(update=dict(evaluator="flywheel.policy.evaluators:scripted_pusht", seeds=[0],
+    bad = config.model_copy(update=dict(evaluator="flywheel.pusht.evaluator:scripted_pusht", seeds=[0],
                                         rollout=config.rollout.model_copy(update=dict(episodes=1, max_steps=2)),
                                         verdict=VerdictConfig(primary="reward")))
     with pytest.raises(DataError, match="verdict.primary 'reward'"):

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from flywheel import decisions
-from flywheel.policy import simulator as sim
+from flywheel.pusht import simulator as sim
 from flywheel.policy.config import PolicyStageConfig
-from flywheel.policy.simulator import episode_seeds, starts_from_seeds
+from flywheel.policy.compare import episode_seeds
+from flywheel.pusht.simulator import starts_from_seeds
 from flywheel.stages import policy_stage
 from flywheel_tests.policy.conftest import TINY_ACT
 

@@ -6,7 +6,8 @@ from pydantic import ValidationError
 
 from flywheel.errors import ConfigError, DataError
 from flywheel.policy import PolicyEvalConfig, PolicyTrainConfig, gpu_config, train_policy
-from flywheel.policy.simulator import LeRobotPolicyActions, PushTSimulator, episode_seeds, rollout, starts_from_seeds
+from flywheel.policy.compare import episode_seeds
+from flywheel.pusht.simulator import LeRobotPolicyActions, PushTSimulator, rollout, starts_from_seeds
 from flywheel_tests.policy.conftest import TINY_ACT
 
 

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from flywheel.data.clips import resize_frame
-from flywheel.data.pusht_sample import read_sample_info
+from flywheel.pusht.sample import read_sample_info
 from flywheel.errors import DataError
 from flywheel.label import load_episodes
 from flywheel.label.labeling import nearest_indices, resample_actions
-from flywheel.quality.pusht_replay import PushTReplayVerifier
+from flywheel.pusht.replay import PushTReplayVerifier
 from flywheel.refresh import (RefreshConfig, SyntheticEpisode, add_is_synthetic, load_refreshed, read_provenance,
                               refresh_dataset)
 from flywheel.store import hash_tree

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from flywheel.data.pusht_sample import (
+from flywheel.pusht.sample import (
     ACTION_HIGH,
     ACTION_LOW,
     FPS,

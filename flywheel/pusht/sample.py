@@ -1,6 +1,6 @@
 """The embedded sample dataset: scripted PushT demonstrations, written as a LeRobot v3.0 dataset.
 
-    python -m flywheel.data.pusht_sample --out datasets/pusht [--episodes 20 --seed 0 --variant default]
+    python -m flywheel.pusht.sample --out datasets/pusht [--episodes 20 --seed 0 --variant default]
 
 The `gym_pusht/PushT-v0` simulator (pymunk physics, 10 Hz control, no network) is driven by a scripted
 pusher that walks around the T block and pushes it toward the target pose. Everything is a function of
@@ -402,7 +402,7 @@ def write_pusht_dataset(
             else:
                 bar.update(1)
         dataset.finalize()
-        info = dict(generator="flywheel.data.pusht_sample", env_id=ENV_ID, config=config.model_dump(),
+        info = dict(generator="flywheel.pusht.sample", env_id=ENV_ID, config=config.model_dump(),
                     repo_id=config.repo_id, task=variant.task, episodes=records)
         (tmp / INIT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         from flywheel.preview import contact_sheet
@@ -443,8 +443,8 @@ def read_sample_info(root: str | os.PathLike) -> dict:
     """The generator config and per-episode reset seeds / initial states of a dataset written here."""
     path = Path(root) / INIT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {root} a dataset made by flywheel.data.pusht_sample? "
-                                "Regenerate it with `python -m flywheel.data.pusht_sample --out ...`")
+        raise FileNotFoundError(f"{path}: not found; is {root} a dataset made by flywheel.pusht.sample? "
+                                "Regenerate it with `python -m flywheel.pusht.sample --out ...`")
     return json.loads(path.read_text())
 
 
@@ -453,7 +453,7 @@ def read_sample_info(root: str | os.PathLike) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = PushTSampleConfig()
-    parser = argparse.ArgumentParser(prog="python -m flywheel.data.pusht_sample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flywheel.pusht.sample", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
     parser.add_argument("--episodes", type=int, default=defaults.episodes)
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -1,14 +1,14 @@
 """Pretrain the `tiny-pusht` base world model: a small Cosmos Predict 2.5 on scripted PushT episodes.
 
-    python -m flywheel.model.pretrain_pusht --out flywheel/model/weights/tiny-pusht [--device cuda]
+    python -m flywheel.pusht.pretrain --out flywheel/model/weights/tiny-pusht [--device cuda]
 
     # or in two halves, when the GPU machine has no simulator (gym-pusht / pymunk / pygame):
-    python -m flywheel.model.pretrain_pusht --write-npz pusht_pretrain.npz          # here, CPU, simulator
-    python -m flywheel.model.pretrain_pusht --data-npz pusht_pretrain.npz --out DIR --device cuda
+    python -m flywheel.pusht.pretrain --write-npz pusht_pretrain.npz          # here, CPU, simulator
+    python -m flywheel.pusht.pretrain --data-npz pusht_pretrain.npz --out DIR --device cuda
 
 What it does, all a function of `PretrainConfig` (and the seed in it):
 
-1. data: `episodes` scripted PushT demonstrations (flywheel.data.pusht_sample's ScriptedPusher, the
+1. data: `episodes` scripted PushT demonstrations (flywheel.pusht.sample's ScriptedPusher, the
    `default` look only: the recoloured domain is left for an adapter to learn), rendered at 96 px like
    datasets/pusht, resized to 64 px and resampled 10 -> 16 fps exactly like the clips stage does.
    Their prompts (the clip prompt and its generation variations) are embedded here by the `tiny`
@@ -60,7 +60,7 @@ MODEL_FORMAT = "flywheel-tiny-pusht/1"
 REPORT_FILE = "pretrain_report.json"
 SAMPLES_FILE = "samples.png"
 LOSS_FILE = "loss.png"
-SOURCE_FPS = 10  # flywheel.data.pusht_sample.FPS: one simulator step per 0.1 s
+SOURCE_FPS = 10  # flywheel.pusht.sample.FPS: one simulator step per 0.1 s
 NUM_FRAMES = 17  # the preset's clip length: 5 latent frames
 LATENT_CHANNELS = 16  # Cosmos 2.5's DiT takes 16 latent channels (+1 condition mask)
 FLOOR_LEVEL = 0.9  # in [-1, 1]: a pixel with any channel below ~242/255 is not the white floor
@@ -124,7 +124,7 @@ class VaeConfig(BaseModel):
     # 1474 default-only steps, and blurry samples, so the committed weights keep ["default"].
     looks: list[Literal["default", "recolored"]] = Field(
         default_factory=lambda: ["default"], min_length=1,
-        description="PushT colourings (flywheel.data.pusht_sample.VARIANTS) the VAE trains on; each window picks one")
+        description="PushT colourings (flywheel.pusht.sample.VARIANTS) the VAE trains on; each window picks one")
 
     @field_validator("clip_frames")
     @classmethod
@@ -210,7 +210,7 @@ class PushTFrames:
 def training_prompts() -> list[str]:
     """The clips stage's prompt for a default PushT episode, then its generation-time variations."""
     from flywheel.data.clips import ClipConfig
-    from flywheel.data.pusht_sample import VARIANTS
+    from flywheel.pusht.sample import VARIANTS
     from flywheel.generate.config import PROMPT_VARIATIONS
 
     prompt = ClipConfig().prompt_prefix + VARIANTS["default"].task
@@ -236,7 +236,7 @@ def embed_prompts(prompts: list[str], seed: int, max_sequence_length: int = 64) 
 def generate_episodes(config: DataConfig, progress: Progress = None) -> PushTFrames:
     """Roll out the scripted pusher (needs gym-pusht); frames as the clips stage would make them."""
     from flywheel.data.clips import resample_indices, resize_frame
-    from flywheel.data.pusht_sample import VARIANTS, episode_reset_seed, make_env, rollout_episode
+    from flywheel.pusht.sample import VARIANTS, episode_reset_seed, make_env, rollout_episode
 
     report = PhaseReporter(progress, "data", config.episodes)
     env = make_env(config.render_size)
@@ -283,7 +283,7 @@ def load_npz(path: str | os.PathLike) -> PushTFrames:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such episode file; write one with "
-                                f"`python -m flywheel.model.pretrain_pusht --write-npz {path}`")
+                                f"`python -m flywheel.pusht.pretrain --write-npz {path}`")
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("frames", "episode_lengths", "prompts", "prompt_embeds", "meta") if k not in z]
         if missing:
@@ -328,7 +328,7 @@ def gather_windows(frames: torch.Tensor, starts: torch.Tensor, length: int) -> t
 def recolour(video: torch.Tensor, look: str) -> torch.Tensor:
     """Videos [B, 3, T, H, W] in [-1, 1] of the default look, shown in `look` (the dataset generator's
     affine colour map, so a recoloured window is what `pusht_sample --variant` would have rendered)."""
-    from flywheel.data.pusht_sample import RENDER_PALETTE, VARIANTS, affine_colour_map
+    from flywheel.pusht.sample import RENDER_PALETTE, VARIANTS, affine_colour_map
 
     palette = VARIANTS[look].palette
     if palette is None:
@@ -787,7 +787,7 @@ def pretrain(
             report["samples"] = evaluate_weights(tmp, data, config, device, progress)
         except Exception as e:  # the weights are good without pictures: keep them, say what failed
             report["samples"] = {"error": f"{type(e).__name__}: {e}",
-                                 "redo": "python -m flywheel.model.pretrain_pusht --evaluate-only --out DIR --data-npz NPZ"}
+                                 "redo": "python -m flywheel.pusht.pretrain --evaluate-only --out DIR --data-npz NPZ"}
         report["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
         for path in tmp.rglob("*"):
@@ -830,7 +830,7 @@ def model_card(config: PretrainConfig, data: PushTFrames) -> dict[str, Any]:
         "height": config.data.height, "width": config.data.width, "num_frames": NUM_FRAMES, "fps": config.data.fps,
         "pretrain_seed": config.seed,
         "vae_looks": list(config.vae.looks),
-        "reproduce": "python -m flywheel.model.pretrain_pusht --out DIR --seed "
+        "reproduce": "python -m flywheel.pusht.pretrain --out DIR --seed "
                      f"{config.seed} --episodes {config.data.episodes} (see pretrain_report.json for every setting)",
     }
 
@@ -933,7 +933,7 @@ def print_progress(every: int) -> Callable[[dict], None]:
 
 def main(argv: list[str] | None = None) -> int:
     d, v, t = DataConfig(), VaeConfig(), DitConfig()
-    parser = argparse.ArgumentParser(prog="python -m flywheel.model.pretrain_pusht", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flywheel.pusht.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="weights directory to write (flywheel/model/weights/tiny-pusht)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

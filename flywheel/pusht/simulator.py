@@ -1,6 +1,6 @@
 """Closed-loop rollouts in the PushT simulator, seen through the domain's camera.
 
-A dataset made by `flywheel.data.pusht_sample` (and every version refreshed from it, which carries its
+A dataset made by `flywheel.pusht.sample` (and every version refreshed from it, which carries its
 `meta/pusht_sample.json`) names the variant it was filmed with; `PushTSimulator.from_dataset` reads it, so a
 policy trained on `pusht-rotated` is shown the simulator's render turned a quarter turn, by the same
 `Variant.show` that rendered the dataset's frames. The world, the agent's state and the actions are never
@@ -21,14 +21,13 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from flywheel.data.pusht_sample import (
+from flywheel.pusht.sample import (
     ENV_ID,
     INIT_FILE,
     VARIANTS,
     ScriptedPusher,
     Variant,
     environment_state,
-    episode_reset_seed,
     make_env,
     read_sample_info,
     sample_initial_state,
@@ -84,7 +83,7 @@ class PushTSimulator:
             info = read_sample_info(root)
         except FileNotFoundError as e:
             raise DataError(f"{Path(root) / INIT_FILE}: not found, so {root} has no known simulator; closed-loop "
-                            "evaluation needs a PushT sample dataset (flywheel.data.pusht_sample) or your own "
+                            "evaluation needs a PushT sample dataset (flywheel.pusht.sample) or your own "
                             "evaluator (policy.evaluator, see docs/policy.md)") from e
         config = info.get("config", {})
         name = config.get("variant", "default")
@@ -124,11 +123,6 @@ def coverage_of_states(simulator: PushTSimulator, environment_states: np.ndarray
         return out
     finally:
         env.close()
-
-
-def episode_seeds(start_seed: int, episodes: int) -> list[int]:
-    """The start list's reset seeds: a pure function of (start_seed, i), drawn as the PushT sample draws its own."""
-    return [episode_reset_seed(start_seed, i) for i in range(episodes)]
 
 
 def starts_from_seeds(seeds: Sequence[int]) -> list[tuple[int, list[float]]]:
@@ -210,7 +204,7 @@ def _rollout_batch(simulator, source, envs, chunk, max_steps, keep_frames) -> li
 
 
 class ScriptedActions:
-    """The PushT sample's scripted pusher (flywheel.data.pusht_sample.ScriptedPusher) as an ActionSource: it reads
+    """The PushT sample's scripted pusher (flywheel.pusht.sample.ScriptedPusher) as an ActionSource: it reads
     the environment state, not the pixels. The expert the sample datasets were recorded with."""
 
     def __init__(self) -> None:

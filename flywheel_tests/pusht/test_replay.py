@@ -3,10 +3,10 @@ and plugs into the filter stack as the verifier filter."""
 
 import pytest
 
-from flywheel.data.pusht_sample import read_sample_info
+from flywheel.pusht.sample import read_sample_info
 from flywheel.label import load_episodes
 from flywheel.quality import Clip, FilterConfig, Verifier, calibrate, filter_clips
-from flywheel.quality.pusht_replay import PushTReplayVerifier, clip_source
+from flywheel.pusht.replay import PushTReplayVerifier, clip_source
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ numbers are the env's own."""
 import numpy as np
 import pytest
 
-from flywheel.data.pusht_sample import environment_state, make_env, read_sample_info, rollout_episode
-from flywheel.policy.simulator import (
+from flywheel.policy.compare import episode_seeds
+from flywheel.pusht.sample import environment_state, make_env, read_sample_info, rollout_episode
+from flywheel.pusht.simulator import (
     PushTSimulator,
     ScriptedActions,
     coverage_of_states,
-    episode_seeds,
     rollout,
     simulator_for_dataset,
     starts_from_seeds,
@@ -102,7 +102,7 @@ def test_actions_drive_the_env_state(rotated_root):
 
 def test_coverage_of_recorded_states_is_the_envs(rotated_root):
     """What the benchmark computes for a synthetic episode's replayed states: the env's coverage of that state."""
-    from flywheel.data.pusht_sample import ScriptedPusher
+    from flywheel.pusht.sample import ScriptedPusher
 
     sim = simulator_for_dataset(rotated_root)
     (seed, state), = starts_from_seeds(episode_seeds(123, 1))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flywheel.model.presets import TINY_PUSHT_DIR, TINY_PUSHT_META, get_preset, load_pipeline
-from flywheel.model.pretrain_pusht import (
+from flywheel.pusht.pretrain import (
     NUM_FRAMES,
     PushTFrames,
     VaeConfig,
@@ -87,7 +87,7 @@ try:
     sys.exit("the block does not work")
 except ImportError:
     pass
-from flywheel.model.pretrain_pusht import main
+from flywheel.pusht.pretrain import main
 sys.exit(main(["--data-npz", {str(episodes_npz)!r}, "--out", {str(out)!r}] + {TOY_TRAINING!r}))
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -155,7 +155,7 @@ def test_vae_learns_even_where_its_output_overshoots_white(episodes_npz):
 
 def test_vae_windows_are_recoloured_exactly_as_the_recolored_dataset_is_rendered(episodes_npz):
     """The VAE learns the recolored look from default frames through the generator's own colour map."""
-    from flywheel.data.pusht_sample import VARIANTS
+    from flywheel.pusht.sample import VARIANTS
 
     frames = load_npz(episodes_npz).episode(0)[:5]
     video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
@@ -172,7 +172,7 @@ def test_vae_windows_are_recoloured_exactly_as_the_recolored_dataset_is_rendered
 
 
 def test_missing_weights_say_which_command_makes_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m flywheel.model.pretrain_pusht --out"):
+    with pytest.raises(FileNotFoundError, match="python -m flywheel.pusht.pretrain --out"):
         load_pipeline("tiny-pusht", weights_dir=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="only for the tiny-pusht preset"):
         load_pipeline("tiny", weights_dir=tmp_path)
@@ -193,7 +193,7 @@ def test_rollout_metrics_tell_frozen_and_moving_videos_apart():
 # ── The committed weights ────────────────────────────────────────────────────────────────────────
 
 needs_weights = pytest.mark.skipif(not (TINY_PUSHT_DIR / TINY_PUSHT_META).is_file(),
-                                   reason="no committed tiny-pusht weights (python -m flywheel.model.pretrain_pusht)")
+                                   reason="no committed tiny-pusht weights (python -m flywheel.pusht.pretrain)")
 
 # Thresholds, from what the weights have to beat (see the test's docstring and pretrain_report.json).
 FIRST_FRAME_MIN_PSNR = 24.0

@@ -33,7 +33,7 @@ from flywheel.label.labeling import nearest_indices, resample_actions
 
 ENV_FPS = 10.0
 WORLD_SIZE = 512.0
-AGENT_RGB = (65, 105, 225)     # PushTEnv's colours, as rendered (see flywheel.data.pusht_sample.RENDER_PALETTE)
+AGENT_RGB = (65, 105, 225)     # PushTEnv's colours, as rendered (see flywheel.pusht.sample.RENDER_PALETTE)
 BLOCK_RGB = (143, 163, 184)
 FLOOR_RGB = (255, 255, 255)
 INFO_FILE = "meta/pusht_sample.json"
@@ -68,7 +68,7 @@ def _make_state_env(image_size: int):
     """PushT with state observations: stepping does not render; `_render()` draws a frame on demand."""
     import gymnasium as gym
 
-    from flywheel.data.pusht_sample import ENV_ID
+    from flywheel.pusht.sample import ENV_ID
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pygame's pkg_resources deprecation notice
@@ -91,7 +91,7 @@ class PushTReplayVerifier:
         self.image_size, self.tol = image_size, tol
         self.agent_rgb, self.block_rgb, self.floor_rgb = agent_rgb, block_rgb, floor_rgb
         # A recoloured domain paints the video differently from the simulator's renders; a turned camera
-        # shows it turned (np.rot90 by quarter_turns, as flywheel.data.pusht_sample.Variant.show does).
+        # shows it turned (np.rot90 by quarter_turns, as flywheel.pusht.sample.Variant.show does).
         self.video_agent_rgb, self.video_block_rgb = video_agent_rgb or agent_rgb, video_block_rgb or block_rgb
         self.video_floor_rgb = video_floor_rgb or floor_rgb
         self.quarter_turns = quarter_turns
@@ -99,12 +99,12 @@ class PushTReplayVerifier:
 
     @classmethod
     def for_dataset(cls, root: str | Path, **kwargs) -> PushTReplayVerifier | None:
-        """The verifier for a dataset written by flywheel.data.pusht_sample (its view and colours); None for
+        """The verifier for a dataset written by flywheel.pusht.sample (its view and colours); None for
         any other dataset (no simulator record)."""
         path = Path(root) / INFO_FILE
         if not path.is_file():
             return None
-        from flywheel.data.pusht_sample import VARIANTS
+        from flywheel.pusht.sample import VARIANTS
 
         variant = VARIANTS[json.loads(path.read_text())["config"]["variant"]]
         palette = variant.palette
@@ -130,7 +130,7 @@ class PushTReplayVerifier:
     def rollout(self, source: dict, actions: np.ndarray, render: bool = True):
         """Rendered frames [T, S, S, 3] (None without `render`), environment states [T, 5] (agent x, y,
         block x, y, angle) and the block's coverage of the goal [T]: the state before each action."""
-        from flywheel.data.pusht_sample import environment_state
+        from flywheel.pusht.sample import environment_state
 
         env, info = self._start(source)
         sim = env.unwrapped
