@@ -8,6 +8,7 @@ import signal
 import tempfile
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -132,11 +133,10 @@ def what_a_run_decided(home: Path) -> dict:
     return {"keys": keys, "checks": verdicts, "versions": versions, "refreshed": keys.get("refreshed_dataset")}
 
 
-def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dagster_dev, tmp_path, monkeypatch):
+def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dagster_dev, tmp_path, request):
     from dagster import DagsterRunStatus
     from dagster_graphql import DagsterGraphQLClient
 
-    from flywheel.cli import main
     from flywheel.config import load_config
     from flywheel.defs.instance import flywheel_instance
     from flywheel.defs.launch import run_config
@@ -150,6 +150,16 @@ def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dag
     run_id = submit(client, job_name="flywheel_iteration", run_config=launchpad,
                     tags={"dagster/partition": DOMAIN})  # the embedded sample, registered on first start
     print(f"submitted after {time.time() - started:.0f}s")
+    # the same config from the CLI, on a second fresh home, while the UI's run goes on (the two share nothing)
+    other = tmp_path / "cli-home"
+    cli_log = open(tmp_path / "cli.log", "w")
+    # the UI's step processes run with one torch thread (the server's env): so does the CLI here, since float
+    # reductions over another thread count give other low bits, other labels, another (correct) version id
+    cli_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+    cli_run = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "iterate", "--home", str(other),
+                            *(f"--set={s}" for s in FAST)], cwd=REPO_ROOT, env=cli_env, stdout=cli_log,
+                           stderr=subprocess.STDOUT)
+    request.addfinalizer(lambda: cli_run.poll() is None and cli_run.kill())  # a failed test leaves no CLI run behind
     deadline = time.time() + RUN_TIMEOUT_S
     status = client.get_run_status(run_id)
     while status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
@@ -165,12 +175,9 @@ def test_the_ui_and_the_cli_launch_the_same_run_and_the_server_stops_cleanly(dag
     data = client._execute(MATERIALIZATIONS, {"runId": run_id})["runOrError"]
     assert {m["partition"] for m in data["assetMaterializations"]} == {DOMAIN}
 
-    # the same config from the CLI, on a second fresh home
-    other = tmp_path / "cli-home"
-    # the UI's step processes run with one torch thread (the server's env): so does the CLI here, since float
-    # reductions over another thread count give other low bits, other labels, another (correct) version id
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert main(["iterate", "--home", str(other), *(f"--set={s}" for s in FAST)]) == 0
+    code = cli_run.wait(timeout=RUN_TIMEOUT_S)
+    cli_log.close()
+    assert code == 0, (tmp_path / "cli.log").read_text()[-5000:]
     ui, cli = what_a_run_decided(home), what_a_run_decided(other)
     assert len(ui["keys"]) == len(STAGE_LIST) and set(ui["checks"]) >= {"enough_episodes", "model_fits_the_data", "adapter_gate"}
     assert ui == cli
