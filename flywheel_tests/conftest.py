@@ -11,8 +11,8 @@ import pytest
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
-# The suite runs on pytest-xdist workers (addopts `-n 2`): one torch thread per worker and per process it
-# starts, so two workers on two cores do not fight over four threads (a tiny step is then ~4x slower).
+# The suite runs on pytest-xdist workers (pyproject addopts `-n 3`): one torch thread per worker and per process it
+# starts, so the workers on two cores do not fight over twice as many threads (a tiny step is then ~4x slower).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
