@@ -52,6 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
+from flywheel.image_metrics import psnr  # noqa: E402
+
 # Model FLOPs of one training step of the 2B at 93x432x768 (reference/h200_cosmos_lora.json).
 REFERENCE_TFLOP_PER_STEP = {"cosmos-predict2.5-2b-random": 881.7, "cosmos-predict2.5-2b": 881.7}
 TARGET_PEAK_GIB = 80.0
@@ -394,8 +396,7 @@ def best_training(workloads: dict, method: str) -> str | None:
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two float videos in [0, 1]; 100 dB stands for identical."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(1.0 / mse))
+    return psnr(a, b, peak=1.0, cap=100.0)
 
 
 def forward_tflop(pipe, latents: torch.Tensor, embeds: torch.Tensor) -> float | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,11 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from flywheel.image_metrics import psnr  # noqa: E402
+
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two float videos in [0, 1]; 100 dB stands for identical."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(1.0 / mse))
+    return psnr(a, b, peak=1.0, cap=100.0)
 
 
 def first_frames(root: Path, episodes: int) -> list[tuple[np.ndarray, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.quality.stats import gray, psnr, ssim
+from flywheel.image_metrics import gray, psnr, ssim
 
 
 def video_ssim(a: np.ndarray, b: np.ndarray) -> float:

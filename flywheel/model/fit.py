@@ -32,7 +32,7 @@ import pandas as pd
 
 from flywheel.errors import DataError
 from flywheel.model.encode import codec_roundtrips, pipeline_preset
-from flywheel.quality.stats import gray, psnr, ssim
+from flywheel.image_metrics import gray, psnr, ssim
 
 if TYPE_CHECKING:
     from flywheel.data.clips import ClipConfig, ClipSet

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flywheel.image_metrics import psnr as image_psnr
+
 NPZ_FORMAT = "flywheel-pusht-pretrain/1"
 MODEL_FORMAT = "flywheel-tiny-pusht/1"
 REPORT_FILE = "pretrain_report.json"
@@ -627,10 +629,8 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Uncapped, float64 (a frozen clip must read as far above any real one). Not quality.stats.psnr: this recipe
-    runs on a bare GPU host with torch and numpy only (no av/lerobot, which quality imports), and that one caps at 60 dB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+    """Uncapped (a frozen clip must read as far above any real one)."""
+    return image_psnr(a, b, cap=None)
 
 
 def rollout_metrics(generated: np.ndarray, real: np.ndarray) -> dict[str, float]:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from flywheel.quality.calibration import Clip, Thresholds, calibrate, real_clips
 from flywheel.quality.config import FilterConfig
-from flywheel.quality.stats import psnr
+from flywheel.image_metrics import psnr
 
 # Frames through the model's codec: a list of uint8 [T, H, W, 3] clips in, the same shapes out.
 Codec = Callable[[list[np.ndarray]], list[np.ndarray]]

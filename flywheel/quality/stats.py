@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
+from flywheel.image_metrics import gray, psnr, ssim  # noqa: F401  (the one implementation; re-exported)
 from flywheel.label.episodes import resize_frames
 from flywheel.quality.motion import (block_means, flow_sequence, local_means, residual_spike, reversal_fraction,
                                      warp_residuals)
@@ -41,33 +42,6 @@ STAT_DIRECTION = {
 # Values a statistic cannot pass: a threshold at or beyond its bound can never fire (reported at calibration).
 STAT_BOUNDS = {"frozen_tail": 1.0, "idle": 1.0, "reversal": 1.0, "colour_shift": 1.0, "ssim_first": -1.0,
                "psnr_first": 0.0, "sharpness_ratio": 0.0, "clipped_increase": 1.0}
-
-def gray(frames: np.ndarray) -> np.ndarray:
-    """uint8 RGB [..., 3] -> float32 luma (BT.601) [...]."""
-    return frames[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def psnr(a: np.ndarray, b: np.ndarray, cap: float = 60.0) -> float:
-    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
-    return cap if mse <= 1e-10 else min(cap, 10 * np.log10(255.0**2 / mse))
-
-
-def _box(x: np.ndarray, k: int) -> np.ndarray:
-    """Mean over k x k windows ('valid'), via a 2-D cumulative sum."""
-    c = np.pad(x, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
-
-
-def ssim(a: np.ndarray, b: np.ndarray, k: int = 7) -> float:
-    """Mean SSIM of two gray images (float, 0..255) with uniform k x k windows."""
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_a, mu_b = _box(a, k), _box(b, k)
-    var_a = _box(a * a, k) - mu_a**2
-    var_b = _box(b * b, k) - mu_b**2
-    cov = _box(a * b, k) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
-
 
 def laplacian_variance(g: np.ndarray) -> float:
     lap = -4 * g[1:-1, 1:-1] + g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:]
