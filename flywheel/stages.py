@@ -480,7 +480,9 @@ def refresh_stage(home, curated_path, manifest_path, refresh_config, progress: P
                       "seed": int(row.seed), "prompt": row.prompt, "source_episode": row.source_episode_id,
                       "source_clip": row.source_clip_id, "model_id": row.model_id, "revision": row.revision,
                       "synthetic_set": synthetic.name,
-                      "filter_scores": {c: float(results.loc[row.request_id, c]) for c in score_cols}}
+                      # to 6 significant digits: OpenCV's optical flow and the simulator differ in the last bits
+                      # between runs, and the version id must not (it hashes the provenance)
+                      "filter_scores": {c: float(f"{float(results.loc[row.request_id, c]):.6g}") for c in score_cols}}
         features = _simulator_features(root, row, z["actions"], float(row.fps))
         if features is None:
             not_refreshable.append(row.request_id)
