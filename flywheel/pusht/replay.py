@@ -30,13 +30,13 @@ import numpy as np
 
 from flywheel.label.episodes import resize_frames
 from flywheel.label.labeling import nearest_indices, resample_actions
+from flywheel.pusht import INFO_FILE
 
 ENV_FPS = 10.0
 WORLD_SIZE = 512.0
 AGENT_RGB = (65, 105, 225)     # PushTEnv's colours, as rendered (see flywheel.pusht.sample.RENDER_PALETTE)
 BLOCK_RGB = (143, 163, 184)
 FLOOR_RGB = (255, 255, 255)
-INFO_FILE = "meta/pusht_sample.json"
 
 
 def colour_presence(frames: np.ndarray, rgb, background, tol: float = 40.0) -> np.ndarray:

@@ -39,10 +39,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flywheel.pusht import INFO_FILE
+
 ENV_ID = "gym_pusht/PushT-v0"
 FPS = 10  # PushTEnv.metadata["render_fps"]: one action per 0.1 s
 ACTION_LOW, ACTION_HIGH = 0.0, 512.0  # PushTEnv.action_space bounds
-INIT_FILE = "meta/pusht_sample.json"
 PREVIEW_FILE = "meta/preview.png"  # the first PREVIEW_EPISODES episodes, PREVIEW_FRAMES frames each
 PREVIEW_EPISODES, PREVIEW_FRAMES = 4, 8
 
@@ -404,7 +405,7 @@ def write_pusht_dataset(
         dataset.finalize()
         info = dict(generator="flywheel.pusht.sample", env_id=ENV_ID, config=config.model_dump(),
                     repo_id=config.repo_id, task=variant.task, episodes=records)
-        (tmp / INIT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         from flywheel.preview import contact_sheet
 
         contact_sheet([np.stack(row) for row in preview_rows], [f"episode {i}" for i in range(len(preview_rows))],
@@ -441,7 +442,7 @@ def _replace(new: Path, out: Path) -> None:
 
 def read_sample_info(root: str | os.PathLike) -> dict:
     """The generator config and per-episode reset seeds / initial states of a dataset written here."""
-    path = Path(root) / INIT_FILE
+    path = Path(root) / INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {root} a dataset made by flywheel.pusht.sample? "
                                 "Regenerate it with `python -m flywheel.pusht.sample --out ...`")

@@ -23,7 +23,6 @@ import numpy as np
 
 from flywheel.pusht.sample import (
     ENV_ID,
-    INIT_FILE,
     VARIANTS,
     ScriptedPusher,
     Variant,
@@ -33,6 +32,7 @@ from flywheel.pusht.sample import (
     sample_initial_state,
 )
 from flywheel.errors import DataError
+from flywheel.pusht import INFO_FILE, PUSHT
 
 
 @runtime_checkable
@@ -82,15 +82,15 @@ class PushTSimulator:
         try:
             info = read_sample_info(root)
         except FileNotFoundError as e:
-            raise DataError(f"{Path(root) / INIT_FILE}: not found, so {root} has no known simulator; closed-loop "
+            raise DataError(f"{Path(root) / INFO_FILE}: not found, so {root} has no known simulator; closed-loop "
                             "evaluation needs a PushT sample dataset (flywheel.pusht.sample) or your own "
                             "evaluator (policy.evaluator, see docs/policy.md)") from e
         config = info.get("config", {})
         name = config.get("variant", "default")
         if name not in VARIANTS:
-            raise DataError(f"{Path(root) / INIT_FILE}: config.variant {name!r} is not one of {sorted(VARIANTS)}")
+            raise DataError(f"{Path(root) / INFO_FILE}: config.variant {name!r} is not one of {sorted(VARIANTS)}")
         if info.get("env_id", ENV_ID) != ENV_ID:
-            raise DataError(f"{Path(root) / INIT_FILE}: env_id {info.get('env_id')!r}; only {ENV_ID} is supported")
+            raise DataError(f"{Path(root) / INFO_FILE}: env_id {info.get('env_id')!r}; only {ENV_ID} is supported")
         return cls(VARIANTS[name], int(config.get("image_size", 96)))
 
     def make_env(self):
@@ -104,7 +104,7 @@ class PushTSimulator:
 
 def simulator_for_dataset(root: str | Path) -> PushTSimulator | None:
     """The dataset's simulator, or None where it has none (closed-loop evaluation then needs your evaluator)."""
-    return PushTSimulator.from_dataset(root) if (Path(root) / INIT_FILE).is_file() else None
+    return PushTSimulator.from_dataset(root) if PUSHT.recorded(Path(root)) else None
 
 
 def coverage_of_states(simulator: PushTSimulator, environment_states: np.ndarray) -> np.ndarray:
