@@ -28,6 +28,6 @@ def test_pipeline_generation_benchmark_runs_on_cpu(tmp_path):
          "--out", str(tmp_path)])
     report = json.loads((tmp_path / "pipeline-generate-cpu-tiny.json").read_text())
     plain, cached = report["workloads"]["generate_videos"], report["workloads"]["generate_videos[step_cache=0.05]"]
-    assert "sampler=stock" in plain["notes"] and "sampler=fast" in cached["notes"], "the CPU resolution, recorded"
+    assert "sampler=fast" in plain["notes"] and "compile=False" in plain["notes"], "the CPU resolution, recorded"
     for w in (plain, cached):
         assert 0 < w["sampler_s"] <= w["ours_s"] and w["baseline_s"] > 0 and w["psnr_db"] > 20

@@ -180,10 +180,10 @@ def test_generate_config_speed_means_need_the_fast_sampler():
         assert GenerateConfig(**field).resolved(TINY, "cpu").sampler == "fast"
 
 
-def test_generate_config_is_the_fast_path_on_a_gpu_and_the_stock_call_on_a_cpu():
+def test_generate_config_is_the_fast_path_on_a_gpu_and_our_eager_unfused_sampler_on_a_cpu():
     gpu, cpu = GenerateConfig().resolved(TINY, "cuda:1"), GenerateConfig().resolved(TINY, "cpu")
     assert (gpu.sampler, gpu.compile, gpu.fuse_lora) == ("fast", True, True)
-    assert (cpu.sampler, cpu.compile, cpu.fuse_lora) == ("stock", False, False)
+    assert (cpu.sampler, cpu.compile, cpu.fuse_lora) == ("fast", False, False)
     assert gpu.step_cache_threshold is None and not gpu.fp8, "settings that change the frames stay opt-in"
     kept = GenerateConfig(sampler="stock", fuse_lora=False).resolved(TINY, "cuda")
     assert (kept.sampler, kept.compile, kept.fuse_lora) == ("stock", False, False), "explicit settings are kept"
