@@ -15,7 +15,9 @@ from flywheel.pipeline import STAGE_LIST
 
 DOMAIN = "pusht-rotated"
 # CPU-sized: 1 clip per episode, a short hot schedule that still moves the adapter, 3 two-step videos, a small IDM;
-# no usefulness report, so the build-on decision gets no verdict and these runs accept "inconclusive".
+# no usefulness report, so the build-on decision gets no verdict and these runs accept "inconclusive"; filters
+# calibrated on the raw clips (the codec references cost 17 of a run's 50 s here; the default `model_codec` path is
+# run by defs/test_pipeline.py and quality/test_curation.py).
 FAST = {
     "clips.max_clips_per_episode": 1,
     "train.steps": 10, "train.rank": 4, "train.alpha": 4, "train.checkpoint_every": 5, "train.learning_rate": 0.005,
@@ -24,7 +26,7 @@ FAST = {
     "generate.seeds": [0], "generate.max_videos": 3, "generate.num_inference_steps": 2,
     "label.idm.steps": 20, "label.idm.batch_size": 8,
     "refresh.usefulness_report": False,
-    "gates.curation.min_pass_rate": 0.0,
+    "gates.curation.min_pass_rate": 0.0, "quality.calibrate_on": "real",
     "gates.refresh.build_on": ["better", "non-inferior", "inconclusive"],
 }
 
