@@ -173,7 +173,7 @@ TINY = PRESETS["tiny"]
 
 def test_generate_config_speed_means_need_the_fast_sampler():
     assert GenerateConfig(sampler="fast", fp8=True, step_cache_threshold=0.1).step_cache_threshold == 0.1
-    for field in (dict(fp8=True), dict(step_cache_threshold=0.1), dict(compile=True)):
+    for field in (dict(fp8=True), dict(step_cache_threshold=0.1), dict(compile=True), dict(decode_batch=4)):
         with pytest.raises(ValueError, match="sampler='fast'"):
             GenerateConfig(sampler="stock", **field)
         # Left as None, the sampler is ours when a setting only it has is asked for, on any device.

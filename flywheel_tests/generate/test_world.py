@@ -14,12 +14,14 @@ from pydantic import ValidationError
 
 from flywheel.data.video import probe, read_frames
 from flywheel.generate.config import GenerateConfig
+from flywheel.generate.sampler import decode_latents
 from flywheel.generate.world import (
     BASE,
     SAMPLE_COLUMNS,
     BackgroundWriter,
     GenerationRequest,
     PromptEmbeddings,
+    decode_batch_size,
     frames_sha256,
     generate_one,
     generate_videos,
@@ -29,7 +31,9 @@ from flywheel.generate.world import (
 
 PROMPT = "Pick up the yellow bottle on the table."
 STEPS = 2
-CONFIG = GenerateConfig(seeds=[0, 1], num_inference_steps=STEPS)
+# decode_batch=1: these tests compare frames bit for bit (hashes), so each video is decoded alone; the default
+# batched decode is tested against it below.
+CONFIG = GenerateConfig(seeds=[0, 1], num_inference_steps=STEPS, decode_batch=1)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 REAL_VIDEO = "g1_pick_bottle/videos/observation.images.cam_high/chunk-000/file-000.mp4"
 
@@ -198,6 +202,28 @@ def test_prompt_embeddings_reused_and_equal_to_plain_call(pipe, first_frame, tmp
     assert len(calls) == 3
     assert sha(result, "p0-s0") == frames_sha256(plain)
     assert len(set(result.frame["frames_sha256"])) == 4
+
+
+def test_batched_decode_gives_each_videos_frames_to_float_rounding(pipe, first_frame, tmp_path):
+    """The default on a CPU decodes a run's videos in one VAE call; each video's frames stay those of its own
+    decode, within one gray level (float summation order), in the order of the requests."""
+    settings = CONFIG.model_copy(update={"decode_batch": None}).resolved(pipe.flywheel_preset, "cpu")
+    assert settings.sampler == "fast" and decode_batch_size(settings) == 16
+    embeddings = PromptEmbeddings(pipe, pipe.flywheel_preset.max_sequence_length, _default_negative(), guidance=True)
+    image = Image.fromarray(first_frame)
+    latents = [generate_one(pipe, image, embeddings(PROMPT), embeddings.negative, seed, settings, latent=True)
+               for seed in range(3)]
+    alone = [generate_one(pipe, image, embeddings(PROMPT), embeddings.negative, seed, settings) for seed in range(3)]
+    batched = [(f.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+               for f in decode_latents(pipe, latents, settings.num_frames)]
+    for one, many in zip(alone, batched):
+        assert one.shape == many.shape == (17, 64, 64, 3)
+        assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
+    assert not np.array_equal(batched[0], batched[1]), "each video keeps its own frames"
+    result = generate_videos(pipe, [request(f"s{s}", first_frame, s) for s in range(3)], tmp_path / "out",
+                             CONFIG.model_copy(update={"decode_batch": None}))
+    assert result.frame["request_id"].tolist() == ["s0", "s1", "s2"]
+    assert result.frame["frames_sha256"].tolist() == [frames_sha256(v) for v in batched]
 
 
 def _default_negative() -> str:
