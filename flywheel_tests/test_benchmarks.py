@@ -31,3 +31,10 @@ def test_pipeline_generation_benchmark_runs_on_cpu(tmp_path):
     assert "sampler=fast" in plain["notes"] and "compile=False" in plain["notes"], "the CPU resolution, recorded"
     for w in (plain, cached):
         assert 0 < w["sampler_s"] <= w["ours_s"] and w["baseline_s"] > 0 and w["psnr_db"] > 20
+
+
+def test_cpu_codec_benchmark_compares_each_speed_up_with_its_baseline(tmp_path):
+    run(["benchmarks/cpu_codec.py", "--repeat", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "cpu-codec.json").read_text())
+    for w in report["workloads"].values():
+        assert w["baseline_s"] > 0 and w["ours_s"] > 0 and w["max_frame_difference_gray_levels"] <= 1
