@@ -191,8 +191,8 @@ def _step_cache(transformer: torch.nn.Module, threshold: float):
 
 def decode_latents(pipe, latents: list[torch.Tensor], num_frames: int) -> list[torch.Tensor]:
     """Several videos' final latents [1, C, T', H', W'] -> their "pt" frames [T, C, H, W], in one VAE call: the
-    stock call's tail, batched. The toy VAE decodes 8 videos 4.4x faster together than one by one (its time is
-    per-call overhead), and the frames differ from single decodes by float rounding (1e-6)."""
+    stock call's tail, batched. The toy VAE decodes 8 videos 5.1x faster together than one by one (its time is
+    per-call overhead; benchmarks/cpu_codec.py), and the frames differ from single decodes by float rounding."""
     batch = torch.cat(latents)
     return list(_decode(pipe, batch, num_frames, "pt", batch.device).frames)
 

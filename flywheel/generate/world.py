@@ -278,20 +278,17 @@ def generate_one(pipe, image: Image.Image, prompt_embeds: torch.Tensor, negative
     return _to_uint8(output.frames[0])
 
 
-# Videos decoded in one VAE call by default (GenerateConfig.decode_batch None, our sampler only): as many as this
-# many pixels allow, at most DECODE_MAX_BATCH. A toy model's 17x64x64 videos go 16 at a time; a 93x432x768 one
-# (30.9 M pixels) alone, as before.
-DECODE_BATCH_PIXELS = 1 << 22
-DECODE_MAX_BATCH = 16
-
-
 def decode_batch_size(settings: GenerateConfig) -> int:
-    """How many videos `generate_videos` decodes together (1: each right after its sampling loop)."""
+    """How many videos `generate_videos` decodes together (1: each right after its sampling loop). By default
+    (decode_batch None, our sampler only) the codec round trips' budget: as many as CODEC_BATCH_PIXELS allow, at
+    most CODEC_MAX_BATCH; a toy model's 17x64x64 videos go 16 at a time, a 93x432x768 one alone, as before."""
+    from flywheel.model.encode import CODEC_BATCH_PIXELS, CODEC_MAX_BATCH
+
     if settings.sampler != "fast":
         return 1
     if settings.decode_batch is not None:
         return settings.decode_batch
-    return max(1, min(DECODE_MAX_BATCH, DECODE_BATCH_PIXELS // (settings.num_frames * settings.height * settings.width)))
+    return max(1, min(CODEC_MAX_BATCH, CODEC_BATCH_PIXELS // (settings.num_frames * settings.height * settings.width)))
 
 
 def _maybe_fused(pipe, adapter: str | None, settings: GenerateConfig):

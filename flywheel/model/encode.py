@@ -105,8 +105,9 @@ def encode_videos(pipe, videos: list[list[Image.Image]], height: int, width: int
     return (mu.float() - latents_mean) * inverse_std
 
 
-# Clips per VAE call in codec_roundtrips: a toy model's VAE is mostly per-call Python overhead (16 clips of
-# 17x64x64 in one call: 2.65x faster on a CPU than one by one); a 93x432x768 clip goes alone.
+# Clips per VAE call in codec_roundtrips, and videos per decode in generate_videos (flywheel.generate.world.
+# decode_batch_size): a toy model's VAE is mostly per-call Python overhead (16 clips of 17x64x64 in one call:
+# 2.65x faster on a CPU than one by one); a 93x432x768 clip goes alone.
 CODEC_BATCH_PIXELS = 1 << 22
 CODEC_MAX_BATCH = 16
 
