@@ -58,8 +58,7 @@ def scored(name: str, work: Path, codec, config: FilterConfig) -> tuple[dict, pd
 
     corpus = qg.build_corpus(name, work, codec, config)
     clips = qg.candidates_for(corpus, "post", work, codec)
-    tag = "post" if corpus["use_codec"] else "raw"
-    candidates, _ = qg.score_corpus(corpus, clips, tag, config, work)
+    candidates, _, _ = qg.score_corpus(corpus, clips, config, work, codec)
     candidates = candidates[~candidates["clip_id"].isin(qg.no_op_corruptions(clips))].reset_index(drop=True)
     train_actions = load_actions(Path(corpus["root"]), corpus["train"])
     reference = qg._action_reference(train_actions)

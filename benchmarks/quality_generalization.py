@@ -48,7 +48,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flywheel.quality.calibration import Clip, calibrate, real_clips  # noqa: E402
+from flywheel.quality.calibration import Clip, calibrate, real_clips, spread  # noqa: E402
 from flywheel.quality.config import FilterConfig  # noqa: E402
 from flywheel.quality.corruptions import FAMILIES, KIND_FAMILY, corrupt_family  # noqa: E402
 from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_start, still_clip  # noqa: E402
@@ -115,7 +115,8 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
 
     path = work / f"corpus-{name}.pkl"
     if path.is_file():
-        return pickle.loads(path.read_bytes())
+        corpus = pickle.loads(path.read_bytes())
+        return _refreshed_corpus(corpus, path, work, codec, seed)
     root = REPO / DATASETS[name]
     episodes = list_episodes(root)
     train, held = episodes[:TRAIN_EPISODES], episodes[TRAIN_EPISODES:]
@@ -132,21 +133,9 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
     use_codec = fidelity >= config.min_codec_psnr
     log(name, f"codec round trip {fidelity:.1f} dB -> candidates {'through the codec' if use_codec else 'raw'}")
 
-    rng = np.random.default_rng(seed)
-    candidates = []
-    for i, clip in enumerate(clean):
-        others = [c for c in clean if c.meta["episode_index"] != clip.meta["episode_index"]]
-        donor = others[(i * 7) % len(others)]
-        candidates.append(clip)
-        for family, spec in FAMILIES.items():
-            if spec.action is not None:
-                continue
-            for strength in STRENGTHS:
-                candidates.append(corrupt_family(clip, family, strength, rng, donor=donor))
+    candidates = clean + corrupted_videos(clean, video_families(), seed)
     if use_codec:
-        rendered = codec([np.asarray(c.frames) for c in candidates])
-        refs = codec([still_clip(c.first_frame, NUM_FRAMES) for c in candidates])
-        candidates = [dataclasses.replace(c, frames=f, reference=r) for c, f, r in zip(candidates, rendered, refs)]
+        candidates = render(candidates, codec)
     log(name, f"{len(candidates)} video candidates rendered; labelling")
     candidates = label_clips(candidates, idm)
     scale = np.asarray(_action_reference(load_actions(root, train))["scale"])
@@ -161,8 +150,74 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
     verifier = simulation.verifier(root) if simulation is not None else None
     corpus = {"name": name, "root": str(root), "train": train, "folds": folds, "candidates": candidates,
               "raw_clean": raw_clean, "codec_psnr": fidelity, "use_codec": use_codec,
-              "verifier_directions": getattr(verifier, "directions", None)}
+              "verifier_directions": getattr(verifier, "directions", None), "family_code": family_codes()}
     path.write_bytes(pickle.dumps(corpus))
+    return corpus
+
+
+def video_families() -> list[str]:
+    return [f for f, spec in FAMILIES.items() if spec.action is None]
+
+
+def family_codes() -> dict[str, str]:
+    """A hash of each video family's corruption code and levels: cached candidates of a family whose code
+    changed are made again (`refresh_families`), the others are kept."""
+    import inspect
+
+    from flywheel.quality import corruptions
+
+    shared = inspect.getsource(corruptions.corrupt_family) + inspect.getsource(corruptions._busiest_box)
+    return {f: hashlib.sha1((inspect.getsource(FAMILIES[f].video) if FAMILIES[f].video else shared).encode() +
+                            repr(FAMILIES[f].levels).encode()).hexdigest()[:12] for f in video_families()}
+
+
+def corrupted_videos(clean: list[Clip], families: list[str], seed: int) -> list[Clip]:
+    """Every clean clip corrupted by each video family at both strengths; the random draws depend only on
+    (seed, clip, family, strength), so a family made again gives the same candidates as a fresh build."""
+    out = []
+    for i, clip in enumerate(clean):
+        others = [c for c in clean if c.meta["episode_index"] != clip.meta["episode_index"]]
+        donor = others[(i * 7) % len(others)]
+        for family in families:
+            for s, strength in enumerate(STRENGTHS):
+                rng = np.random.default_rng([seed, i, list(FAMILIES).index(family), s])
+                out.append(corrupt_family(clip, family, strength, rng, donor=donor))
+    return out
+
+
+def render(candidates: list[Clip], codec: CachedCodec) -> list[Clip]:
+    """Frames and references through the codec, as a generated clip and its reference would be."""
+    rendered = codec([np.asarray(c.frames) for c in candidates])
+    refs = codec([still_clip(c.first_frame, NUM_FRAMES) for c in candidates])
+    return [dataclasses.replace(c, frames=f, reference=r) for c, f, r in zip(candidates, rendered, refs)]
+
+
+def refresh_families(candidates: list[Clip], stored: dict, remake) -> tuple[list[Clip], list[str]]:
+    """`candidates` with the clips of every video family whose code changed since `stored` (family -> code
+    hash) replaced by `remake(families)`. Returns (candidates, the families made again)."""
+    stale = [f for f, code in family_codes().items() if stored.get(f) != code]
+    if not stale:
+        return candidates, []
+    kept = [c for c in candidates if c.kind.split("/")[0] not in stale]
+    return kept + remake(stale), stale
+
+
+def _refreshed_corpus(corpus: dict, path: Path, work: Path, codec: CachedCodec, seed: int) -> dict:
+    """A cached corpus whose video families are made again where their code changed (raw clean clips,
+    corrupted, through the codec if the domain uses it, labelled by the IDM)."""
+    def remake(families):
+        root = Path(corpus["root"])
+        held = [e for f in corpus["folds"] for e in f]
+        idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
+        clean = [dataclasses.replace(c, actions=None, disagreement=None) for c in corpus["raw_clean"]]
+        made = corrupted_videos(clean, families, seed)
+        return label_clips(render(made, codec) if corpus["use_codec"] else made, idm)
+
+    corpus["candidates"], stale = refresh_families(corpus["candidates"], corpus.get("family_code", {}), remake)
+    if stale:
+        log(corpus["name"], f"made again (their code changed): {stale}")
+        corpus["family_code"] = family_codes()
+        path.write_bytes(pickle.dumps(corpus))
     return corpus
 
 
@@ -218,87 +273,131 @@ def post_codec_candidates(corpus: dict, work: Path, codec: CachedCodec, seed: in
     if not corpus["use_codec"]:
         return corpus["candidates"]
     path = work / f"post-{corpus['name']}.pkl"
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
     root = Path(corpus["root"])
     held = [e for f in corpus["folds"] for e in f]
-    idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
     clean = [c for c in corpus["candidates"] if c.kind == "good"]
+
+    def remake(families):
+        idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
+        video = corrupted_videos(clean, families, seed)
+        moved = [j for j, c in enumerate(video) if c.meta.get("first_index", 0)]  # backwards: a new conditioning frame
+        for j, ref in zip(moved, codec([still_clip(video[j].first_frame, NUM_FRAMES) for j in moved])):
+            video[j] = dataclasses.replace(video[j], reference=ref)
+        return label_clips(video, idm)
+
+    if path.is_file():
+        cached = pickle.loads(path.read_bytes())
+        out, stale = refresh_families(cached["candidates"], cached["family_code"], remake)
+        if stale:
+            log(corpus["name"], f"post protocol: made again (their code changed): {stale}")
+            path.write_bytes(pickle.dumps({"candidates": out, "family_code": family_codes()}))
+        return out
     rng = np.random.default_rng(seed)
-    video, action = [], []
-    for i, clip in enumerate(clean):
-        others = [c for c in clean if c.meta["episode_index"] != clip.meta["episode_index"]]
-        donor = others[(i * 7) % len(others)]
-        for family, spec in FAMILIES.items():
-            for strength in STRENGTHS:
-                if spec.action is not None:
-                    action.append((clip, family, strength))
-                else:
-                    video.append(corrupt_family(clip, family, strength, rng, donor=donor))
-    moved = [j for j, c in enumerate(video) if c.meta.get("first_index", 0)]  # backwards: a new conditioning frame
-    for j, ref in zip(moved, codec([still_clip(video[j].first_frame, NUM_FRAMES) for j in moved])):
-        video[j] = dataclasses.replace(video[j], reference=ref)
-    video = label_clips(video, idm)
     scale = np.asarray(_action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
         root, corpus["train"]))["scale"])
-    out = list(clean) + video + [corrupt_family(c, f, st, rng, action_scale=scale) for c, f, st in action]
-    path.write_bytes(pickle.dumps(out))
+    action = [corrupt_family(c, f, st, rng, action_scale=scale) for c in clean
+              for f, spec in FAMILIES.items() if spec.action is not None for st in STRENGTHS]
+    out = list(clean) + remake(video_families()) + action
+    path.write_bytes(pickle.dumps({"candidates": out, "family_code": family_codes()}))
     return out
+
+
+def train_clean_clips(corpus: dict, work: Path, codec: CachedCodec) -> list[Clip]:
+    """Real clips of the domain's training episodes, as the candidates are scored (through the codec, with
+    their references, when the domain uses it), without labels: they calibrate the video statistics only
+    (the IDM was trained on these episodes, so its labels of them say nothing about held-out data)."""
+    from flywheel.label.episodes import load_episodes
+
+    path = work / f"train-clean-{corpus['name']}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    eps = load_episodes(Path(corpus["root"]), corpus["train"], image_size=64, cache_dir=work / "episodes")
+    clips = [dataclasses.replace(c, actions=None) for c in real_clips(eps, NUM_FRAMES, FPS)]
+    if corpus["use_codec"]:
+        clips = render(clips, codec)
+    path.write_bytes(pickle.dumps(clips))
+    return clips
 
 
 def candidates_for(corpus: dict, protocol: str, work: Path, codec: CachedCodec) -> list[Clip]:
     return corpus["candidates"] if protocol == "pre" else post_codec_candidates(corpus, work, codec)
 
 
-def replay_corpus(corpus: dict, candidates: list[Clip], tag: str, work: Path) -> dict[str, dict]:
-    """The simulator verifier's scores of every candidate and raw clean clip by clip id ({} off PushT),
-    each replayed from the state its frame 0 shows. Cached per version of the verifier's code."""
+def content_key(clip: Clip) -> str:
+    """What a clip's scores depend on: its frames, conditioning frame, reference and labels."""
+    h = hashlib.sha1()
+    for part in (clip.frames, clip.first_frame, clip.reference, clip.actions, clip.disagreement):
+        h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()[:16]
+
+
+def replay_corpus(corpus: dict, candidates: list[Clip], work: Path) -> dict[str, dict]:
+    """The simulator verifier's scores of every candidate and raw clean clip by "<group>/<clip id>" ({} off
+    PushT), each replayed from the state its frame 0 shows. Cached per clip content and version of the
+    verifier's code: only clips not replayed before are."""
     root = Path(corpus["root"])
     simulation = simulation_for(root)
     if simulation is None:
         return {}
-    path = work / f"replay-{corpus['name']}-{tag}-{_code_hash('pusht/replay.py', 'quality/curation.py')}.pkl"
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    log(corpus["name"], f"simulator replay ({tag})")
-    verifier = simulation.verifier(root)
-    scores = {}
+    path = work / f"replay-{corpus['name']}-{_code_hash('pusht/replay.py', 'quality/curation.py')}.pkl"
+    cache = pickle.loads(path.read_bytes()) if path.is_file() else {}
+    verifier, scores, new = simulation.verifier(root), {}, 0
     for group, clips in (("candidates", candidates), ("raw_clean", corpus["raw_clean"])):
         for c in clips:
-            scores[f"{group}/{c.clip_id}"] = verifier.verify(real_clip_start(simulation, root, c), np.asarray(c.frames),
-                                                             c.actions, c.fps)
-    path.write_bytes(pickle.dumps(scores))
+            key = content_key(c)
+            if key not in cache:
+                cache[key] = verifier.verify(real_clip_start(simulation, root, c), np.asarray(c.frames), c.actions,
+                                             c.fps)
+                new += 1
+            scores[f"{group}/{c.clip_id}"] = cache[key]
+    if new:
+        log(corpus["name"], f"simulator replay of {new} clips")
+        path.write_bytes(pickle.dumps(cache))
     return scores
 
 
-def score_corpus(corpus: dict, candidates: list[Clip], tag: str, config: FilterConfig,
-                 work: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every statistic of every candidate and of the raw clean clips (threshold-free, so computed once per
-    version of the statistics' code and scoring settings; cached in `work`)."""
+def score_corpus(corpus: dict, candidates: list[Clip], config: FilterConfig, work: Path,
+                 codec: CachedCodec) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Every statistic of every candidate, of the raw clean clips and of the training episodes' clips (threshold-free, so computed once per
+    clip content and version of the statistics' code and scoring settings; cached in `work`)."""
     from flywheel.quality.filters import score_clips
 
-    replay = replay_corpus(corpus, candidates, tag, work)
+    replay = replay_corpus(corpus, candidates, work)
     code = _code_hash("quality/stats.py", "quality/motion.py", "quality/filters.py", "pusht/replay.py",
                       "quality/curation.py")
     scoring = config.model_dump(include={"analysis_size", "static_eps", "still_factor", "min_frames", "expected_hw"})
     key = hashlib.sha1((code + json.dumps(scoring, sort_keys=True)).encode()).hexdigest()[:12]
-    paths = [work / f"scores-{corpus['name']}-{tag}-{part}-{key}.parquet" for part in ("candidates", "raw")]
-    if all(p.is_file() for p in paths):
-        return tuple(pd.read_parquet(p) for p in paths)
     reference = _action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
         Path(corpus["root"]), corpus["train"]))
     out = []
-    for group, clips, path in (("candidates", candidates, paths[0]), ("raw_clean", corpus["raw_clean"], paths[1])):
-        clips = [dataclasses.replace(c, extra_stats=replay.get(f"{group}/{c.clip_id}", {})) for c in clips]
-        df = score_clips(clips, config, reference)
-        df["episode"] = [c.meta["episode_index"] for c in clips]
-        df.to_parquet(path)
-        out.append(df)
+    groups = (("candidates", candidates), ("raw_clean", corpus["raw_clean"]),
+              ("train_clean", train_clean_clips(corpus, work, codec)))
+    for group, clips in groups:
+        path = work / f"scores-{corpus['name']}-{group}-{key}.parquet"
+        cached = pd.read_parquet(path) if path.is_file() else pd.DataFrame({"content": []})
+        keys = [content_key(c) for c in clips]
+        known = set(cached["content"])
+        # With the clips of their group: a near-duplicate's distance is to the earlier clips of its group.
+        groups = {c.group for c, k in zip(clips, keys) if k not in known}
+        todo = [c for c, k in zip(clips, keys) if k not in known or c.group in groups]
+        if todo:
+            log(corpus["name"], f"scoring {len(todo)} {group} clips")
+            todo = [dataclasses.replace(c, extra_stats=replay.get(f"{group}/{c.clip_id}", {})) for c in todo]
+            df = score_clips(todo, config, reference)
+            df["content"] = [content_key(c) for c in todo]
+            df["episode"] = [c.meta["episode_index"] for c in todo]
+            cached = pd.concat([cached, df], ignore_index=True).drop_duplicates("content", keep="last")
+            cached.to_parquet(path)
+        rows = cached.drop_duplicates("content").set_index("content").loc[keys].reset_index()
+        # Identity columns from the clips themselves: one content may be scored under several ids.
+        rows["clip_id"], rows["kind"] = [c.clip_id for c in clips], [c.kind for c in clips]
+        rows["group"] = [c.group for c in clips]
+        out.append(rows)
     return tuple(out)
 
 
 def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, work: Path,
-             codec: CachedCodec) -> pd.DataFrame:
+             codec: CachedCodec, train_calibration: bool = True) -> pd.DataFrame:
     """Per-candidate results of both folds (every score, pass_<filter>, accepted, reasons, kind, fold)."""
     from flywheel.label.episodes import load_actions
     from flywheel.quality.calibration import thresholds_from_scores
@@ -315,8 +414,7 @@ def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, wor
     reference["real_clip_quantile"] = real_action_clip_quantiles(
         [e.actions for e in train_actions], train_actions[0].fps, NUM_FRAMES, FPS, reference, config.percentile_hi)
     clips = candidates_for(corpus, protocol, work, codec)
-    tag = protocol if corpus["use_codec"] else "raw"
-    candidates, raw = score_corpus(corpus, clips, tag, config, work)
+    candidates, raw, train_clean = score_corpus(corpus, clips, config, work, codec)
     no_op = no_op_corruptions(clips)
     extra = [k for k in (corpus["verifier_directions"] or {})]
     directions = {**STAT_DIRECTION, **{k: "min" if k in AT_LEAST else "max" for k in extra},
@@ -326,6 +424,11 @@ def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, wor
         cal_eps = [e for f in corpus["folds"] for e in f if e not in test_eps]
         pool = raw if design == "paired" or not corpus["use_codec"] else candidates[candidates["kind"] == "good"]
         cal = pool[pool["episode"].isin(cal_eps)]
+        if train_calibration:
+            # As curation does: up to `train_clips` clips of the training episodes, spread over them,
+            # calibrate the video statistics too.
+            chosen = spread(list(range(len(train_clean))), config.train_clips)
+            cal = pd.concat([cal, train_clean.iloc[chosen]], ignore_index=True)
         thresholds = thresholds_from_scores(
             cal, [str(e) for e in cal["episode"]], config, directions, action_reference=reference,
             calibrated_on="model_codec" if corpus["use_codec"] and design == "codec" else "real",
@@ -453,6 +556,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--protocol", choices=["post", "pre"], default="post",
                         help="post: corrupt the codec's rendering of a real clip; pre: corrupt, then render")
     parser.add_argument("--name", default="quality-generalization")
+    parser.add_argument("--no-train-calibration", action="store_true",
+                        help="calibrate on the held-out fold's clips only (not also the training episodes')")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -464,7 +569,8 @@ def main(argv=None) -> dict:
     for name in args.datasets.split(","):
         started = time.time()
         corpus = build_corpus(name, work, codec, config)
-        results = evaluate(corpus, config, args.design, args.protocol, work, codec)
+        results = evaluate(corpus, config, args.design, args.protocol, work, codec,
+                           train_calibration=not args.no_train_calibration)
         table = results.drop(columns=[c for c in results.columns if results[c].dtype == object and c not in
                                       ("clip_id", "kind", "reasons")])
         table.attrs = {}

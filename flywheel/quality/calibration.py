@@ -103,6 +103,28 @@ def real_clips(episodes: list[Episode], num_frames: int, fps: float, stride_s: f
     return clips
 
 
+def spread(items: list, n: int) -> list:
+    """At most n of `items`, evenly spaced (first and last included), in order."""
+    if n <= 0:
+        return []
+    if len(items) <= n:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def video_calibration_clips(episodes: list[Episode], num_frames: int, fps: float, max_clips: int) -> list[Clip]:
+    """Up to `max_clips` real clips of the domain's training episodes, evenly spread, without actions: they
+    calibrate the video statistics only (an IDM trained on these episodes labels them better than it labels
+    anything new, so its statistics are calibrated on held-out episodes alone)."""
+    if max_clips <= 0 or not episodes:
+        return []
+    try:
+        clips = real_clips(episodes, num_frames, fps)
+    except ValueError:  # every training episode shorter than a clip: the held-out clips calibrate alone
+        return []
+    return [dataclasses.replace(c, actions=None) for c in spread(clips, max_clips)]
+
+
 def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Episode] | None = None,
               idm=None, source: dict | None = None, extra_directions: dict[str, str] | None = None,
               calibrated_on: str = "real", codec_psnr: float | None = None, notes: list[str] | None = None) -> Thresholds:

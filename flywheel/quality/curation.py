@@ -1,6 +1,8 @@
 """Curation: the whole filter stack over one set of labelled synthetic trajectories.
 
-1. Calibration clips: windows of the domain's held-out real episodes, shaped like the generated clips.
+1. Calibration clips: windows of the domain's held-out real episodes, shaped like the generated clips, and
+   up to `train_clips` windows of its training episodes, which calibrate the video statistics only (the
+   IDM was trained on them: its labels of them would make the action thresholds too strict).
    With `calibrate_on: model_codec` they go through the base model's codec (VAE encode + decode) first, as
    every generated frame does, *unless the codec cannot render the domain* (round-trip PSNR below
    `min_codec_psnr`): then every check would be calibrated on the codec's own artefacts and blinded, so the
@@ -29,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flywheel.quality.calibration import Clip, Thresholds, calibrate, real_clips
+from flywheel.quality.calibration import (Clip, Thresholds, calibrate, real_clips, spread,
+                                          video_calibration_clips)
 from flywheel.quality.config import FilterConfig
 from flywheel.image_metrics import psnr
 
@@ -129,7 +132,11 @@ def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Pat
     first_frames = [np.asarray(Image.open(synthetic / f).convert("RGB")) for f in table["first_frame"]]
     _report(progress, "calibration clips", 0, 3)
     real = real_clips(load_episodes(root, calibration_episodes, image_size=config.analysis_size), num_frames, fps)
-    real, references, info = calibration_clips(real, config, codec, extra=first_frames)
+    video_episodes = spread([e for e in train_episodes if e not in calibration_episodes], config.train_clips)
+    video_only = video_calibration_clips(load_episodes(root, video_episodes, image_size=config.analysis_size),
+                                         num_frames, fps, config.train_clips) if video_episodes else []
+    coded, references, info = calibration_clips(real + video_only, config, codec, extra=first_frames)
+    real, video_only = coded[:len(real)], coded[len(real):]
     _report(progress, "label calibration clips", 1, 3)
     real = label_clips(real, idm)
     simulation = simulation_for(root)
@@ -137,9 +144,10 @@ def curate(out_dir: str | Path, labels_path: str | Path, dataset_root: str | Pat
     if verifier is not None:
         scores = replay_scores(verifier, [real_clip_start(simulation, root, c) for c in real], real)
         real = [dataclasses.replace(c, extra_stats=s) for c, s in zip(real, scores)]
-    thresholds = calibrate(real, config, load_actions(root, train_episodes),
+    thresholds = calibrate(real + video_only, config, load_actions(root, train_episodes),
                            source={"dataset_root": str(root), "episodes": list(calibration_episodes),
-                                   "calibrate_on": config.calibrate_on},
+                                   "video_episodes": sorted({int(c.meta["episode_index"]) for c in video_only}),
+                                   "video_clips": len(video_only), "calibrate_on": config.calibrate_on},
                            extra_directions=getattr(verifier, "directions", None), **info)
     _report(progress, "judge candidates", 2, 3)
     videos = [read_frames(synthetic / v) for v in table["video"]]

@@ -37,3 +37,27 @@ def test_action_thresholds_are_never_stricter_than_the_real_actions(robot_datase
                                               thresholds.slack[stat] * (thresholds.real_quantiles[stat]["p_hi"] -
                                                                         thresholds.real_quantiles[stat]["p50"]))
         assert thresholds.values[stat] >= value
+
+
+def test_training_episodes_calibrate_the_video_statistics_but_not_the_action_ones(robot_datasets, episode_cache):
+    from flywheel.label import load_episodes
+    from flywheel.quality import real_clips
+    from flywheel.quality.calibration import calibrate, spread, video_calibration_clips
+
+    root = robot_datasets / "pusht_rotated"
+    held = real_clips(load_episodes(root, [4, 5], image_size=64, cache_dir=episode_cache), 17, 16.0)
+    train_episodes = load_episodes(root, [0, 1, 2, 3], image_size=64, cache_dir=episode_cache)
+    video = video_calibration_clips(train_episodes, 17, 16.0, max_clips=12)
+    assert len(video) == 12 and all(c.actions is None for c in video)
+    assert {c.meta["episode_index"] for c in video} == {0, 1, 2, 3}  # spread over every training episode
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9] and spread([1, 2], 4) == [1, 2] and spread([1], 0) == []
+
+    config = FilterConfig()
+    actions = load_actions(root, [0, 1, 2, 3])
+    alone = calibrate(held, config, actions)
+    both = calibrate(held + video, config, actions)
+    assert both.num_real_clips == len(held) + 12
+    # Action statistics come from the held-out clips only; the video statistics see every clip.
+    for stat in ("action_velocity", "action_jerk", "action_range"):
+        assert both.real_quantiles[stat] == alone.real_quantiles[stat], stat
+    assert both.real_quantiles["flicker"] != alone.real_quantiles["flicker"]

@@ -94,6 +94,9 @@ def test_curate_keeps_real_rejects_corrupted_and_records_the_simulator(domain, e
     thresholds = Thresholds.load(out / "thresholds.json")
     assert thresholds.filter_version == FILTER_VERSION and thresholds.directions["sim_progress"] == "min"
     assert thresholds.action_reference["episodes"] == [0, 1, 2, 3]
+    # The training episodes' clips calibrate the video statistics too, and the thresholds say which.
+    assert thresholds.source["video_episodes"] == [0, 1, 2, 3] and thresholds.source["video_clips"] > 0
+    assert thresholds.num_real_clips > thresholds.source["video_clips"]
     assert meta["accepted"] == 3 and meta["clips"] == 6 and meta["calibrated_on"] == "real"
     assert "sim_progress_accepted_mean" in meta
     # The progress filter is configurable: asking for more progress than a 1 s clip makes rejects on it.
