@@ -6,7 +6,9 @@ same run (interleaved, median of --repeat).
 1. codec round trips (`flywheel.model.encode.codec_roundtrips`, 16 clips of 17x64x64 from the PushT sample):
    the VAE's 3-D convolutions in the default layout (baseline) vs channels-last, as `load_pipeline` leaves them
    on a CPU (`flywheel.model.presets._channels_last_convolutions`);
-2. decoding 8 videos' latents (random, of the shape a generated video's final latents have): one VAE call per video (baseline, `decode_batch: 1`) vs
+2. codec round trips of 32 clips in VAE calls of 16 (CODEC_MAX_BATCH, the baseline) vs 8
+   (`flywheel.model.encode.CPU_ROUNDTRIP_MAX_BATCH`, the CPU default);
+3. decoding 8 videos' latents (random, of the shape a generated video's final latents have): one VAE call per video (baseline, `decode_batch: 1`) vs
    one call for all (`flywheel.generate.sampler.decode_latents`, the default on a CPU).
 Each reports both times, the speed-up and the largest frame difference between the two (gray levels).
 Writes <out>/cpu-codec.{json,md}.
@@ -45,7 +47,7 @@ def _set_layout(vae: torch.nn.Module, memory_format: torch.memory_format) -> Non
 def _sample_clips(count: int) -> list[np.ndarray]:
     from flywheel.label.episodes import load_episodes
 
-    episodes = load_episodes(REPO / "datasets" / "pusht_rotated", list(range(4)), image_size=64)
+    episodes = load_episodes(REPO / "datasets" / "pusht_rotated", list(range(10)), image_size=64)
     clips = [ep.frames[start:start + 17] for ep in episodes for start in range(0, len(ep) - 17, 17)]
     return clips[:count]
 
@@ -65,6 +67,21 @@ def codec_workload(pipe, repeat: int) -> dict:
         ours_s.append(seconds)
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(base, ours))
     return _result(f"{len(clips)} clips of 17x64x64, default layout vs channels-last", base_s, ours_s, diff)
+
+
+def roundtrip_batch_workload(pipe, repeat: int) -> dict:
+    from flywheel.model.encode import CODEC_MAX_BATCH, CPU_ROUNDTRIP_MAX_BATCH, codec_roundtrips
+
+    clips = _sample_clips(32)
+    base_s, ours_s = [], []
+    for _ in range(repeat):
+        seconds, base = _timed(lambda: codec_roundtrips(pipe, clips, batch_size=CODEC_MAX_BATCH))
+        base_s.append(seconds)
+        seconds, ours = _timed(lambda: codec_roundtrips(pipe, clips))
+        ours_s.append(seconds)
+    diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(base, ours))
+    return _result(f"{len(clips)} clips of 17x64x64, {CODEC_MAX_BATCH} per VAE call vs the CPU default "
+                   f"{CPU_ROUNDTRIP_MAX_BATCH}", base_s, ours_s, diff)
 
 
 def decode_workload(pipe, repeat: int) -> dict:
@@ -111,6 +128,7 @@ def main(argv=None) -> dict:
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": torch.get_num_threads(),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "model": pipe.flywheel_preset.name,
         "workloads": {"codec_roundtrips": codec_workload(pipe, args.repeat),
+                      "roundtrip_batch": roundtrip_batch_workload(pipe, args.repeat),
                       "decode_videos": decode_workload(pipe, args.repeat)},
     }
     out = Path(args.out)

@@ -110,6 +110,9 @@ def encode_videos(pipe, videos: list[list[Image.Image]], height: int, width: int
 # 2.65x faster on a CPU than one by one); a 93x432x768 clip goes alone.
 CODEC_BATCH_PIXELS = 1 << 22
 CODEC_MAX_BATCH = 16
+# Round trips (encode + decode) on a CPU are faster 8 at a time than 16 (the batch's activations then stay in
+# cache): 32 toy clips ~1.3x faster (benchmarks/cpu_codec.py, roundtrip_batch). GPUs keep CODEC_MAX_BATCH.
+CPU_ROUNDTRIP_MAX_BATCH = 8
 
 
 def codec_roundtrip(pipe, frames: np.ndarray) -> np.ndarray:
@@ -122,16 +125,18 @@ def codec_roundtrip(pipe, frames: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def codec_roundtrips(pipe, clips: list[np.ndarray], batch_size: int | None = None) -> list[np.ndarray]:
     """`codec_roundtrip` of many clips, in batches of equally long clips (`batch_size`, default: as many as
-    CODEC_BATCH_PIXELS allows at the preset's size, at most CODEC_MAX_BATCH). Batched and single results
+    CODEC_BATCH_PIXELS allows at the preset's size, at most CODEC_MAX_BATCH, or CPU_ROUNDTRIP_MAX_BATCH on a
+    CPU). Batched and single results
     can differ by one gray level in a few pixels (float summation order)."""
     preset = pipe.flywheel_preset
+    most = CPU_ROUNDTRIP_MAX_BATCH if pipe.vae.device.type == "cpu" else CODEC_MAX_BATCH
     out: list[np.ndarray | None] = [None] * len(clips)
     groups: dict[tuple, list[int]] = {}
     for i, frames in enumerate(clips):
         groups.setdefault(tuple(frames.shape), []).append(i)
     for (count, height, width, _), indices in groups.items():
         padded = count + (-(count - 1)) % 4  # the Wan VAE takes 1 + 4k frames: repeat the last one, trim after
-        size = batch_size or max(1, min(CODEC_MAX_BATCH, CODEC_BATCH_PIXELS // (padded * preset.height * preset.width)))
+        size = batch_size or max(1, min(most, CODEC_BATCH_PIXELS // (padded * preset.height * preset.width)))
         for start in range(0, len(indices), size):
             batch = indices[start:start + size]
             videos = [[Image.fromarray(clips[i][min(t, count - 1)]) for t in range(padded)] for i in batch]
