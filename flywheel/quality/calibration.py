@@ -128,9 +128,10 @@ def video_calibration_clips(episodes: list[Episode], num_frames: int, fps: float
 def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Episode] | None = None,
               idm=None, source: dict | None = None, extra_directions: dict[str, str] | None = None,
               calibrated_on: str = "real", codec_psnr: float | None = None, notes: list[str] | None = None) -> Thresholds:
-    """Thresholds from real clips. With `idm`, clip actions are the IDM's labels (as for generated clips)
-    and the disagreement threshold is calibrated too; `action_episodes` (the real episodes the domain trains
-    on, full length) set the action scales. `extra_directions`: "min"/"max" of verifier stats (default
+    """Thresholds from real clips. With `idm`, clip actions are the IDM's labels (as for generated clips;
+    clips without actions, the training episodes' video-only ones, stay unlabelled) and the disagreement
+    threshold is calibrated too; `action_episodes` (the real episodes the domain trains on, full length) set
+    the action scales. `extra_directions`: "min"/"max" of verifier stats (default
     "max"). `calibrated_on`/`codec_psnr`/`notes`: recorded (see flywheel.quality.curation.calibration_clips).
 
     Each threshold is a real percentile widened by a slack (FilterConfig): the smallest slack, from
@@ -155,6 +156,9 @@ def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Epi
 
         labelled = []
         for c in clips:
+            if c.actions is None:  # a training episode's clip (video_calibration_clips): video statistics only
+                labelled.append(c)
+                continue
             actions, disagreement = label_video(idm, c.frames, c.fps)
             labelled.append(dataclasses.replace(c, actions=actions, disagreement=disagreement))
         clips = labelled
