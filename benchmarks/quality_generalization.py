@@ -48,7 +48,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flywheel.quality.calibration import Clip, calibrate, real_clips, spread  # noqa: E402
+from flywheel.quality.calibration import (Clip, calibrate, real_clips, spread,  # noqa: E402
+                                          video_calibration_clips)
 from flywheel.quality.config import FilterConfig  # noqa: E402
 from flywheel.quality.corruptions import FAMILIES, KIND_FAMILY, corrupt_family  # noqa: E402
 from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_start, still_clip  # noqa: E402
@@ -312,7 +313,7 @@ def train_clean_clips(corpus: dict, work: Path, codec: CachedCodec) -> list[Clip
     if path.is_file():
         return pickle.loads(path.read_bytes())
     eps = load_episodes(Path(corpus["root"]), corpus["train"], image_size=64, cache_dir=work / "episodes")
-    clips = [dataclasses.replace(c, actions=None) for c in real_clips(eps, NUM_FRAMES, FPS)]
+    clips = video_calibration_clips(eps, NUM_FRAMES, FPS, max_clips=sys.maxsize)  # all; `evaluate` spreads them
     if corpus["use_codec"]:
         clips = render(clips, codec)
     path.write_bytes(pickle.dumps(clips))

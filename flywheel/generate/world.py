@@ -282,13 +282,13 @@ def decode_batch_size(settings: GenerateConfig) -> int:
     """How many videos `generate_videos` decodes together (1: each right after its sampling loop). By default
     (decode_batch None, our sampler only) the codec round trips' budget: as many as CODEC_BATCH_PIXELS allow, at
     most CODEC_MAX_BATCH; a toy model's 17x64x64 videos go 16 at a time, a 93x432x768 one alone, as before."""
-    from flywheel.model.encode import CODEC_BATCH_PIXELS, CODEC_MAX_BATCH
+    from flywheel.model.encode import codec_batch_size
 
     if settings.sampler != "fast":
         return 1
     if settings.decode_batch is not None:
         return settings.decode_batch
-    return max(1, min(CODEC_MAX_BATCH, CODEC_BATCH_PIXELS // (settings.num_frames * settings.height * settings.width)))
+    return codec_batch_size(settings.num_frames, settings.height, settings.width)
 
 
 def _maybe_fused(pipe, adapter: str | None, settings: GenerateConfig):

@@ -115,6 +115,11 @@ CODEC_MAX_BATCH = 16
 CPU_ROUNDTRIP_MAX_BATCH = 8
 
 
+def codec_batch_size(frames: int, height: int, width: int, most: int = CODEC_MAX_BATCH) -> int:
+    """Clips of frames x height x width per VAE call: as many as CODEC_BATCH_PIXELS allow, 1 to `most`."""
+    return max(1, min(most, CODEC_BATCH_PIXELS // (frames * height * width)))
+
+
 def codec_roundtrip(pipe, frames: np.ndarray) -> np.ndarray:
     """uint8 frames [T, H, W, 3] as the model's VAE renders them: resized to the preset's size, encoded to
     the posterior mean, decoded, resized back. What a generated video of the same scene can at best look
@@ -126,8 +131,7 @@ def codec_roundtrip(pipe, frames: np.ndarray) -> np.ndarray:
 def codec_roundtrips(pipe, clips: list[np.ndarray], batch_size: int | None = None) -> list[np.ndarray]:
     """`codec_roundtrip` of many clips, in batches of equally long clips (`batch_size`, default: as many as
     CODEC_BATCH_PIXELS allows at the preset's size, at most CODEC_MAX_BATCH, or CPU_ROUNDTRIP_MAX_BATCH on a
-    CPU). Batched and single results
-    can differ by one gray level in a few pixels (float summation order)."""
+    CPU). Batched and single results can differ by one gray level in a few pixels (float summation order)."""
     preset = pipe.flywheel_preset
     most = CPU_ROUNDTRIP_MAX_BATCH if pipe.vae.device.type == "cpu" else CODEC_MAX_BATCH
     out: list[np.ndarray | None] = [None] * len(clips)
@@ -136,7 +140,7 @@ def codec_roundtrips(pipe, clips: list[np.ndarray], batch_size: int | None = Non
         groups.setdefault(tuple(frames.shape), []).append(i)
     for (count, height, width, _), indices in groups.items():
         padded = count + (-(count - 1)) % 4  # the Wan VAE takes 1 + 4k frames: repeat the last one, trim after
-        size = batch_size or max(1, min(most, CODEC_BATCH_PIXELS // (padded * preset.height * preset.width)))
+        size = batch_size or codec_batch_size(padded, preset.height, preset.width, most)
         for start in range(0, len(indices), size):
             batch = indices[start:start + size]
             videos = [[Image.fromarray(clips[i][min(t, count - 1)]) for t in range(padded)] for i in batch]
