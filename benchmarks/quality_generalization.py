@@ -4,8 +4,9 @@ held-out real episodes of the G1 sample and of PushT, with the packaged default 
     .venv/bin/python benchmarks/quality_generalization.py [--datasets g1,pusht_rotated] [--work DIR]
         [--out benchmarks/results] [--design codec|paired]
 
-Per dataset: the first 4 episodes are the domain's training data (the IDM is trained on them and the
-action scales come from them); the other episodes are split into two folds of whole episodes. For each
+Per dataset: the first 4 episodes are the domain's training data (the IDM is trained on them, as the
+default job trains it: through the codec too where the codec renders the domain, IdmConfig.codec_augment;
+the action scales come from them); the other episodes are split into two folds of whole episodes. For each
 fold, thresholds are calibrated on the other fold's real clips and every clip of this fold is scored:
 the real clips (clean) and, per clean clip, one corrupted copy for each corruption family x strength
 (flywheel.quality.corruptions.FAMILIES: 16 families x 2 strengths). As in curation, each candidate is
@@ -23,7 +24,10 @@ Reported per dataset: recall per family and strength, the clean false-rejection 
 thresholds, precision at a 1:1 clean/corrupted balance (recall / (recall + false rejection)), the mean
 over held-out families, which filter caught each family, the project's own corruption kinds (the strong
 strength of their family), and on PushT how the simulator's progress signal relates to the other
-filters' decisions. Writes <out>/quality-generalization.{json,md}.
+filters' decisions. Every clean clip rejected is listed with its pseudo-actions' error against the
+dataset's recorded actions (as a multiple of the median clean clip's): a real video whose IDM labels failed
+is not a clean trajectory, and the report says how many of the rejections are those. Writes
+<out>/quality-generalization.{json,md}.
 
 `--design paired` measures the cheaper alternative calibration (raw real clips, candidates scored against
 their codec reference) for comparison.
@@ -52,6 +56,7 @@ from flywheel.quality.calibration import (Clip, calibrate, real_clips, spread,  
                                           video_calibration_clips)
 from flywheel.quality.config import FilterConfig  # noqa: E402
 from flywheel.quality.corruptions import FAMILIES, KIND_FAMILY, corrupt_family  # noqa: E402
+from flywheel.label.labeling import nearest_indices, resample_actions  # noqa: E402
 from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_start, still_clip  # noqa: E402
 from flywheel.simulation import simulation_for  # noqa: E402
 
@@ -98,21 +103,28 @@ def log(*args) -> None:
 
 # ── Corpus: every candidate, as curation would see it ────────────────────────────────────────────────────
 
-def train_idm_for(name: str, root: Path, train: list[int], val: int, work: Path):
+def idm_name(name: str, use_codec: bool) -> str:
+    """The IDM's directory in `work`: trained through the codec where the domain's candidates are."""
+    return f"idm-{name}" + ("-codec" if use_codec else "")
+
+
+def train_idm_for(name: str, root: Path, train: list[int], val: int, work: Path, codec: CachedCodec | None):
+    """The domain's IDM as the default job trains it: 300 steps, and (`codec`) also on the training episodes
+    as the codec renders them (IdmConfig.codec_augment)."""
     from flywheel.label.config import IdmConfig
     from flywheel.label.idm import InverseDynamicsModel, train_idm
 
-    out = work / f"idm-{name}"
+    out = work / idm_name(name, codec is not None)
     if not (out / "metrics.json").is_file():
-        config = IdmConfig(steps=300, episodes=train + [val], val_episodes=[val])  # as the default job trains it
-        train_idm(root, config, out, cache_dir=work / "episodes")
+        config = IdmConfig(steps=300, episodes=train + [val], val_episodes=[val])
+        train_idm(root, config, out, cache_dir=work / "episodes", codec=codec, codec_clip=(NUM_FRAMES, FPS))
     return InverseDynamicsModel.load(out)
 
 
 def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig, seed: int = 0) -> dict:
     """Clean clips and corrupted candidates of the held-out episodes, with frames as scored (through the codec
     when it can render the domain), references, IDM labels and simulator replay scores. Cached in `work`."""
-    from flywheel.label.episodes import list_episodes, load_actions, load_episodes
+    from flywheel.label.episodes import list_episodes, load_episodes
 
     path = work / f"corpus-{name}.pkl"
     if path.is_file():
@@ -122,7 +134,6 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
     episodes = list_episodes(root)
     train, held = episodes[:TRAIN_EPISODES], episodes[TRAIN_EPISODES:]
     folds = [held[0::2], held[1::2]]
-    idm = train_idm_for(name, root, train, held[0], work)
     eps = load_episodes(root, held, image_size=config.analysis_size, cache_dir=work / "episodes")
     clean = real_clips(eps, NUM_FRAMES, FPS)
     log(name, f"{len(clean)} clean clips from episodes {held}")
@@ -133,25 +144,22 @@ def build_corpus(name: str, work: Path, codec: CachedCodec, config: FilterConfig
     fidelity = codec_fidelity(raw_frames, coded)
     use_codec = fidelity >= config.min_codec_psnr
     log(name, f"codec round trip {fidelity:.1f} dB -> candidates {'through the codec' if use_codec else 'raw'}")
+    idm = train_idm_for(name, root, train, held[0], work, codec if use_codec else None)
 
     candidates = clean + corrupted_videos(clean, video_families(), seed)
     if use_codec:
         candidates = render(candidates, codec)
     log(name, f"{len(candidates)} video candidates rendered; labelling")
     candidates = label_clips(candidates, idm)
-    scale = np.asarray(_action_reference(load_actions(root, train))["scale"])
-    for clip in [c for c in candidates if c.kind == "good"]:
-        for family, spec in FAMILIES.items():
-            if spec.action is not None:
-                for strength in STRENGTHS:
-                    candidates.append(corrupt_family(clip, family, strength, rng, action_scale=scale))
+    candidates += action_candidates([c for c in candidates if c.kind == "good"], root, train, seed)
     # The raw clean clips, labelled, for the `paired` design's calibration.
     raw_clean = label_clips(clean, idm)
     simulation = simulation_for(root)
     verifier = simulation.verifier(root) if simulation is not None else None
     corpus = {"name": name, "root": str(root), "train": train, "folds": folds, "candidates": candidates,
               "raw_clean": raw_clean, "codec_psnr": fidelity, "use_codec": use_codec,
-              "verifier_directions": getattr(verifier, "directions", None), "family_code": family_codes()}
+              "verifier_directions": getattr(verifier, "directions", None), "family_code": family_codes(),
+              "idm": idm_name(name, use_codec)}
     path.write_bytes(pickle.dumps(corpus))
     return corpus
 
@@ -186,6 +194,32 @@ def corrupted_videos(clean: list[Clip], families: list[str], seed: int) -> list[
     return out
 
 
+def action_candidates(clean: list[Clip], root: Path, train: list[int], seed: int) -> list[Clip]:
+    """Every labelled clean clip with its labels corrupted by each action family at both strengths (in units
+    of the training actions' scale); draws depend only on (seed, clip, family, strength)."""
+    from flywheel.label.episodes import load_actions
+
+    scale = np.asarray(_action_reference(load_actions(root, train))["scale"])
+    out = []
+    for i, clip in enumerate(clean):
+        for family, spec in FAMILIES.items():
+            if spec.action is not None:
+                for s, strength in enumerate(STRENGTHS):
+                    rng = np.random.default_rng([seed, i, list(FAMILIES).index(family), s])
+                    out.append(corrupt_family(clip, family, strength, rng, action_scale=scale))
+    return out
+
+
+def corpus_idm(corpus: dict, work: Path, codec: CachedCodec):
+    held = [e for f in corpus["folds"] for e in f]
+    return train_idm_for(corpus["name"], Path(corpus["root"]), corpus["train"], held[0], work,
+                         codec if corpus["use_codec"] else None)
+
+
+def is_action_family(kind: str) -> bool:
+    return kind != "good" and FAMILIES[kind.split("/")[0]].action is not None
+
+
 def render(candidates: list[Clip], codec: CachedCodec) -> list[Clip]:
     """Frames and references through the codec, as a generated clip and its reference would be."""
     rendered = codec([np.asarray(c.frames) for c in candidates])
@@ -207,13 +241,19 @@ def _refreshed_corpus(corpus: dict, path: Path, work: Path, codec: CachedCodec, 
     """A cached corpus whose video families are made again where their code changed (raw clean clips,
     corrupted, through the codec if the domain uses it, labelled by the IDM)."""
     def remake(families):
-        root = Path(corpus["root"])
-        held = [e for f in corpus["folds"] for e in f]
-        idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
         clean = [dataclasses.replace(c, actions=None, disagreement=None) for c in corpus["raw_clean"]]
         made = corrupted_videos(clean, families, seed)
-        return label_clips(render(made, codec) if corpus["use_codec"] else made, idm)
+        return label_clips(render(made, codec) if corpus["use_codec"] else made, corpus_idm(corpus, work, codec))
 
+    expected = idm_name(corpus["name"], corpus["use_codec"])
+    if corpus.get("idm") != expected:  # the IDM is trained differently now: every label is made again
+        log(corpus["name"], f"labelling every candidate again with {expected}")
+        idm = corpus_idm(corpus, work, codec)
+        video = label_clips([c for c in corpus["candidates"] if not is_action_family(c.kind)], idm)
+        corpus["candidates"] = video + action_candidates([c for c in video if c.kind == "good"],
+                                                         Path(corpus["root"]), corpus["train"], seed)
+        corpus["raw_clean"], corpus["idm"] = label_clips(corpus["raw_clean"], idm), expected
+        path.write_bytes(pickle.dumps(corpus))
     corpus["candidates"], stale = refresh_families(corpus["candidates"], corpus.get("family_code", {}), remake)
     if stale:
         log(corpus["name"], f"made again (their code changed): {stale}")
@@ -273,13 +313,11 @@ def post_codec_candidates(corpus: dict, work: Path, codec: CachedCodec, seed: in
     Without a codec (G1) the same as the `pre` candidates. Cached in `work`."""
     if not corpus["use_codec"]:
         return corpus["candidates"]
-    path = work / f"post-{corpus['name']}.pkl"
-    root = Path(corpus["root"])
-    held = [e for f in corpus["folds"] for e in f]
+    path = work / f"post-{corpus['idm']}.pkl"  # labels by that IDM
     clean = [c for c in corpus["candidates"] if c.kind == "good"]
 
     def remake(families):
-        idm = train_idm_for(corpus["name"], root, corpus["train"], held[0], work)
+        idm = corpus_idm(corpus, work, codec)
         video = corrupted_videos(clean, families, seed)
         moved = [j for j, c in enumerate(video) if c.meta.get("first_index", 0)]  # backwards: a new conditioning frame
         for j, ref in zip(moved, codec([still_clip(video[j].first_frame, NUM_FRAMES) for j in moved])):
@@ -293,11 +331,7 @@ def post_codec_candidates(corpus: dict, work: Path, codec: CachedCodec, seed: in
             log(corpus["name"], f"post protocol: made again (their code changed): {stale}")
             path.write_bytes(pickle.dumps({"candidates": out, "family_code": family_codes()}))
         return out
-    rng = np.random.default_rng(seed)
-    scale = np.asarray(_action_reference(__import__("flywheel.label.episodes", fromlist=["x"]).load_actions(
-        root, corpus["train"]))["scale"])
-    action = [corrupt_family(c, f, st, rng, action_scale=scale) for c in clean
-              for f, spec in FAMILIES.items() if spec.action is not None for st in STRENGTHS]
+    action = action_candidates(clean, Path(corpus["root"]), corpus["train"], seed)
     out = list(clean) + remake(video_families()) + action
     path.write_bytes(pickle.dumps({"candidates": out, "family_code": family_codes()}))
     return out
@@ -442,10 +476,32 @@ def evaluate(corpus: dict, config: FilterConfig, design: str, protocol: str, wor
         log(corpus["name"], f"fold {k}: calibrated on {len(cal)} clips of episodes {cal_eps}, judged {len(test)}; "
             f"notes: {thresholds.notes}")
     results = pd.concat(out, ignore_index=True)
+    errors = label_errors(corpus, [c for c in clips if c.kind == "good"])
+    results["label_error_ratio"] = results["clip_id"].map(errors).where(results["kind"] == "good")
     results.attrs["thresholds"] = all_thresholds
     kinds = pd.Series([c.kind for c in clips if c.clip_id in no_op])
     results.attrs["no_op"] = {k: int(v) for k, v in sorted(kinds.value_counts().items())}
     return results
+
+
+LABEL_FAILURE_RATIO = 3.0  # pseudo-actions off by more than this x the median clean clip's: the labels failed
+
+
+def label_errors(corpus: dict, clean: list[Clip]) -> dict[str, float]:
+    """Each clean clip's pseudo-action error: mean |IDM label - recorded action| over the clip, as a multiple of
+    the median over the clean clips. A real video whose labels are several times worse than typical is not a
+    clean trajectory (its actions do not do what it shows); the report counts these separately."""
+    from flywheel.label.episodes import load_actions
+
+    recorded = {e.index: e for e in load_actions(Path(corpus["root"]), [e for f in corpus["folds"] for e in f])}
+    error = {}
+    for c in clean:
+        ep = recorded[int(c.meta["episode_index"])]
+        actions = resample_actions(ep.actions, ep.fps, c.fps, len(nearest_indices(len(ep.actions), ep.fps, c.fps)))
+        start = int(c.clip_id.rsplit("-t", 1)[1])  # real_clips' window start, in clip frames
+        error[c.clip_id] = float(np.abs(np.asarray(c.actions) - actions[start:start + len(c.actions)]).mean())
+    median = float(np.median(list(error.values())))
+    return {k: v / median for k, v in error.items()}
 
 
 def summarize(results: pd.DataFrame) -> dict:
@@ -469,7 +525,10 @@ def summarize(results: pd.DataFrame) -> dict:
     clean_reasons = [r.split(":")[0] for rs in clean["reasons"] for r in rs.split("; ") if r]
     summary = {"clean": {"n": int(len(clean)), "false_rejection": fr,
                          "rejected_by": {r: clean_reasons.count(r) for r in sorted(set(clean_reasons))},
-                         "rejected_clips": clean.loc[~clean["accepted"], ["clip_id", "reasons"]].values.tolist()},
+                         "rejected_clips": clean.loc[~clean["accepted"], ["clip_id", "reasons", "label_error_ratio"]]
+                         .values.tolist(),
+                         "rejected_with_failed_labels": int((~clean["accepted"] &
+                                                             (clean["label_error_ratio"] > LABEL_FAILURE_RATIO)).sum())},
                "mean_family_recall": mean_recall,
                "precision_1to1": mean_recall / (mean_recall + fr) if mean_recall + fr else float("nan"),
                "families": families, "own_kinds": own,
@@ -525,7 +584,11 @@ def markdown(report: dict) -> str:
                   f"{ds['codec_psnr']:.1f} dB -> {'candidates through the codec' if ds['use_codec'] else 'raw frames (codec unfit)'}; "
                   f"{ds['seconds']:.0f} s.", "",
                   f"- clean false rejection: **{s['clean']['false_rejection']:.1%}** "
-                  f"({s['clean']['rejected_by'] or 'none'})",
+                  f"(reasons: {s['clean']['rejected_by'] or 'none'}); clips rejected: {len(s['clean']['rejected_clips'])}, "
+                  f"of which {s['clean']['rejected_with_failed_labels']} have pseudo-actions more than "
+                  f"{LABEL_FAILURE_RATIO:g}x the median clean clip's error against the recorded actions (labels failed):",
+                  *[f"  - {cid}: {reasons} (pseudo-action error {ratio:.1f}x the median)"
+                    for cid, reasons, ratio in s['clean']['rejected_clips']],
                   f"- mean held-out-family recall: **{s['mean_family_recall']:.1%}**; precision at 1:1: "
                   f"{s['precision_1to1']:.1%}",
                   f"- families below 60%: {', '.join(s['families_below_60']) or 'none'}",

@@ -82,7 +82,7 @@ def _generate(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Prog
 
 def _label(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Progress) -> StageResult:
     return stages.label_stage(home, inputs["synthetic_videos"].path, inputs["demonstrations"].path, config.label,
-                              progress)
+                              progress, model=config.model, clip_config=config.clips)
 
 
 def _curate(home: Path, inputs: Inputs, config: FlywheelConfig, progress: Progress) -> StageResult:

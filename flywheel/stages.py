@@ -325,8 +325,10 @@ def _episode_indices(manifest, splits: tuple[str, ...]) -> list[int]:
     return sorted(int(i) for i in manifest.frame.loc[manifest.frame["split"].isin(splits), "episode_index"])
 
 
-def idm_stage(home, manifest_path, idm_config, progress: Progress = None) -> StageResult:
-    """The domain's inverse dynamics model, trained on the manifest's train episodes, scored on val+test."""
+def idm_stage(home, manifest_path, idm_config, progress: Progress = None, model=None,
+              clip_config=None) -> StageResult:
+    """The domain's inverse dynamics model, trained on the manifest's train episodes, scored on val+test; with
+    idm_config.codec_augment and `model`, also on the train episodes as that model's codec renders them."""
     from flywheel.data.ingest import load_manifest
     from flywheel.label.idm import train_idm
 
@@ -336,20 +338,35 @@ def idm_stage(home, manifest_path, idm_config, progress: Progress = None) -> Sta
     if not held_out:  # a tiny dataset: hold out the last train episode rather than score on training data
         train, held_out = train[:-1], train[-1:]
     config = idm_config.model_copy(update={"episodes": train + held_out, "val_episodes": held_out})
-    key = hash_json({"manifest": manifest.key, "idm": config.model_dump(mode="json")})[:24]
+    codec = config.codec_augment and model is not None
+    clip_shape = _generated_clip_shape(model, clip_config) if codec else None
+    key = hash_json({"manifest": manifest.key, "idm": config.model_dump(mode="json"),
+                     **({"codec": model.model_dump(mode="json", exclude={"device"}), "clip": clip_shape}
+                        if codec else {})})[:24]
     path = store.path("idm", key)
     with claimed(store, "idm", key) as exists:
         if exists:
             return StageResult("idm", key, path, store.meta("idm", key), path / "pred_vs_true.png", reused=True)
         meta: dict = {}
         with store.write("idm", key, meta) as tmp:
-            result = train_idm(_dataset_root(manifest), config, tmp, progress=progress)
+            result = train_idm(_dataset_root(manifest), config, tmp, progress=progress,
+                               codec=_through_model_codec(model) if codec else None,
+                               codec_clip=clip_shape or (17, 16.0))
             meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+            codec_meta = result.metrics["codec_augment"]
+            meta["codec_augment"] = codec_meta["used"]
+            if "val_mae_mean" in codec_meta:  # its error on held-out episodes as the codec renders them
+                meta["mae_mean_through_codec"] = codec_meta["val_mae_mean"]
+            if "reason" in codec_meta:
+                meta["codec_augment_reason"] = codec_meta["reason"]
         return StageResult("idm", key, path, meta, path / "pred_vs_true.png")
 
 
-def label_stage(home, synthetic_path, manifest_path, label_config, progress: Progress = None) -> StageResult:
-    """pseudo_actions: every synthetic video labelled by the domain's IDM (sliding window + disagreement)."""
+def label_stage(home, synthetic_path, manifest_path, label_config, progress: Progress = None,
+                model=None, clip_config=None) -> StageResult:
+    """pseudo_actions: every synthetic video labelled by the domain's IDM (sliding window + disagreement);
+    `model`/`clip_config`: the world model that generated them and its clips, whose codec the IDM also
+    trains through (idm_stage)."""
     import numpy as np
     import pandas as pd
 
@@ -358,7 +375,7 @@ def label_stage(home, synthetic_path, manifest_path, label_config, progress: Pro
     from flywheel.label.labeling import label_video
 
     store = ArtifactStore(home)
-    idm = idm_stage(home, manifest_path, label_config.idm, progress)
+    idm = idm_stage(home, manifest_path, label_config.idm, progress, model=model, clip_config=clip_config)
     key = hash_json({"synthetic": Path(synthetic_path).name, "idm": idm.key,
                      "window": label_config.window.model_dump(mode="json")})[:24]
     path = store.path("labels", key)
@@ -386,6 +403,8 @@ def label_stage(home, synthetic_path, manifest_path, label_config, progress: Pro
             meta.update({"videos": len(table), "mean_disagreement": float(table["mean_disagreement"].mean()),
                          "idm": str(idm.path), "idm_mae_mean": idm.metadata.get("mae_mean"),
                          "idm_baseline_mae_mean": idm.metadata.get("baseline_mae_mean"),
+                         "idm_codec_augment": idm.metadata.get("codec_augment"),
+                         "idm_mae_mean_through_codec": idm.metadata.get("mae_mean_through_codec"),
                          "synthetic": str(synthetic_path)})
         return StageResult("pseudo_actions", key, path, meta, idm.preview)
 
@@ -433,6 +452,15 @@ def curate_stage(home, labels_path, manifest_path, filter_config, progress: Prog
         meta.update(curate(tmp, labels_path, _dataset_root(manifest), held_out, train, filter_config,
                            codec=_through_model_codec(model) if codec else None, progress=progress))
     return StageResult("curated_trajectories", key, path, meta, path / "scores.png")
+
+
+def _generated_clip_shape(model, clip_config) -> tuple[int, float]:
+    """(frames, fps) of the clips the model generates: the training clips' (clips config over its preset)."""
+    from flywheel.data.clips import ClipConfig, resolve_spec
+    from flywheel.model.presets import get_preset
+
+    spec = resolve_spec(clip_config or ClipConfig(), get_preset(model.preset))
+    return spec.num_frames, float(spec.fps)
 
 
 def _through_model_codec(model):

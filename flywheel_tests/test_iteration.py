@@ -25,6 +25,7 @@ FAST = {
     "evaluate.max_clips": 1, "evaluate.seeds": [0],
     "generate.seeds": [0], "generate.max_videos": 3, "generate.num_inference_steps": 2,
     "label.idm.steps": 20, "label.idm.batch_size": 8,
+    "label.idm.codec_augment": False,  # the codec's round trips of every episode: tested in test_stages
     "refresh.usefulness_report": False,
     "gates.curation.min_pass_rate": 0.0, "quality.calibrate_on": "real",
     "gates.refresh.build_on": ["better", "non-inferior", "inconclusive"],

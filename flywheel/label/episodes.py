@@ -8,7 +8,9 @@ Decoded, resized episodes can be cached as .npz in a directory, so tests and rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,3 +174,25 @@ def load_actions(root: str | Path, episodes: list[int] | None = None, action_key
         out.append(Episode(int(ep), np.zeros((0, 0, 0, 3), np.uint8), np.stack(rows[action_key].to_numpy()).astype(np.float32),
                            float(info["fps"])))
     return out
+
+
+def codec_rendered(episode: Episode, codec: Callable[[list[np.ndarray]], list[np.ndarray]], clip_frames: int,
+                   clip_fps: float) -> Episode:
+    """The episode as the world model would show it: resampled to the generator's clip fps, cut into clips of
+    `clip_frames` (the last one aligned to the end), each round-tripped through `codec` (a list of clips ->
+    the decoded clips), then read back at the episode's own timestamps. Actions are the episode's."""
+    from flywheel.label.labeling import nearest_indices
+
+    at_clip_fps = nearest_indices(len(episode), episode.fps, clip_fps)
+    frames = episode.frames[at_clip_fps]
+    if len(frames) < clip_frames:
+        raise ValueError(f"episode {episode.index}: {len(frames)} frames at {clip_fps:g} fps, shorter than one "
+                         f"{clip_frames}-frame clip; it cannot be rendered by the codec")
+    starts = list(range(0, len(frames) - clip_frames + 1, clip_frames))
+    if starts[-1] + clip_frames < len(frames):
+        starts.append(len(frames) - clip_frames)
+    rendered = np.empty_like(frames)
+    for s, clip in zip(starts, codec([frames[s:s + clip_frames] for s in starts])):
+        rendered[s:s + clip_frames] = clip
+    back = np.clip(np.rint(np.arange(len(episode)) / episode.fps * clip_fps).astype(int), 0, len(frames) - 1)
+    return dataclasses.replace(episode, frames=rendered[back])

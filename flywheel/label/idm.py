@@ -27,7 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from flywheel.label.config import IdmConfig
-from flywheel.label.episodes import Episode, dataset_info, list_episodes, load_episodes, resize_frames
+from flywheel.label.episodes import (Episode, codec_rendered, dataset_info, list_episodes, load_episodes,
+                                     resize_frames)
+from flywheel.image_metrics import psnr
 from flywheel.store import atomic_write_bytes
 
 MODEL_FILE = "idm.safetensors"
@@ -210,9 +212,13 @@ def evaluate_idm(model: InverseDynamicsModel, val: list[Episode], train_mean: np
 
 def train_idm(dataset_root: str | Path, config: IdmConfig, out_dir: str | Path,
               progress: Callable[[dict], None] | None = None, cache_dir: str | Path | None = None,
-              decode_size: int | None = None) -> IdmResult:
+              decode_size: int | None = None, codec: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+              codec_clip: tuple[int, float] = (17, 16.0)) -> IdmResult:
     """Train an IDM on a LeRobot v3.0 dataset's real episodes; write model, metrics.json and a plot to out_dir.
-    `cache_dir`/`decode_size`: keep decoded episodes (at decode_size, default image_size) for reuse."""
+    `cache_dir`/`decode_size`: keep decoded episodes (at decode_size, default image_size) for reuse.
+    `codec`: the world model's codec round trip (clips -> decoded clips), which renders generated clips of
+    `codec_clip` (frames, fps); with config.codec_augment the IDM also trains on the training episodes as it
+    renders them (`with_codec_renderings`)."""
     dataset_root, out_dir = Path(dataset_root), Path(out_dir)
     info = dataset_info(dataset_root)
     train_ids, val_ids = split_episodes(list_episodes(dataset_root), config)
@@ -223,13 +229,18 @@ def train_idm(dataset_root: str | Path, config: IdmConfig, out_dir: str | Path,
     val = load_episodes(dataset_root, val_ids, **load)
     names = _action_names(info, config.action_key, train[0].actions.shape[1])
     camera_key = config.camera_key or next(k for k, f in info["features"].items() if f.get("dtype") == "video")
+    train, codec_meta = with_codec_renderings(train, config, codec, codec_clip)
     t1 = time.time()
     model, losses = fit_idm(train, config, names, camera_key, progress)
     t2 = time.time()
     train_mean = np.concatenate([ep.actions for ep in train]).mean(0)
     metrics, preds = evaluate_idm(model, val, train_mean)
+    if codec_meta["used"]:  # and on the held-out episodes as the codec renders them: the videos it will label
+        rendered_val = [codec_rendered(ep, codec, *codec_clip) for ep in val]
+        codec_meta["val_mae_mean"] = evaluate_idm(model, rendered_val, train_mean)[0]["mae_mean"]
     metrics.update(train_episodes=train_ids, train_windows=int(sum(max(0, len(e) - config.frame_gap) for e in train)),
                    final_loss=float(np.mean(losses[-20:])), decode_s=t1 - t0, train_s=t2 - t1,
+                   codec_augment=codec_meta,
                    config=config.model_dump(), dataset_root=str(dataset_root))
     model_path = model.save(out_dir)
     metrics_path = atomic_write_bytes(out_dir / METRICS_FILE, json.dumps(metrics, indent=2).encode())
@@ -237,6 +248,26 @@ def train_idm(dataset_root: str | Path, config: IdmConfig, out_dir: str | Path,
                                        title=f"IDM, held-out episode {preds[0][0].index}", max_dims=config.plot_dims,
                                        disagreement=preds[0][2])
     return IdmResult(model_path=model_path, metrics=metrics, plot_path=plot_path, metrics_path=metrics_path)
+
+
+def with_codec_renderings(train: list[Episode], config: IdmConfig, codec, codec_clip: tuple[int, float]):
+    """(training episodes, what was done): the episodes plus their codec renderings (`codec_rendered`) when
+    config.codec_augment and a codec that renders the domain (mean PSNR >= config.codec_min_psnr) are given.
+    The IDM labels generated videos, which the world model's codec decodes: a small moving object it blurs or
+    fades is one the IDM never saw in the real frames."""
+    if not config.codec_augment or codec is None:
+        return train, {"used": False, "reason": "off" if not config.codec_augment else "no codec given"}
+    clip_frames, clip_fps = codec_clip
+    # The first episode decides whether the codec can render the domain at all (no time spent on the rest).
+    first = codec_rendered(train[0], codec, clip_frames, clip_fps)
+    fidelity = psnr(train[0].frames, first.frames)
+    if fidelity < config.codec_min_psnr:
+        return train, {"used": False, "psnr": fidelity,
+                       "reason": f"the codec renders training episode {train[0].index} at {fidelity:.1f} dB < "
+                                 f"codec_min_psnr {config.codec_min_psnr:g}: it cannot render this domain"}
+    rendered = [first] + [codec_rendered(ep, codec, clip_frames, clip_fps) for ep in train[1:]]
+    fidelity = float(np.mean([psnr(ep.frames, r.frames) for ep, r in zip(train, rendered)]))
+    return train + rendered, {"used": True, "psnr": fidelity, "episodes": len(rendered)}
 
 
 def _action_names(info: dict, key: str, dim: int) -> list[str]:

@@ -22,7 +22,7 @@ from flywheel.label.episodes import Episode
 from flywheel.label.labeling import nearest_indices, resample_actions
 from flywheel.quality.config import FILTER_VERSION, FilterConfig
 from flywheel.quality.stats import STAT_BOUNDS, STAT_DIRECTION, action_reference
-from flywheel.quality.verifier import AT_LEAST
+from flywheel.quality.verifier import AT_LEAST, PROGRESS_STAT
 from flywheel.store import atomic_write_bytes, hash_json
 
 
@@ -196,7 +196,7 @@ def thresholds_from_scores(scores: pd.DataFrame, episodes: list[str], config: Fi
     episodes = np.asarray(episodes)
     values, quantiles, slacks, notes = {}, {}, {}, list(notes or [])
     for stat, direction in directions.items():
-        if stat == "idle" or stat not in scores or scores[stat].isna().all():
+        if stat in ("idle", PROGRESS_STAT) or stat not in scores or scores[stat].isna().all():
             continue
         x = scores[stat].to_numpy(dtype=float)
         known = ~np.isnan(x)

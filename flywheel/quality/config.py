@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FILTER_VERSION = "2"
+# Bumped when what a calibration means changes, so thresholds of an older version are calibrated again
+# (3: task progress is no longer calibrated; it gates only against min_progress).
+FILTER_VERSION = "3"
 
 
 class FilterConfig(BaseModel):
@@ -48,8 +50,8 @@ class FilterConfig(BaseModel):
         "cannot render the domain; calibrate on the raw clips instead (recorded in thresholds.notes)")
     min_progress: float | None = Field(
         None, description="simulator domains: reject a trajectory whose replayed task progress over the clip (PushT: "
-        "change of the block's coverage of the goal) is below this, e.g. 0.0 = no progress or backwards; None: the "
-        "calibrated threshold (rejects only losing more than the real clips ever lose)")
+        "change of the block's coverage of the goal) is below this, e.g. 0.0 = no progress or backwards; None: progress "
+        "is recorded for every trajectory but does not gate (real demonstrations lose progress too)")
     overrides: dict[str, float] = Field(default_factory=dict, description="stat -> threshold, replaces the calibrated one")
     duplicate_max_hamming: int = Field(8, ge=0, le=128, description="perceptual-hash distance (of 128 bits) at or below which two clips of one group are duplicates")
     disabled: list[str] = Field(default_factory=list, description="filters to skip, by name")

@@ -20,6 +20,7 @@ from flywheel.data.video import VideoError, read_frames
 from flywheel.quality.calibration import Clip, Thresholds
 from flywheel.quality.config import FILTER_VERSION, FilterConfig
 from flywheel.quality.stats import action_stats, clip_hash, video_stats
+from flywheel.quality.verifier import PROGRESS_STAT  # judged only against FilterConfig.min_progress
 
 # filter name -> the statistics it judges, in stack order.
 FILTERS: dict[str, list[str]] = {
@@ -35,7 +36,6 @@ FILTERS: dict[str, list[str]] = {
     "action": ["action_range", "action_velocity", "action_jerk", "idm_disagreement"],
     "verifier": [],  # filled by the stats a Verifier returns (any stat not claimed above)
 }
-PROGRESS_STAT = "sim_progress"  # a simulator verifier's task progress (FilterConfig.min_progress)
 
 
 def _decode(clip: Clip, config: FilterConfig) -> tuple[np.ndarray | None, str | None]:

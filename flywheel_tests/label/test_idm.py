@@ -71,3 +71,48 @@ def test_label_video_too_short_says_what_to_do(pusht_idm):
 def test_bad_dataset_root_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         train_idm(tmp_path, IdmConfig(steps=1), tmp_path / "out")
+
+
+def test_idm_also_trains_on_its_episodes_as_the_world_models_codec_renders_them(robot_datasets, episode_cache,
+                                                                               tmp_path):
+    """The IDM labels generated videos, which the world model's VAE decodes: with a codec that renders the
+    domain (tiny-pusht's VAE on PushT), it trains on each training episode twice, as recorded and as the codec
+    renders it; a codec that cannot render the domain (the same VAE on the G1 humanoid) is measured on one
+    episode, refused with its PSNR, and the IDM trains on the real frames only."""
+    from flywheel.label.episodes import codec_rendered
+    from flywheel.model.encode import codec_roundtrips
+    from flywheel.model.presets import load_pipeline
+
+    pipe = load_pipeline("tiny-pusht", vae_only=True)
+    calls = []
+
+    def codec(clips):
+        calls.append(len(clips))
+        return codec_roundtrips(pipe, clips)
+
+    root = robot_datasets / "pusht_rotated"
+    episode = load_episodes(root, [0], image_size=64, cache_dir=episode_cache)[0]
+    rendered = codec_rendered(episode, codec, 17, 8.0)  # 8 fps: half the codec work of 16, the same path
+    assert rendered.frames.shape == episode.frames.shape and rendered.fps == episode.fps
+    assert np.array_equal(rendered.actions, episode.actions) and not np.array_equal(rendered.frames, episode.frames)
+
+    config = IdmConfig(episodes=[0, 1, 2], val_episodes=[2], steps=20, image_size=64, width=8, batch_size=8)
+    plain = train_idm(root, config, tmp_path / "plain", cache_dir=episode_cache).metrics
+    through = train_idm(root, config, tmp_path / "codec", cache_dir=episode_cache, codec=codec,
+                        codec_clip=(17, 8.0)).metrics
+    assert plain["codec_augment"] == {"used": False, "reason": "no codec given"}
+    assert through["codec_augment"]["used"] and through["codec_augment"]["episodes"] == 2
+    assert through["codec_augment"]["psnr"] > config.codec_min_psnr
+    assert through["codec_augment"]["val_mae_mean"] > 0  # its error on the held-out episode as the codec renders it
+    assert through["train_windows"] == 2 * plain["train_windows"]  # each training episode twice
+    off = train_idm(root, config.model_copy(update={"codec_augment": False}), tmp_path / "off",
+                    cache_dir=episode_cache, codec=codec).metrics
+    assert off["codec_augment"] == {"used": False, "reason": "off"} and off["train_windows"] == plain["train_windows"]
+
+    calls.clear()
+    g1 = IdmConfig(episodes=[0, 1, 5], val_episodes=[5], steps=5, image_size=64, width=8, batch_size=8)
+    refused = train_idm(robot_datasets / "g1_pick_bottle", g1, tmp_path / "g1", cache_dir=episode_cache,
+                        decode_size=64, codec=codec).metrics["codec_augment"]
+    assert not refused["used"] and refused["psnr"] < g1.codec_min_psnr, refused
+    assert "cannot render this domain" in refused["reason"] and "training episode 0" in refused["reason"]
+    assert len(calls) == 1  # one codec call: the first episode's clips; the others were never rendered

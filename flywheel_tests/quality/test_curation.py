@@ -88,11 +88,13 @@ def test_curate_keeps_real_rejects_corrupted_and_records_the_simulator(domain, e
     for reasons in results.loc[~results["accepted"], "reasons"]:
         assert all(" < " in r or " > " in r for r in reasons.split("; ")), reasons
     assert results.loc[kinds == "freeze", "reasons"].str.contains("static: frozen_tail").all()
-    # The simulator replay and its progress signal are recorded for every candidate, and calibrated.
+    # The simulator replay and its progress are recorded for every candidate; the replay is calibrated, the
+    # progress gates only where the user asks for it (quality.min_progress; below).
     for stat in ("replay_agent_error", "replay_block_error", "replay_block_overlap", "sim_progress"):
         assert results[stat].notna().all(), stat
     thresholds = Thresholds.load(out / "thresholds.json")
-    assert thresholds.filter_version == FILTER_VERSION and thresholds.directions["sim_progress"] == "min"
+    assert thresholds.filter_version == FILTER_VERSION and thresholds.directions["replay_block_overlap"] == "min"
+    assert "sim_progress" not in thresholds.values and not results["reasons"].str.contains("sim_progress").any()
     assert thresholds.action_reference["episodes"] == [0, 1, 2, 3]
     # The training episodes' clips calibrate the video statistics too, and the thresholds say which.
     assert thresholds.source["video_episodes"] == [0, 1, 2, 3] and thresholds.source["video_clips"] > 0
