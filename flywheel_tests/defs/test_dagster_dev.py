@@ -30,7 +30,8 @@ FAST = ["clips.max_clips_per_episode=1", "train.steps=10", "train.rank=4", "trai
         "evaluate.max_clips=1", "evaluate.seeds=[0]", "generate.seeds=[0]", "generate.max_videos=3",
         "generate.num_inference_steps=2", "label.idm.steps=20", "label.idm.batch_size=8",
         "refresh.usefulness_report=false", "gates.curation.min_pass_rate=0.0",
-        "quality.calibrate_on=real"]  # as test_iteration.FAST: the codec references are tested elsewhere
+        "quality.calibrate_on=real",  # as test_iteration.FAST: the codec references are tested elsewhere,
+        "label.idm.codec_augment=false"]  # and the IDM's training through the codec (test_stages, label/test_idm)
 
 MATERIALIZATIONS = """
 query RunMaterializations($runId: ID!) {
