@@ -84,7 +84,7 @@ class RefreshStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset: RefreshConfig = Field(default_factory=RefreshConfig)
-    usefulness: UsefulnessConfig = Field(default_factory=lambda: UsefulnessConfig(idm=IdmConfig(steps=200)))
+    usefulness: UsefulnessConfig = Field(default_factory=lambda: UsefulnessConfig(idm=UsefulnessConfig.default_idm(200)))
     usefulness_report: bool = Field(True, description="train the IDM on real vs real+synthetic and decide on it")
 
 
@@ -110,7 +110,7 @@ class FlywheelConfig(BaseModel):
     label: LabelStageConfig = Field(default_factory=LabelStageConfig)
     quality: FilterConfig = Field(default_factory=lambda: FilterConfig(calibrate_on="model_codec"))
     refresh: RefreshStageConfig = Field(default_factory=lambda: RefreshStageConfig(
-        usefulness=UsefulnessConfig(seeds=[0, 1, 2], idm=IdmConfig(steps=200))))
+        usefulness=UsefulnessConfig(seeds=[0, 1, 2], idm=UsefulnessConfig.default_idm(200))))
     policy: PolicyStageConfig = Field(default_factory=PolicyStageConfig, description="closed-loop policy evaluation "
                                       "of the refreshed version (policy_evaluation; flywheel.policy, docs/policy.md)")
     gates: Gates = Field(default_factory=Gates, description="the criteria of every decision (flywheel.decisions)")

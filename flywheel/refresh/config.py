@@ -20,9 +20,15 @@ class RefreshConfig(BaseModel):
 class UsefulnessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    idm: IdmConfig = Field(default_factory=IdmConfig, description="the model trained in both arms, same budget")
+    idm: IdmConfig = Field(default_factory=lambda: UsefulnessConfig.default_idm(),
+                           description="the model trained in both arms, same budget")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="one paired comparison per seed; fewer than 2 "
                              "gives no interval (verdict inconclusive), 3 or more for a usable one")
     margin: float = Field(0.05, ge=0, description="non-inferiority margin, a fraction of the real-only held-out "
                           "error: non-inferior when the paired difference's 95% interval straddles 0 and stays "
                           "below it (flywheel.refresh.usefulness says the whole rule)")
+
+    @staticmethod
+    def default_idm(steps: int = 600) -> IdmConfig:
+        """Both arms are scored on real held-out frames and no codec is given here: no codec renderings."""
+        return IdmConfig(steps=steps, codec_augment=False)
