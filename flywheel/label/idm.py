@@ -229,7 +229,7 @@ def train_idm(dataset_root: str | Path, config: IdmConfig, out_dir: str | Path,
     val = load_episodes(dataset_root, val_ids, **load)
     names = _action_names(info, config.action_key, train[0].actions.shape[1])
     camera_key = config.camera_key or next(k for k, f in info["features"].items() if f.get("dtype") == "video")
-    train, codec_meta = with_codec_renderings(train, config, codec, codec_clip)
+    train, codec_meta = with_codec_renderings(train, config, codec, codec_clip, progress)
     t1 = time.time()
     model, losses = fit_idm(train, config, names, camera_key, progress)
     t2 = time.time()
@@ -250,7 +250,8 @@ def train_idm(dataset_root: str | Path, config: IdmConfig, out_dir: str | Path,
     return IdmResult(model_path=model_path, metrics=metrics, plot_path=plot_path, metrics_path=metrics_path)
 
 
-def with_codec_renderings(train: list[Episode], config: IdmConfig, codec, codec_clip: tuple[int, float]):
+def with_codec_renderings(train: list[Episode], config: IdmConfig, codec, codec_clip: tuple[int, float],
+                          progress: Callable[[dict], None] | None = None):
     """(training episodes, what was done): the episodes plus their codec renderings (`codec_rendered`) when
     config.codec_augment and a codec that renders the domain (mean PSNR >= config.codec_min_psnr) are given.
     The IDM labels generated videos, which the world model's codec decodes: a small moving object it blurs or
@@ -265,7 +266,13 @@ def with_codec_renderings(train: list[Episode], config: IdmConfig, codec, codec_
         return train, {"used": False, "psnr": fidelity,
                        "reason": f"the codec renders training episode {train[0].index} at {fidelity:.1f} dB < "
                                  f"codec_min_psnr {config.codec_min_psnr:g}: it cannot render this domain"}
-    rendered = [first] + [codec_rendered(ep, codec, clip_frames, clip_fps) for ep in train[1:]]
+    rendered = [first]
+    for ep in train[1:]:  # about 2 s an episode on a 2-core CPU for tiny-pusht: shown as it goes
+        if progress:
+            progress({"stage": "codec renderings", "done": len(rendered), "total": len(train)})
+        rendered.append(codec_rendered(ep, codec, clip_frames, clip_fps))
+    if progress:
+        progress({"stage": "codec renderings", "done": len(train), "total": len(train)})
     fidelity = float(np.mean([psnr(ep.frames, r.frames) for ep, r in zip(train, rendered)]))
     return train + rendered, {"used": True, "psnr": fidelity, "episodes": len(rendered)}
 

@@ -98,8 +98,11 @@ def test_idm_also_trains_on_its_episodes_as_the_world_models_codec_renders_them(
 
     config = IdmConfig(episodes=[0, 1, 2], val_episodes=[2], steps=20, image_size=64, width=8, batch_size=8)
     plain = train_idm(root, config, tmp_path / "plain", cache_dir=episode_cache).metrics
+    events = []
     through = train_idm(root, config, tmp_path / "codec", cache_dir=episode_cache, codec=codec,
-                        codec_clip=(17, 8.0)).metrics
+                        codec_clip=(17, 8.0), progress=events.append).metrics
+    renderings = [e for e in events if e["stage"] == "codec renderings"]  # shown as it goes, to the end
+    assert renderings and renderings[-1]["done"] == renderings[-1]["total"] == 2
     assert plain["codec_augment"] == {"used": False, "reason": "no codec given"}
     assert through["codec_augment"]["used"] and through["codec_augment"]["episodes"] == 2
     assert through["codec_augment"]["psnr"] > config.codec_min_psnr
