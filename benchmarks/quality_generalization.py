@@ -104,8 +104,10 @@ def log(*args) -> None:
 # ── Corpus: every candidate, as curation would see it ────────────────────────────────────────────────────
 
 def idm_name(name: str, use_codec: bool) -> str:
-    """The IDM's directory in `work`: trained through the codec where the domain's candidates are."""
-    return f"idm-{name}" + ("-codec" if use_codec else "")
+    """The IDM's directory in `work`: trained through the codec where the domain's candidates are, by this
+    version of the IDM's code (an IDM cached by older code gave other labels than a build from scratch)."""
+    code = _code_hash("label/idm.py", "label/config.py", "label/episodes.py", "label/labeling.py")
+    return f"idm-{name}" + ("-codec" if use_codec else "") + f"-{code}"
 
 
 def train_idm_for(name: str, root: Path, train: list[int], val: int, work: Path, codec: CachedCodec | None):
@@ -300,7 +302,8 @@ import flywheel.pusht.replay  # noqa: E402,F401
 
 _SOURCES = {f: (REPO / "flywheel" / f).read_text()
             for f in ("quality/stats.py", "quality/motion.py", "quality/filters.py", "pusht/replay.py",
-                      "quality/curation.py")}
+                      "quality/curation.py", "label/idm.py", "label/config.py", "label/episodes.py",
+                      "label/labeling.py")}
 
 
 def _code_hash(*files: str) -> str:
@@ -623,6 +626,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-train-calibration", action="store_true",
                         help="calibrate on the held-out fold's clips only (not also the training episodes')")
     args = parser.parse_args(argv)
+    import torch
+
+    # One thread throughout: the IDM's training differs in its last digits between thread counts, and a label
+    # statistic on its threshold (G1: idm_disagreement 0.1054 vs 0.1058) then moves a clean clip across it.
+    torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     config = default_filter_config()
