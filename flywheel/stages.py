@@ -350,8 +350,7 @@ def idm_stage(home, manifest_path, idm_config, progress: Progress = None, model=
         meta: dict = {}
         with store.write("idm", key, meta) as tmp:
             result = train_idm(_dataset_root(manifest), config, tmp, progress=progress,
-                               codec=_through_model_codec(model) if codec else None,
-                               codec_clip=clip_shape or (17, 16.0))
+                               **({"codec": _through_model_codec(model), "codec_clip": clip_shape} if codec else {}))
             meta.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
             codec_meta = result.metrics["codec_augment"]
             meta["codec_augment"] = codec_meta["used"]
