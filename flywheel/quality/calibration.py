@@ -10,6 +10,7 @@ first-frame statistics of real data measure "as close as the next real frame", w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,9 @@ class Thresholds(BaseModel):
     calibrated_on: str = "real"               # what the real clips looked like: "real" | "model_codec"
     codec_psnr: float | None = None           # codec round-trip fidelity on the real clips, dB (model_codec only)
     notes: list[str] = []                     # what calibration found and did: checks unable to fire, repairs
+    # The share of the real clips the whole stack rejects when calibrated without the clip's episode: the
+    # calibration's own estimate of its false rejection on episodes it has not seen (None: one episode only).
+    held_out_false_rejection: float | None = None
     source: dict = {}
 
     def save(self, path: str | Path) -> Path:
@@ -195,26 +199,27 @@ def thresholds_from_scores(scores: pd.DataFrame, episodes: list[str], config: Fi
     """`calibrate` once the real clips are scored: `scores` one row per clip, `episodes` the episode of each."""
     episodes = np.asarray(episodes)
     values, quantiles, slacks, notes = {}, {}, {}, list(notes or [])
+    real_actions = (action_reference or {}).get("real_clip_quantile", {})
+    checks = {}
     for stat, direction in directions.items():
         if stat in ("idle", PROGRESS_STAT) or stat not in scores or scores[stat].isna().all():
             continue
         x = scores[stat].to_numpy(dtype=float)
-        known = ~np.isnan(x)
-        slacks[stat] = _held_out_slack(x[known], episodes[known], direction, config)
-        values[stat], quantiles[stat] = _threshold(x[known], direction, config, slacks[stat])
-        if direction == "max" and stat in config.floors:
-            values[stat] = max(values[stat], config.floors[stat])
-        real_actions = (action_reference or {}).get("real_clip_quantile", {})
-        if direction == "max" and stat in real_actions:
-            # Never stricter than the domain's own demonstrations: the IDM's labels of real clips are smoother
-            # than the real actions, so a threshold from them alone rejected plausible labels (PushT: a held-out
-            # clean clip at 0.90 x the real p99 velocity against a threshold of 0.85).
-            values[stat] = max(values[stat], real_actions[stat])
+        limit = functools.partial(_limit, stat=stat, direction=direction, config=config, real_actions=real_actions)
+        checks[stat] = functools.partial(_held_out_beyond, x, episodes, limit, direction)
+        slacks[stat] = _held_out_slack(checks[stat], int((~np.isnan(x)).sum()), config)
+    held_out, widened = _widen_for_the_stack(checks, episodes, slacks, config)
+    notes += widened
+    for stat, slack in slacks.items():
+        x = scores[stat].to_numpy(dtype=float)
+        x = x[~np.isnan(x)]
+        direction = directions[stat]
+        values[stat], quantiles[stat] = _limit(x, slack, stat, direction, config, real_actions)
         bound = STAT_BOUNDS.get(stat)
         if bound is not None and (values[stat] >= bound if direction == "max" else values[stat] <= bound):
             # Repaired to the most extreme value a real clip showed: every calibration clip still passes, and
             # the check can fire again (default job, 25 PushT clips: frozen_tail calibrated to 2.9 of at most 1).
-            extreme = float(x[known].max() if direction == "max" else x[known].min())
+            extreme = float(x.max() if direction == "max" else x.min())
             reachable = extreme < bound if direction == "max" else extreme > bound
             notes.append(f"{stat}: calibrated threshold {values[stat]:.4g} is beyond what the statistic can reach "
                          f"({bound:g}); " + (f"repaired to the most extreme real value, {extreme:.4g}" if reachable
@@ -232,27 +237,85 @@ def thresholds_from_scores(scores: pd.DataFrame, episodes: list[str], config: Fi
     return Thresholds(filter_version=FILTER_VERSION, config_hash=hash_json(config.model_dump())[:16], values=values,
                       directions={s: directions.get(s, "max") for s in values}, real_quantiles=quantiles,
                       slack=slacks, action_reference=action_reference, num_real_clips=len(scores),
-                      calibrated_on=calibrated_on, codec_psnr=codec_psnr, notes=notes, source=source or {})
+                      calibrated_on=calibrated_on, codec_psnr=codec_psnr, notes=notes, source=source or {},
+                      held_out_false_rejection=held_out)
 
 
-def _held_out_slack(x: np.ndarray, episodes: np.ndarray, direction: str, config: FilterConfig) -> float:
-    """The smallest slack on config.slack_steps (from config.slack to config.max_slack) whose thresholds,
-    calibrated without one episode, reject at most config.held_out_rejection of that episode's clips
-    (pooled over episodes). Without two episodes, config.slack."""
-    groups = np.unique(episodes)
-    steps = [s for s in SLACK_STEPS if config.slack <= s <= config.max_slack] or [config.slack]
+def _limit(x: np.ndarray, slack: float, stat: str, direction: str, config: FilterConfig,
+           real_actions: dict[str, float]) -> tuple[float, dict]:
+    """A check's threshold from real values `x` (no NaN) at `slack`, and the real quantiles it started from."""
+    value, q = _threshold(x, direction, config, slack)
+    if direction == "max" and stat in config.floors:
+        value = max(value, config.floors[stat])
+    if direction == "max" and stat in real_actions:
+        # Never stricter than the domain's own demonstrations: the IDM's labels of real clips are smoother
+        # than the real actions, so a threshold from them alone rejected plausible labels (PushT: a held-out
+        # clean clip at 0.90 x the real p99 velocity against a threshold of 0.85).
+        value = max(value, real_actions[stat])
+    return value, q
+
+
+def _held_out_beyond(x: np.ndarray, episodes: np.ndarray, limit, direction: str, slack: float) -> np.ndarray:
+    """Which clips fall beyond the threshold `limit(values, slack)` calibrated without their own episode
+    (leave one episode out); a clip without this statistic (NaN) never does. Without two episodes, none."""
+    beyond = np.zeros(len(x), bool)
+    known = ~np.isnan(x)
+    groups = np.unique(episodes[known])
     if len(groups) < 2:
-        return config.slack
+        return beyond
+    for g in groups:
+        held = known & (episodes == g)
+        value, _ = limit(x[known & (episodes != g)], slack)
+        beyond |= held & ((x > value) if direction == "max" else (x < value))
+    return beyond
+
+
+def _held_out_slack(held_out_beyond, measured: int, config: FilterConfig) -> float:
+    """The smallest slack on SLACK_STEPS (from config.slack to config.max_slack) whose thresholds, calibrated
+    without one episode, reject at most config.held_out_rejection of that episode's clips (pooled over the
+    `measured` clips that have the statistic). `held_out_beyond(slack)`: see _held_out_beyond."""
+    steps = [s for s in SLACK_STEPS if config.slack <= s <= config.max_slack] or [config.slack]
     for slack in steps:
-        beyond = 0
-        for g in groups:
-            inside = episodes != g
-            limit, _ = _threshold(x[inside], direction, config, slack)
-            held = x[~inside]
-            beyond += int((held > limit).sum() if direction == "max" else (held < limit).sum())
-        if beyond <= config.held_out_rejection * len(x):
+        if held_out_beyond(slack).sum() <= config.held_out_rejection * measured:
             return slack
     return steps[-1]
+
+
+def _widen_for_the_stack(checks: dict, episodes: np.ndarray, slacks: dict[str, float],
+                         config: FilterConfig) -> tuple[float | None, list[str]]:
+    """Each check alone rejects at most held_out_rejection of the clips of episodes it was calibrated without,
+    but a clip is rejected by any of them: on PushT three checks each rejected a different real clip of a
+    calibration episode. While the stack as a whole rejects more than held_out_rejection, widen the check
+    whose next widening (up to stack_max_slack) frees the most clips, the smallest widening first; stop where
+    no single check frees one (a clip that several checks reject is left to them). Updates `slacks`; returns
+    the share of clips the stack then rejects held out (None without two episodes) and what it did, for
+    Thresholds.notes. `checks`: stat -> its held-out rejections at a slack."""
+    if not checks or len(np.unique(episodes)) < 2:
+        return None, []
+    beyond = {stat: held_out(slacks[stat]) for stat, held_out in checks.items()}
+    rejected = np.any(list(beyond.values()), axis=0)
+    notes, start = [], int(rejected.sum())
+    while rejected.sum() > config.held_out_rejection * len(rejected):
+        best = None
+        for stat, held_out in checks.items():
+            if not beyond[stat].any():
+                continue
+            for slack in (s for s in SLACK_STEPS if slacks[stat] < s <= config.stack_max_slack):
+                hits = held_out(slack)
+                left = np.any([hits if k == stat else v for k, v in beyond.items()], axis=0)
+                if left.sum() < rejected.sum():
+                    option = (int(left.sum()), slack - slacks[stat], stat, slack, hits, left)
+                    best = option if best is None or option[:2] < best[:2] else best
+                    break
+        if best is None:
+            break
+        _, _, stat, slack, hits, rejected = best
+        notes.append(f"{stat}: slack {slacks[stat]:g} -> {slack:g} for the stack as a whole")
+        slacks[stat], beyond[stat] = slack, hits
+    notes.append(f"held out: the stack calibrated without each episode rejects {int(rejected.sum())} of its "
+                 f"{len(rejected)} clips (target at most {config.held_out_rejection:.0%}"
+                 + (f"; {start} before widening)" if start != rejected.sum() else ")"))
+    return float(rejected.mean()), notes
 
 
 SLACK_STEPS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)

@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bumped when what a calibration means changes, so thresholds of an older version are calibrated again
-# (3: task progress is no longer calibrated; it gates only against min_progress).
-FILTER_VERSION = "3"
+# (3: task progress is no longer calibrated; it gates only against min_progress; 4: local order counts the
+# change that motion explains).
+FILTER_VERSION = "4"
 
 
 class FilterConfig(BaseModel):
@@ -27,7 +28,13 @@ class FilterConfig(BaseModel):
     max_slack: float = Field(4.0, ge=0, description="... and at most this: see held_out_rejection")
     held_out_rejection: float = Field(
         0.02, ge=0, le=1, description="each threshold gets the smallest slack at which, calibrated without one real "
-        "episode, it rejects at most this share of that episode's clips (leave one episode out)")
+        "episode, it rejects at most this share of that episode's clips (leave one episode out); then the stack as a "
+        "whole: while its thresholds calibrated without each episode reject more than this share of the clips, the "
+        "check whose widening frees the most of them is widened (up to stack_max_slack)")
+    stack_max_slack: float = Field(
+        2.0, ge=0, description="the stack-level widening (see held_out_rejection) takes no check beyond this slack: "
+        "further out a check stops seeing what it is for (G1: unexplained_change at slack 3 let half of the weak "
+        "vanishes through to free one real clip)")
     min_fraction_of_low: float = Field(0.5, ge=0, le=1, description="'at least' thresholds are at least this x the real low percentile")
     floors: dict[str, float] = Field(
         default_factory=lambda: {"action_range": 2.0, "clipped_increase": 0.02},

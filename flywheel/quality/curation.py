@@ -184,6 +184,9 @@ def curation_summary(results: pd.DataFrame, thresholds: Thresholds) -> dict:
             "calibrated_on_real_clips": thresholds.num_real_clips, "calibrated_on": thresholds.calibrated_on}
     if thresholds.codec_psnr is not None:
         meta["codec_psnr_db"] = round(thresholds.codec_psnr, 2)
+    if thresholds.held_out_false_rejection is not None:
+        meta["held_out_false_rejection"] = round(thresholds.held_out_false_rejection, 4)
+    meta["calibration_notes"] = "\n".join(thresholds.notes)
     if "sim_progress" in results:
         for name, rows in (("accepted", results[results["accepted"]]), ("rejected", results[~results["accepted"]])):
             values = rows["sim_progress"].dropna()

@@ -101,6 +101,9 @@ def test_curate_keeps_real_rejects_corrupted_and_records_the_simulator(domain, e
     assert thresholds.num_real_clips > thresholds.source["video_clips"]
     assert meta["accepted"] == 3 and meta["clips"] == 6 and meta["calibrated_on"] == "real"
     assert "sim_progress_accepted_mean" in meta
+    # The calibration's own estimate of its false rejection on episodes it has not seen, and what it did.
+    assert 0 <= meta["held_out_false_rejection"] == round(thresholds.held_out_false_rejection, 4) <= 1
+    assert "held out: the stack calibrated without each episode rejects" in meta["calibration_notes"]
     # The progress filter is configurable: asking for more progress than a 1 s clip makes rejects on it.
     (tmp_path / "strict").mkdir()
     strict = curate(tmp_path / "strict", labels, root, [4, 5, 6, 7], [0, 1, 2, 3], FilterConfig(min_progress=0.5))
