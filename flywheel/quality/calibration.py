@@ -141,7 +141,8 @@ def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Epi
     Each threshold is a real percentile widened by a slack (FilterConfig): the smallest slack, from
     `slack` up to `max_slack`, at which at most `held_out_rejection` of the clips of each calibration
     episode fall beyond a threshold calibrated on the *other* episodes (leave one episode out): thresholds
-    that hold on episodes they did not see, not just on the ones they came from."""
+    that hold on episodes they did not see, not just on the ones they came from; then the stack as a whole
+    is held to the same share (_widen_for_the_stack; Thresholds.held_out_false_rejection says what it reached)."""
     from flywheel.quality.filters import score_clips
 
     reference = None
