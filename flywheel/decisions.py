@@ -279,6 +279,10 @@ def curation_decision(meta: dict[str, Any], gate: CurationGate, subject: str) ->
         outcome = "refresh blocked: the filters keep almost nothing (the generator or the filters are off)"
     else:
         outcome = "refresh blocked: the filters keep nearly everything (they are not filtering)"
+    held_out = meta.get("held_out_false_rejection")
+    if isinstance(held_out, (int, float)):
+        # What a rejection is worth: the share of real clips the filters reject when calibrated without them.
+        outcome += f"; the filters reject {held_out:.1%} of real clips of episodes they were calibrated without"
     return Decision(name="curation", subject=subject, passed=passed, outcome=outcome, criteria=criteria)
 
 

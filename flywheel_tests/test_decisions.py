@@ -70,6 +70,9 @@ def test_demonstrations_and_curation_bounds():
     assert [c.name for c in no_val.failed] == ["val episodes"]
     gate = CurationGate(min_pass_rate=0.05, max_pass_rate=0.9)
     assert curation_decision({"pass_rate": 0.25, "accepted": 2, "clips": 8}, gate, "c").passed
+    kept = curation_decision({"pass_rate": 0.25, "accepted": 2, "clips": 8, "held_out_false_rejection": 0.0128}, gate, "c")
+    assert kept.outcome == ("2 of 8 trajectories go into the refresh; the filters reject 1.3% of real clips of "
+                            "episodes they were calibrated without")
     assert "keep almost nothing" in curation_decision({"pass_rate": 0.0}, gate, "c").outcome
     assert "not filtering" in curation_decision({"pass_rate": 1.0}, gate, "c").outcome
     assert not curation_decision({}, gate, "c").passed  # no pass rate reported is not a pass
