@@ -66,6 +66,13 @@ NUM_FRAMES, FPS = 17, 16.0  # what the default model (tiny-pusht) generates
 STRENGTHS = ("weak", "strong")
 
 
+def default_idm_steps() -> int:
+    """The packaged default IDM's training budget (label.idm.steps in flywheel/default_config.yaml)."""
+    import yaml
+
+    return int(yaml.safe_load((REPO / "flywheel" / "default_config.yaml").read_text())["label"]["idm"]["steps"])
+
+
 def default_filter_config() -> FilterConfig:
     """The packaged default quality section (flywheel/default_config.yaml)."""
     import yaml
@@ -107,18 +114,18 @@ def idm_name(name: str, use_codec: bool) -> str:
     """The IDM's directory in `work`: trained through the codec where the domain's candidates are, by this
     version of the IDM's code (an IDM cached by older code gave other labels than a build from scratch)."""
     code = _code_hash("label/idm.py", "label/config.py", "label/episodes.py", "label/labeling.py")
-    return f"idm-{name}" + ("-codec" if use_codec else "") + f"-{code}"
+    return f"idm-{name}" + ("-codec" if use_codec else "") + f"-{code}-{default_idm_steps()}"
 
 
 def train_idm_for(name: str, root: Path, train: list[int], val: int, work: Path, codec: CachedCodec | None):
-    """The domain's IDM as the default job trains it: 300 steps, and (`codec`) also on the training episodes
-    as the codec renders them (IdmConfig.codec_augment)."""
+    """The domain's IDM as the default job trains it: its steps (label.idm.steps), and (`codec`) also on the
+    training episodes as the codec renders them (IdmConfig.codec_augment)."""
     from flywheel.label.config import IdmConfig
     from flywheel.label.idm import InverseDynamicsModel, train_idm
 
     out = work / idm_name(name, codec is not None)
     if not (out / "metrics.json").is_file():
-        config = IdmConfig(steps=300, episodes=train + [val], val_episodes=[val])
+        config = IdmConfig(steps=default_idm_steps(), episodes=train + [val], val_episodes=[val])
         train_idm(root, config, out, cache_dir=work / "episodes", codec=codec, codec_clip=(NUM_FRAMES, FPS))
     return InverseDynamicsModel.load(out)
 

@@ -142,7 +142,8 @@ def calibrate(clips: list[Clip], config: FilterConfig, action_episodes: list[Epi
     `slack` up to `max_slack`, at which at most `held_out_rejection` of the clips of each calibration
     episode fall beyond a threshold calibrated on the *other* episodes (leave one episode out): thresholds
     that hold on episodes they did not see, not just on the ones they came from; then the stack as a whole
-    is held to the same share (_widen_for_the_stack; Thresholds.held_out_false_rejection says what it reached)."""
+    is held to `stack_held_out_rejection` (_widen_for_the_stack; Thresholds.held_out_false_rejection says what
+    it reached)."""
     from flywheel.quality.filters import score_clips
 
     reference = None
@@ -286,7 +287,7 @@ def _widen_for_the_stack(checks: dict, episodes: np.ndarray, slacks: dict[str, f
                          config: FilterConfig) -> tuple[float | None, list[str]]:
     """Each check alone rejects at most held_out_rejection of the clips of episodes it was calibrated without,
     but a clip is rejected by any of them: on PushT three checks each rejected a different real clip of a
-    calibration episode. While the stack as a whole rejects more than held_out_rejection, widen the check
+    calibration episode. While the stack as a whole rejects more than stack_held_out_rejection, widen the check
     whose next widening (up to stack_max_slack) frees the most clips, the smallest widening first; stop where
     no single check frees one (a clip that several checks reject is left to them). Updates `slacks`; returns
     the share of clips the stack then rejects held out (None without two episodes) and what it did, for
@@ -296,7 +297,7 @@ def _widen_for_the_stack(checks: dict, episodes: np.ndarray, slacks: dict[str, f
     beyond = {stat: held_out(slacks[stat]) for stat, held_out in checks.items()}
     rejected = np.any(list(beyond.values()), axis=0)
     notes, start = [], int(rejected.sum())
-    while rejected.sum() > config.held_out_rejection * len(rejected):
+    while rejected.sum() > config.stack_held_out_rejection * len(rejected):
         best = None
         for stat, held_out in checks.items():
             if not beyond[stat].any():
@@ -314,7 +315,7 @@ def _widen_for_the_stack(checks: dict, episodes: np.ndarray, slacks: dict[str, f
         notes.append(f"{stat}: slack {slacks[stat]:g} -> {slack:g} for the stack as a whole")
         slacks[stat], beyond[stat] = slack, hits
     notes.append(f"held out: the stack calibrated without each episode rejects {int(rejected.sum())} of its "
-                 f"{len(rejected)} clips (target at most {config.held_out_rejection:.0%}"
+                 f"{len(rejected)} clips (target at most {config.stack_held_out_rejection:.0%}"
                  + (f"; {start} before widening)" if start != rejected.sum() else ")"))
     return float(rejected.mean()), notes
 

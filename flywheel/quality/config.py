@@ -28,11 +28,14 @@ class FilterConfig(BaseModel):
     max_slack: float = Field(4.0, ge=0, description="... and at most this: see held_out_rejection")
     held_out_rejection: float = Field(
         0.02, ge=0, le=1, description="each threshold gets the smallest slack at which, calibrated without one real "
-        "episode, it rejects at most this share of that episode's clips (leave one episode out); then the stack as a "
-        "whole: while its thresholds calibrated without each episode reject more than this share of the clips, the "
-        "check whose widening frees the most of them is widened (up to stack_max_slack)")
+        "episode, it rejects at most this share of that episode's clips (leave one episode out)")
+    stack_held_out_rejection: float = Field(
+        0.01, ge=0, le=1, description="then the stack as a whole: while its thresholds calibrated without each episode "
+        "reject more than this share of the clips (a clip is rejected by any check), the check whose widening frees "
+        "the most of them is widened (up to stack_max_slack); below the 3 % a user should see on new episodes, "
+        "since a few calibration episodes estimate it loosely")
     stack_max_slack: float = Field(
-        2.0, ge=0, description="the stack-level widening (see held_out_rejection) takes no check beyond this slack: "
+        2.0, ge=0, description="the stack-level widening (see stack_held_out_rejection) takes no check beyond this slack: "
         "further out a check stops seeing what it is for (G1: unexplained_change at slack 3 let half of the weak "
         "vanishes through to free one real clip)")
     min_fraction_of_low: float = Field(0.5, ge=0, le=1, description="'at least' thresholds are at least this x the real low percentile")
