@@ -56,6 +56,7 @@ from flywheel.quality.calibration import (Clip, calibrate, real_clips, spread,  
                                           video_calibration_clips)
 from flywheel.quality.config import FilterConfig  # noqa: E402
 from flywheel.quality.corruptions import FAMILIES, KIND_FAMILY, corrupt_family  # noqa: E402
+from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.label.labeling import nearest_indices, resample_actions  # noqa: E402
 from flywheel.quality.curation import codec_fidelity, label_clips, real_clip_start, still_clip  # noqa: E402
 from flywheel.simulation import simulation_for  # noqa: E402
@@ -68,17 +69,12 @@ STRENGTHS = ("weak", "strong")
 
 def default_idm_steps() -> int:
     """The packaged default IDM's training budget (label.idm.steps in flywheel/default_config.yaml)."""
-    import yaml
-
-    return int(yaml.safe_load((REPO / "flywheel" / "default_config.yaml").read_text())["label"]["idm"]["steps"])
+    return FlywheelConfig().label.idm.steps
 
 
 def default_filter_config() -> FilterConfig:
-    """The packaged default quality section (flywheel/default_config.yaml)."""
-    import yaml
-
-    section = yaml.safe_load((REPO / "flywheel" / "default_config.yaml").read_text()).get("quality") or {}
-    return FilterConfig.model_validate(section)
+    """The packaged default quality section (flywheel/default_config.yaml, generated from FlywheelConfig)."""
+    return FlywheelConfig().quality
 
 
 class CachedCodec:
